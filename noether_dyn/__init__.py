@@ -1,0 +1,14 @@
+"""noether-dyn: read a PyTorch training run as a mechanical system.
+
+Public API: :func:`watch` (attach a :class:`Monitor` to an optimizer), :func:`load_run` (read a
+run into pandas), :class:`Symmetry` and :func:`find_symmetries` (the symmetries whose Noether
+charges are tracked). See the README for the run-store schema.
+"""
+
+from noether_dyn.capture import Monitor, watch
+from noether_dyn.store import Run, StoreError, load_run
+from noether_dyn.symmetries.symmetry import Symmetry
+
+__version__ = "0.1.0"
+
+__all__ = ["Monitor", "Run", "StoreError", "Symmetry", "__version__", "load_run", "watch"]

@@ -1,0 +1,682 @@
+"""The Monitor: optimizer step hooks that turn each step into Lagrangian and charge rows.
+
+Data flow per step n (THEORY.md §1-3): the pre-hook reads the rates of step n (after schedulers)
+and, when step n is logged or a prediction needs the update, copies q_n; the post-hook forms
+dq_n = q_{n+1} - q_n, reads g_n and the metric G the optimizer used, reduces everything to
+per-tensor float64 statistics in a few stacked reductions, and keeps the resulting rows on the
+device. Nothing crosses to the host until a flush (every ``flush_every`` logged steps or
+``flush_seconds`` seconds, at ``state_dict()`` and at ``close()``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import math
+import sys
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from noether_dyn.optimizers import OptimizerAdapter, adapter_for
+from noether_dyn.optimizers.base import GroupHyper
+from noether_dyn.quantities.charges import STATS, ChargeMatrix
+from noether_dyn.quantities.lagrangian import kinetic_coefficients, l2_coefficients
+from noether_dyn.quantities.reductions import dots, sq_norms, sums
+from noether_dyn.quantities.theory import ChargePredictor, regime_for
+from noether_dyn.store.schema import SCHEMA_VERSION
+from noether_dyn.store.writer import RunWriter
+from noether_dyn.symmetries.symmetry import Symmetry
+
+_ATTR = "_noether_dyn_monitor"
+STATE_VERSION = 1
+
+
+class Monitor:
+    """Watches one optimizer of one model; create it with :func:`noether_dyn.watch`.
+
+    Attributes:
+        run_dir: where the run store lives.
+        step: the number of optimizer steps seen so far (the next step's number).
+        symmetries: the symmetries whose charges are tracked.
+        adapter: the optimizer adapter (its ``name``, ``metric_name`` and ``fallback``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        run_dir: str | Path,
+        every: int = 1,
+        *,
+        symmetries: Sequence[Symmetry] = (),
+        symmetry_note: str = "",
+        flush_every: int = 100,
+        flush_seconds: float = 10.0,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"watch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+            )
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(
+                f"watch: every must be a positive int (log every k steps), got {every!r}."
+            )
+        if flush_every < 1 or flush_seconds <= 0:
+            raise ValueError(
+                f"watch: flush_every must be >= 1 and flush_seconds > 0, got {flush_every!r} and "
+                f"{flush_seconds!r}."
+            )
+        if resume and overwrite:
+            raise ValueError("watch: resume=True and overwrite=True contradict; choose one.")
+        previous = getattr(optimizer, _ATTR, None)
+        if previous is not None and previous() is not None and not previous()._closed:
+            raise RuntimeError(
+                f"watch: this {type(optimizer).__name__} is already watched (run_dir "
+                f"'{previous().run_dir}'). Close that monitor first (monitor.close()) or keep "
+                "using it."
+            )
+
+        self.model_ref = weakref.ref(model)
+        self.optimizer = optimizer
+        self.run_dir = Path(run_dir)
+        self.every = every
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self.adapter: OptimizerAdapter = adapter_for(optimizer)
+        self._closed = False
+        self._depth = 0
+
+        self.names, self.params, self.group_of = _tracked_parameters(model, optimizer)
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        index = {name: i for i, name in enumerate(self.names)}
+        self._symmetries = _check_symmetries(symmetries, index, model)
+        self._matrix = ChargeMatrix(self._symmetries, index, self.device)
+        self._sym_set = set(self._matrix.tensors)
+        self._trans_set = set(self._matrix.translation_tensors)
+        self._group_index = torch.tensor(self.group_of, dtype=torch.long, device=self.device)
+        self._n_groups = len(optimizer.param_groups)
+        hypers = [self.adapter.hyper(optimizer, g) for g in optimizer.param_groups]
+        self._predictor = ChargePredictor(
+            regime_for(self.adapter.name, [h.beta for h in hypers]),
+            [s.kind == "translation" for s in self._symmetries],
+        )
+        self._snap: list[torch.Tensor] | None = None
+        self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+        self.step = 0
+        self.time = 0.0
+        self._log_prefactor = [0.0] * self._n_groups
+        self._t0 = time.monotonic()
+        self._last_flush = self._t0
+        self._pending_loss: torch.Tensor | None = None
+        self._closure_loss: torch.Tensor | None = None
+        self._step_ctx: dict[str, Any] | None = None
+        self._rows: list[
+            tuple[
+                list[float],
+                torch.Tensor,
+                list[list[float]],
+                torch.Tensor,
+                torch.Tensor | None,
+                bool,
+            ]
+        ] = []
+        self._warned: set[str] = set()
+
+        self._is_writer = _is_rank_zero()
+        self._writer: RunWriter | None = None
+        if self._is_writer:
+            mode = "resume" if resume else "overwrite" if overwrite else "new"
+            self._writer = RunWriter(self.run_dir, mode)
+            if resume:
+                self._resume_from_store()
+            else:
+                self._writer.set_meta(self._initial_meta(model, hypers, symmetry_note))
+                self._writer.set_symmetries(self._symmetries)
+
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_hook),
+            optimizer.register_step_post_hook(self._post_hook),
+        ]
+        setattr(optimizer, _ATTR, weakref.ref(self))
+        self_ref = weakref.ref(self)
+        self._atexit = lambda: self_ref() is not None and self_ref().close()
+        atexit.register(self._atexit)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def symmetries(self) -> list[Symmetry]:
+        """The symmetries whose charges this monitor tracks."""
+        return list(self._symmetries)
+
+    def log_loss(self, loss: torch.Tensor | float) -> None:
+        """Record the loss (the potential V) of the coming step. No host-device sync."""
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"log_loss: expected a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
+                    "pass loss.mean() or the reduced loss."
+                )
+            self._pending_loss = loss.detach().reshape(())
+        else:
+            self._pending_loss = torch.tensor(float(loss), dtype=torch.float64)
+
+    def flush(self) -> None:
+        """Write the pending rows to the store (one host-device sync)."""
+        if not self._rows:
+            if self._writer is not None:
+                self._writer.set_meta({"monitor_state": self._state()})
+            self._last_flush = time.monotonic()
+            return
+        rows, self._rows = self._rows, []
+        if self._writer is None:
+            return
+        step_rows, group_rows, charge_steps, charge_rows, events = self._to_host(rows)
+        self._writer.append(
+            step_rows,
+            group_rows,
+            charge_steps,
+            charge_rows,
+            events,
+            {"monitor_state": self._state()},
+        )
+        self._last_flush = time.monotonic()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state, to save beside the model's and optimizer's in a checkpoint.
+        Flushes first, so the store holds every step the checkpoint has seen."""
+        self.flush()
+        return self._state()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint: restores step, time and predictions, and drops any stored
+        steps at or after the checkpoint's step (they belong to the run that crashed)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"load_state_dict: monitor state version {state.get('version')!r}, expected "
+                f"{STATE_VERSION}. Was it saved by monitor.state_dict()?"
+            )
+        names = list(state.get("symmetries", []))
+        if names != [s.name for s in self._symmetries]:
+            raise ValueError(
+                "load_state_dict: the checkpoint tracked symmetries "
+                f"{names} but this monitor tracks {[s.name for s in self._symmetries]}. Resume "
+                "with the same symmetries (pass symmetries= as in the first run)."
+            )
+        self._rows = []
+        self.step = int(state["step"])
+        self.time = float(state["time"])
+        self._log_prefactor = [float(v) for v in state["log_prefactor"]]
+        self._predictor.load_state_dict(state["predictor"], self.device)
+        if self._writer is not None:
+            self._writer.truncate(self.step)
+            self._writer.con.execute(
+                "INSERT INTO events VALUES (?, ?, ?)",
+                (self.step, "resume", f"resumed at step {self.step}"),
+            )
+            self._writer.con.commit()
+            self._writer.set_meta({"monitor_state": self._state()})
+
+    def close(self) -> None:
+        """Flush, detach the hooks and close the store. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            for handle in self._handles:
+                handle.remove()
+            if getattr(self.optimizer, _ATTR, None) is not None:
+                delattr(self.optimizer, _ATTR)
+            atexit.unregister(self._atexit)
+            if self._writer is not None:
+                self._writer.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Monitor(run_dir='{self.run_dir}', optimizer={type(self.optimizer).__name__}, "
+            f"adapter={self.adapter.name}, every={self.every}, step={self.step}, "
+            f"symmetries={len(self._symmetries)})"
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict):
+        self._depth += 1
+        if self._depth > 1:  # a subclass's step calling super().step(): count once
+            return None
+        n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+        if n_params != len(self.params) or len(optimizer.param_groups) != self._n_groups:
+            self._depth -= 1
+            raise RuntimeError(
+                "noether-dyn: the optimizer's parameters changed after watch() (add_param_group?). "
+                "Call watch() after the optimizer has all its param groups."
+            )
+        hypers = [self.adapter.hyper(optimizer, g) for g in optimizer.param_groups]
+        logged = self.step % self.every == 0 or (
+            len(self._matrix) > 0 and self._predictor.value is None
+        )
+        need_dq = logged or self._predictor.needs_update_sq
+        ctx: dict[str, Any] = {"hypers": hypers, "logged": logged, "need_dq": need_dq}
+        with torch.no_grad():
+            if need_dq:
+                if self._snap is None:
+                    self._snap = [torch.empty_like(p) for p in self.params]
+                torch._foreach_copy_(self._snap, self.params)
+            if logged:
+                ctx["qq"] = sq_norms(self.params, self.device)
+                ctx["qs"] = self._subset(sums, sorted(self._trans_set), self.params)
+        self._step_ctx = ctx
+        self._closure_loss = None
+        return _wrap_closure(self, args, kwargs)
+
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._depth -= 1
+        if self._depth > 0 or self._step_ctx is None:
+            return
+        ctx, self._step_ctx = self._step_ctx, None
+        loss = self._closure_loss if self._closure_loss is not None else self._pending_loss
+        self._pending_loss = self._closure_loss = None
+        hypers: list[GroupHyper] = ctx["hypers"]
+        with torch.no_grad():
+            dq = torch._foreach_sub(self.params, self._snap) if ctx["need_dq"] else None
+            if ctx["logged"]:
+                self._log_step(optimizer, hypers, ctx, dq, loss)
+            self._advance_prediction(hypers, dq)
+        self.step += 1
+        self.time += hypers[0].lr if hypers else 0.0
+        for g, h in enumerate(hypers):
+            self._log_prefactor[g] += h.log_prefactor_rate
+        if (
+            len(self._rows) >= self.flush_every
+            or time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
+            self.flush()
+
+    # ------------------------------------------------------------------ per-step arithmetic
+    def _log_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        hypers: list[GroupHyper],
+        ctx: dict[str, Any],
+        dq: list[torch.Tensor],
+        loss: torch.Tensor | None,
+    ) -> None:
+        dev = self.device
+        active = [i for i, p in enumerate(self.params) if p.grad is not None]
+        grads = [p.grad for p in self.params]
+        gdq = self._metric_times(optimizer, dq)
+        sym = sorted(self._sym_set.intersection(active))
+        trans = sorted(self._trans_set.intersection(active))
+
+        cols = dict.fromkeys(STATS)
+        cols["QQ"] = ctx["qq"]
+        cols["QS"] = ctx["qs"]
+        cols["NUMEL"] = torch.tensor(
+            [float(p.numel()) for p in self.params], dtype=torch.float64, device=dev
+        )
+        cols["GG"] = self._subset(sq_norms, active, grads)
+        cols["DD"] = sq_norms(dq, dev)
+        cols["GDD"] = dots(gdq, dq, dev)
+        dq_q1 = self._subset(dots, sym, dq, self.params)
+        cols["DQ"] = dq_q1 - self._restrict(cols["DD"], sym)
+        g_q1 = self._subset(dots, sym, grads, self.params)
+        cols["GQ"] = g_q1 - self._subset(dots, sym, grads, dq)
+        gdq_q1 = self._subset(dots, sym, gdq, self.params)
+        cols["GDQ"] = gdq_q1 - self._restrict(cols["GDD"], sym)
+        cols["GS"] = self._subset(sums, trans, grads)
+        cols["DS"] = self._subset(sums, trans, dq)
+        cols["GDS"] = self._subset(sums, trans, gdq)
+        stats = torch.stack([cols[k] for k in STATS], dim=1)
+
+        kin_coef = kinetic_coefficients(hypers)
+        l2_coef = l2_coefficients(hypers)
+        per_tensor_kin = self._per_tensor(kin_coef) * cols["GDD"]
+        per_tensor_l2 = self._per_tensor(l2_coef) * cols["QQ"]
+        kinetic_g = torch.zeros(self._n_groups, dtype=torch.float64, device=dev).index_add_(
+            0, self._group_index, per_tensor_kin
+        )
+        l2_g = torch.zeros(self._n_groups, dtype=torch.float64, device=dev).index_add_(
+            0, self._group_index, per_tensor_l2
+        )
+        loss_t = (
+            loss.to(device=dev, dtype=torch.float64)
+            if loss is not None
+            else torch.tensor(float("nan"), dtype=torch.float64, device=dev)
+        )
+        device_row = torch.stack(
+            [
+                loss_t,
+                l2_g.sum(),
+                kinetic_g.sum(),
+                cols["QQ"].sum().sqrt(),
+                cols["GG"].sum().sqrt(),
+                cols["DD"].sum().sqrt(),
+            ]
+        )
+        h0 = hypers[0] if hypers else GroupHyper(0.0, 0.0, 0.0, False)
+        host_row = [
+            float(self.step),
+            self.time,
+            h0.lr,
+            self._log_prefactor[0] if hypers else 0.0,
+            time.monotonic() - self._t0,
+        ]
+        group_host = [
+            [float(g), h.lr, h.beta, h.weight_decay, h.mass, self._log_prefactor[g]]
+            for g, h in enumerate(hypers)
+        ]
+        group_device = torch.stack([kinetic_g, l2_g], dim=1)
+
+        charge_rows = None
+        if len(self._matrix):
+            if self._predictor.value is None:
+                self._predictor.start(self._matrix.charges(cols["QQ"], cols["QS"]))
+            eta, lam, beta = self._tensor_hypers(hypers)
+            charge_rows = self._matrix.rows(stats, eta, lam, beta, self._predictor.value)
+        self._rows.append(
+            (host_row, device_row, group_host, group_device, charge_rows, loss is not None)
+        )
+
+    def _advance_prediction(self, hypers: list[GroupHyper], dq: list[torch.Tensor] | None) -> None:
+        pred = self._predictor
+        if pred.value is None or not len(self._matrix):
+            return
+        lead = [self.group_of[i] for i in self._matrix.lead]
+        eta = [hypers[g].lr for g in lead]
+        beta = [hypers[g].beta for g in lead]
+        lam = [hypers[g].weight_decay for g in lead]
+        grad_sq = update_sq = None
+        tensors = self._matrix.tensors
+        if pred.needs_grad_sq:
+            grads = [p.grad for p in self.params]
+            active = [i for i in tensors if grads[i] is not None]
+            lr_sq = self._per_tensor([h.lr**2 for h in hypers])
+            grad_sq = self._matrix.signs @ (lr_sq * self._subset(sq_norms, active, grads))
+        if pred.needs_update_sq:
+            update_sq = self._matrix.signs @ self._subset(sq_norms, tensors, dq)
+        pred.advance(eta, beta, lam, grad_sq=grad_sq, update_sq=update_sq)
+
+    def _metric_times(
+        self, optimizer: torch.optim.Optimizer, dq: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """G dq per tensor, G read from the optimizer's state after the step."""
+        out: list[torch.Tensor | None] = [None] * len(self.params)
+        for g, group in enumerate(optimizer.param_groups):
+            idx = [i for i in range(len(self.params)) if self.group_of[i] == g]
+            params = [self.params[i] for i in idx]
+            metric = self.adapter.metric(optimizer, group, params)
+            if metric is None:
+                prods = [dq[i] for i in idx]
+            elif isinstance(metric, float):
+                prods = torch._foreach_mul([dq[i] for i in idx], metric)
+            else:
+                prods = torch._foreach_mul(metric, [dq[i] for i in idx])
+            for i, v in zip(idx, prods):
+                out[i] = v
+        return out  # type: ignore[return-value]
+
+    def _tensor_hypers(self, hypers: list[GroupHyper]) -> tuple[torch.Tensor, ...]:
+        return (
+            self._per_tensor([h.lr for h in hypers]),
+            self._per_tensor([h.weight_decay for h in hypers]),
+            self._per_tensor([h.beta for h in hypers]),
+        )
+
+    def _per_tensor(self, per_group: list[float]) -> torch.Tensor:
+        values = torch.tensor(per_group, dtype=torch.float64).to(self.device, non_blocking=True)
+        return values[self._group_index]
+
+    def _index(self, idx: list[int]) -> torch.Tensor:
+        key = tuple(idx)
+        if key not in self._idx_cache:
+            self._idx_cache[key] = torch.tensor(idx, dtype=torch.long, device=self.device)
+        return self._idx_cache[key]
+
+    def _subset(
+        self, fn: Callable[..., torch.Tensor], idx: list[int], *lists: list
+    ) -> torch.Tensor:
+        """fn over the tensors at positions ``idx`` of each list, scattered into a (n_tensors,)
+        vector with zeros elsewhere."""
+        n = len(self.params)
+        if len(idx) == n:
+            return fn(*lists, self.device)
+        out = torch.zeros(n, dtype=torch.float64, device=self.device)
+        if idx:
+            out[self._index(idx)] = fn(*[[lst[i] for i in idx] for lst in lists], self.device)
+        return out
+
+    def _restrict(self, values: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        if len(idx) == len(self.params):
+            return values
+        out = torch.zeros_like(values)
+        if idx:
+            sel = self._index(idx)
+            out[sel] = values[sel]
+        return out
+
+    # ------------------------------------------------------------------ flush and state
+    def _to_host(self, rows):
+        host = torch.stack([r[1] for r in rows]).cpu().numpy()
+        groups = torch.stack([r[3] for r in rows]).cpu().numpy()
+        charge_list = [r[4] for r in rows if r[4] is not None]
+        charges = (
+            torch.stack(charge_list).cpu().numpy()
+            if charge_list
+            else np.zeros((0, len(self._symmetries), 0))
+        )
+        charge_steps = np.array([int(r[0][0]) for r in rows if r[4] is not None], dtype=np.int64)
+        step_rows, group_rows, events = [], [], []
+        for (h, _, gh, _, _, loss_logged), d, gd in zip(rows, host, groups):
+            step, t, lr, logp, wall = h
+            loss, l2, kinetic, qn, gn, dn = d.tolist()
+            step_rows.append([step, t, lr, loss, l2, loss + l2, kinetic, logp, qn, gn, dn, wall])
+            for (g, glr, gbeta, gwd, gmass, glogp), (gkin, gl2) in zip(gh, gd.tolist()):
+                group_rows.append([step, g, glr, gbeta, gwd, gmass, gkin, gl2, glogp])
+            for kind, value, logged in (
+                ("nonfinite_loss", loss, loss_logged),
+                ("nonfinite_params", qn, True),
+                ("nonfinite_grads", gn, True),
+            ):
+                if logged and not math.isfinite(value):
+                    what = kind.split("_", 1)[1]
+                    msg = f"non-finite {what} at step {int(step)} ({value})"
+                    events.append((int(step), kind, msg))
+                    if kind not in self._warned:
+                        self._warned.add(kind)
+                        warnings.warn(
+                            f"noether-dyn: {msg}; recorded in the run's events, training goes on.",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
+        return (
+            np.array(step_rows, dtype=np.float64).reshape(-1, 12),
+            np.array(group_rows, dtype=np.float64).reshape(-1, 9),
+            charge_steps,
+            charges,
+            events,
+        )
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "time": self.time,
+            "log_prefactor": list(self._log_prefactor),
+            "predictor": self._predictor.state_dict(),
+            "symmetries": [s.name for s in self._symmetries],
+        }
+
+    def _resume_from_store(self) -> None:
+        assert self._writer is not None
+        stored = self._writer.symmetry_names()
+        if stored != [s.name for s in self._symmetries]:
+            raise ValueError(
+                f"watch(resume=True): the run at '{self.run_dir}' tracks symmetries {stored}, "
+                f"this monitor {[s.name for s in self._symmetries]}. Pass the same symmetries= "
+                "(or the same inputs=) as the first run."
+            )
+        state = self._writer.get_meta("monitor_state")
+        if state is not None:
+            self.load_state_dict(state)
+
+    def _initial_meta(self, model: torch.nn.Module, hypers: list[GroupHyper], note: str) -> dict:
+        opt = self.optimizer
+        groups = []
+        for group, h in zip(opt.param_groups, hypers):
+            groups.append(
+                {
+                    **{k: _jsonable(v) for k, v in group.items() if k != "params"},
+                    "n_params": len(group["params"]),
+                    "beta": h.beta,
+                    "decoupled_weight_decay": h.decoupled,
+                }
+            )
+        n_total = sum(p.numel() for p in model.parameters())
+        summary = str(model)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "noether_dyn_version": _package_version(),
+            "torch_version": torch.__version__,
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "model": {
+                "class": type(model).__name__,
+                "summary": summary if len(summary) < 20000 else summary[:20000] + "\n...",
+                "n_parameters": n_total,
+                "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            },
+            "parameters": [
+                {"name": n, "shape": list(p.shape), "group": g, "dtype": str(p.dtype)}
+                for n, p, g in zip(self.names, self.params, self.group_of)
+            ],
+            "optimizer": {
+                "class": type(opt).__name__,
+                "adapter": self.adapter.name,
+                "metric": self.adapter.metric_name,
+                "metric_fallback": self.adapter.fallback,
+                "prediction": self._predictor.regime,
+                "param_groups": groups,
+            },
+            "every": self.every,
+            "symmetry_note": note,
+            "monitor_state": self._state(),
+        }
+
+
+def _wrap_closure(monitor: Monitor, args: tuple, kwargs: dict):
+    """Wrap ``step(closure)``'s closure so that the loss it returns is logged."""
+    if "closure" in kwargs and kwargs["closure"] is not None:
+        kwargs = dict(kwargs)
+        kwargs["closure"] = _capturing(monitor, kwargs["closure"])
+        return args, kwargs
+    if len(args) > 1 and args[1] is not None:
+        return (args[0], _capturing(monitor, args[1]), *args[2:]), kwargs
+    return None
+
+
+def _capturing(monitor: Monitor, closure: Callable):
+    def wrapped():
+        loss = closure()
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            monitor._closure_loss = loss.detach().reshape(())
+        elif isinstance(loss, (int, float)):
+            monitor._closure_loss = torch.tensor(float(loss), dtype=torch.float64)
+        return loss
+
+    return wrapped
+
+
+def _tracked_parameters(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[list[str], list[torch.Tensor], list[int]]:
+    """Names (as in ``model.named_parameters()``), tensors and group index of every optimizer
+    parameter, in the optimizer's order."""
+    by_id = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), name)
+    names, params, group_of = [], [], []
+    for g, group in enumerate(optimizer.param_groups):
+        for j, p in enumerate(group["params"]):
+            if id(p) not in by_id:
+                raise ValueError(
+                    f"watch: parameter {j} of param group {g} (shape {tuple(p.shape)}) is not a "
+                    f"parameter of the {type(model).__name__} given. Pass the model whose "
+                    "parameters the optimizer updates."
+                )
+            if p.is_sparse:
+                raise ValueError(
+                    f"watch: parameter '{by_id[id(p)]}' is sparse; noether-dyn handles dense "
+                    "parameters only."
+                )
+            names.append(by_id[id(p)])
+            params.append(p)
+            group_of.append(g)
+    return names, params, group_of
+
+
+def _check_symmetries(
+    symmetries: Sequence[Symmetry], index: dict[str, int], model: torch.nn.Module
+) -> list[Symmetry]:
+    seen: set[str] = set()
+    out = []
+    model_names = {n for n, _ in model.named_parameters()}
+    for s in symmetries:
+        if not isinstance(s, Symmetry):
+            raise TypeError(
+                f"watch: symmetries must be noether_dyn.Symmetry records, got {type(s).__name__}."
+            )
+        if s.name in seen:
+            raise ValueError(f"watch: two symmetries are named {s.name!r}; names must be unique.")
+        seen.add(s.name)
+        unknown = [n for n in s.params if n not in index]
+        if unknown:
+            where = (
+                "not parameters of the model"
+                if any(n not in model_names for n in unknown)
+                else "not updated by the optimizer"
+            )
+            raise ValueError(
+                f"watch: symmetry {s.name!r} names {unknown}, {where}. Use names from "
+                "model.named_parameters() of parameters the optimizer updates."
+            )
+        out.append(s)
+    return out
+
+
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.device.type == "cpu" else str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def _package_version() -> str:
+    from noether_dyn import __version__
+
+    return __version__

@@ -1,0 +1,88 @@
+"""``watch``: the one line a training loop adds."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noether_dyn.capture.monitor import Monitor
+from noether_dyn.symmetries.symmetry import Symmetry
+
+
+def watch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run_dir: str | Path | None = None,
+    every: int = 1,
+    *,
+    inputs: Any = None,
+    targets: Any = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    symmetries: Sequence[Symmetry] | None = None,
+    flush_every: int = 100,
+    flush_seconds: float = 10.0,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Monitor:
+    """Watch ``optimizer`` training ``model``; returns the :class:`Monitor` (a context manager).
+
+    The optimizer is neither replaced nor subclassed: the monitor attaches step pre/post hooks.
+    Add ``monitor.log_loss(loss)`` before ``optimizer.step()`` to record the potential V.
+
+    Args:
+        model: the module whose parameters ``optimizer`` updates (names come from it).
+        optimizer: any ``torch.optim.Optimizer``; SGD, RMSprop, Adam, AdamW and Adagrad have
+            their own kinetic metric, any other falls back to G = I and the run records it.
+        run_dir: directory of the run store (default ``runs/noether-<UTC timestamp>``).
+        every: store one row every ``every`` steps (accumulators that the theory's predictions
+            need still see every step).
+        inputs, targets, loss_fn: a sample batch; with ``inputs`` the model's symmetries are
+            detected (``find_symmetries``) and, with ``targets`` and ``loss_fn`` too, verified.
+        symmetries: your own list instead of detection (verified when a batch is given).
+        flush_every, flush_seconds: write to the store after this many logged steps or seconds,
+            whichever comes first (a crash loses at most the steps since the last flush).
+        resume: continue the run already in ``run_dir`` (its step numbers and accumulators).
+        overwrite: replace the run already in ``run_dir``.
+    """
+    if run_dir is None:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"noether-{stamp}"
+    note = ""
+    if symmetries is None:
+        if inputs is None:
+            symmetries = []
+            note = (
+                "no symmetry tracked: watch() was given no inputs to detect them from; pass "
+                "inputs= (and targets=, loss_fn= to verify) or symmetries="
+            )
+        else:
+            from noether_dyn.symmetries.detect import find_symmetries
+
+            symmetries = find_symmetries(model, inputs, targets=targets, loss_fn=loss_fn)
+            note = f"{len(symmetries)} symmetries detected from the model's dataflow"
+            if not symmetries:
+                note = "the model's loss has no symmetry that noether-dyn detects"
+    else:
+        symmetries = list(symmetries)
+        note = f"{len(symmetries)} symmetries declared by the user"
+        if inputs is not None and targets is not None and loss_fn is not None:
+            from noether_dyn.symmetries.verify import verify
+
+            symmetries = verify(model, symmetries, inputs, targets, loss_fn)
+            note += " and verified numerically"
+    return Monitor(
+        model,
+        optimizer,
+        run_dir,
+        every,
+        symmetries=symmetries,
+        symmetry_note=note,
+        flush_every=flush_every,
+        flush_seconds=flush_seconds,
+        resume=resume,
+        overwrite=overwrite,
+    )

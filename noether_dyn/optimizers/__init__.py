@@ -1,0 +1,34 @@
+"""Per-optimizer adapters: the kinetic metric G and the Lagrangian's constants of each rule.
+
+One file per family, as ``torch.optim`` has: ``sgd.py``, ``adam.py`` (Adam, AdamW),
+``rmsprop.py``, ``adagrad.py``; ``euclidean.py`` is the fallback for any other optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from noether_dyn.optimizers.adagrad import AdagradAdapter
+from noether_dyn.optimizers.adam import AdamAdapter
+from noether_dyn.optimizers.base import GroupHyper, Metric, OptimizerAdapter
+from noether_dyn.optimizers.euclidean import EuclideanFallback
+from noether_dyn.optimizers.rmsprop import RMSpropAdapter
+from noether_dyn.optimizers.sgd import SGDAdapter
+
+ADAPTERS: tuple[type[OptimizerAdapter], ...] = (
+    SGDAdapter,
+    AdamAdapter,
+    RMSpropAdapter,
+    AdagradAdapter,
+)
+
+
+def adapter_for(optimizer: torch.optim.Optimizer) -> OptimizerAdapter:
+    """The adapter of ``optimizer``'s family (subclasses included), else the Euclidean fallback."""
+    for adapter in ADAPTERS:
+        if isinstance(optimizer, adapter.optimizers):
+            return adapter()
+    return EuclideanFallback()
+
+
+__all__ = ["ADAPTERS", "GroupHyper", "Metric", "OptimizerAdapter", "adapter_for"]

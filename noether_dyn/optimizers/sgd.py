@@ -1,0 +1,34 @@
+"""SGD with momentum, Nesterov, dampening and coupled weight decay: G = I (THEORY.md §2).
+
+Heavy ball ``b <- beta b + (1 - d)(g + lambda q)``, ``q <- q - eta b``. Dampening d scales the
+force by (1 - d), which is the isotropic metric G = I / (1 - d). Nesterov is the same flow to first
+order in eta (Tanaka & Kunin 2021, §2), with the same m and tau.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from noether_dyn.optimizers.base import GroupHyper, Metric, OptimizerAdapter, scalar
+
+
+class SGDAdapter(OptimizerAdapter):
+    name = "sgd"
+    metric_name = "G = I / (1 - dampening)"
+    optimizers = (torch.optim.SGD,)
+
+    def hyper(self, optimizer: torch.optim.Optimizer, group: dict) -> GroupHyper:
+        return GroupHyper(
+            lr=scalar(group["lr"]),
+            beta=scalar(group.get("momentum", 0.0)),
+            weight_decay=scalar(group.get("weight_decay", 0.0)),
+            decoupled=False,
+        )
+
+    def metric(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> Metric:
+        dampening = scalar(group.get("dampening", 0.0))
+        if dampening and scalar(group.get("momentum", 0.0)):
+            return 1.0 / (1.0 - dampening)
+        return None

@@ -1,0 +1,1 @@
+"""Quantities computed from a step: reductions, the Lagrangian, charges and their predictions."""

@@ -1,0 +1,39 @@
+"""Per-tensor reductions, stacked into one float64 vector each: the hot path's only arithmetic.
+
+Every function takes a list of n tensors (one per parameter) and returns a float64 tensor of shape
+(n,) on ``device``, without a host-device sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not values:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
+
+
+def sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """|x_i|^2 for each tensor (one fused ``_foreach_norm`` pass)."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return _stack(list(torch._foreach_norm(tensors)), device).square()
+
+
+def dots(a: list[torch.Tensor], b: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """<a_i, b_i> for each pair of same-shaped tensors."""
+    return _stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)], device)
+
+
+def sums(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """sum(x_i) for each tensor."""
+    return _stack([t.sum() for t in tensors], device)
+
+
+def weighted_sq(
+    weights: list[torch.Tensor], tensors: list[torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """<w_i x_i, x_i> for each tensor: the quadratic form of a diagonal metric."""
+    return dots(torch._foreach_mul(weights, tensors), tensors, device)

@@ -1,0 +1,133 @@
+"""The theory's charge Q_n, rolled forward every step on the device (THEORY.md §3.2, §3.3).
+
+Three regimes, chosen per run from the learning rule:
+
+``"sgd"`` (SGD without momentum, exact given the symmetry; THEORY §3.2)
+    scale, rescale: ``Q_{n+1} = (1 - eta lambda)^2 Q_n + sum_A s_A eta_A^2 |g_A|^2``;
+    translation: ``Q_{n+1} = (1 - eta lambda) Q_n``. The residual against the measured charge
+    is the accumulated symmetry defect (BatchNorm's eps, rounding).
+``"momentum"`` (SGD with momentum, continuous theory; Kunin et al., "Neural Mechanics", 2021)
+    ``Q'' + 2 gamma Q' + omega^2 Q = F(t)`` with ``gamma = (1 - beta)/(eta (1 + beta))``,
+    ``omega^2 = 4 lambda / (eta (1 + beta))`` and ``F = 2 |q'_A|^2`` (signed for rescale);
+    translation: ``omega^2 = 2 lambda / (eta (1 + beta))``, ``F = 0``. Q(0) is the measured
+    charge, Q'(0) = 0. Each step advances time by eta with F held at the step's measured
+    ``|dq|^2 / eta^2``, integrated exactly (matrix exponential of the augmented 3x3 system): this
+    equals the Green's-function solution of §3.3 for piecewise-constant forcing, in all three
+    damping regimes at once.
+``"flow"`` (adaptive rules: RMSprop, Adam, AdamW, Adagrad, and the Euclidean fallback)
+    gradient flow conserves Q up to weight decay: ``Q_{n+1} = (1 - eta lambda)^2 Q_n`` (scale,
+    rescale) or ``(1 - eta lambda) Q_n`` (translation). The residual measured - predicted is then
+    the whole breaking by the metric and the finite step, which the decomposition columns split.
+
+eta, beta and lambda of a symmetry are those of the param group of its first parameter.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+REGIMES = ("sgd", "momentum", "flow")
+
+
+@lru_cache(maxsize=256)
+def _propagator(eta: float, beta: float, lam: float, translation: bool) -> tuple[float, ...]:
+    """(Phi00, Phi01, Phi10, Phi11, Psi0, Psi1) advancing (Q, Q') over dt = eta with constant F."""
+    gamma = (1.0 - beta) / (eta * (1.0 + beta))
+    omega_sq = (2.0 if translation else 4.0) * lam / (eta * (1.0 + beta))
+    a = torch.tensor(
+        [[0.0, 1.0, 0.0], [-omega_sq, -2.0 * gamma, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64
+    )
+    e = torch.linalg.matrix_exp(a * eta)
+    return tuple(float(v) for v in (e[0, 0], e[0, 1], e[1, 0], e[1, 1], e[0, 2], e[1, 2]))
+
+
+class ChargePredictor:
+    """Per-symmetry predicted charge (and its time derivative in the momentum regime).
+
+    State (device tensors of shape (n_symmetries,)): ``value`` (predicted Q_n) and ``velocity``
+    (dQ/dt, momentum regime only). ``value`` is None until :meth:`start` sets Q_0.
+    """
+
+    def __init__(self, regime: str, translation: list[bool]) -> None:
+        if regime not in REGIMES:
+            raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}.")
+        self.regime = regime
+        self.translation = translation
+        self.value: torch.Tensor | None = None
+        self.velocity: torch.Tensor | None = None
+
+    @property
+    def needs_grad_sq(self) -> bool:
+        return self.regime == "sgd"
+
+    @property
+    def needs_update_sq(self) -> bool:
+        return self.regime == "momentum"
+
+    def start(self, charge: torch.Tensor) -> None:
+        self.value = charge.clone()
+        self.velocity = torch.zeros_like(charge)
+
+    def advance(
+        self,
+        eta: list[float],
+        beta: list[float],
+        lam: list[float],
+        grad_sq: torch.Tensor | None = None,
+        update_sq: torch.Tensor | None = None,
+    ) -> None:
+        """Move from Q_n to Q_{n+1}.
+
+        Args:
+            eta, beta, lam: per symmetry, the step's rate, momentum and weight decay (host).
+            grad_sq: (n_symmetries,) ``sum_A s_A eta_A^2 |g_A|^2`` ("sgd" regime).
+            update_sq: (n_symmetries,) ``sum_A s_A |dq_A|^2`` ("momentum" regime).
+        """
+        if self.value is None or not len(eta):
+            return
+        device = self.value.device
+        trans = self.translation
+        if self.regime == "momentum":
+            coef = torch.tensor(
+                [_propagator(e, b, l, t) for e, b, l, t in zip(eta, beta, lam, trans)],
+                dtype=torch.float64,
+            ).to(device, non_blocking=True)
+            eta_t = torch.tensor(eta, dtype=torch.float64).to(device, non_blocking=True)
+            is_trans = torch.tensor(trans, dtype=torch.bool).to(device, non_blocking=True)
+            force = torch.where(is_trans, torch.zeros_like(update_sq), 2.0 * update_sq / eta_t**2)
+            q, v = self.value, self.velocity
+            self.value = coef[:, 0] * q + coef[:, 1] * v + coef[:, 4] * force
+            self.velocity = coef[:, 2] * q + coef[:, 3] * v + coef[:, 5] * force
+            return
+        factor = torch.tensor(
+            [(1.0 - e * l) ** (1 if t else 2) for e, l, t in zip(eta, lam, trans)],
+            dtype=torch.float64,
+        ).to(device, non_blocking=True)
+        self.value = factor * self.value
+        if self.regime == "sgd":
+            is_trans = torch.tensor(trans, dtype=torch.bool).to(device, non_blocking=True)
+            self.value = self.value + torch.where(is_trans, torch.zeros_like(grad_sq), grad_sq)
+
+    def state_dict(self) -> dict:
+        """Host copy (lists of floats) for the store and checkpoints; syncs: call at flush only."""
+        return {
+            "regime": self.regime,
+            "value": None if self.value is None else self.value.tolist(),
+            "velocity": None if self.velocity is None else self.velocity.tolist(),
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        if state.get("value") is None:
+            self.value = self.velocity = None
+            return
+        self.value = torch.tensor(state["value"], dtype=torch.float64, device=device)
+        self.velocity = torch.tensor(state["velocity"], dtype=torch.float64, device=device)
+
+
+def regime_for(adapter_name: str, betas: list[float], nesterov: bool = False) -> str:
+    """The prediction regime of a learning rule (see the module docstring)."""
+    if adapter_name != "sgd":
+        return "flow"
+    return "sgd" if all(b == 0.0 for b in betas) else "momentum"

@@ -1,0 +1,128 @@
+"""Reading a run store: ``load_run(path) -> Run`` with pandas DataFrames."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from noether_dyn.store.connection import open_existing, store_path
+from noether_dyn.store.schema import CHARGE_COLUMNS, GROUP_COLUMNS, STEP_COLUMNS
+
+
+class Run:
+    """A saved run, read once from its store (safe while the run is still writing: the reader
+    sees the last completed flush).
+
+    Attributes (pandas DataFrames unless said):
+        meta: dict of the run's metadata (JSON values; see ``noether_dyn.store.schema``).
+        steps: one row per logged step: ``step, time, lr, loss, l2, potential, kinetic,
+            log_prefactor, param_norm, grad_norm, update_norm, wall_time``.
+        groups: the same per param group (``step, grp, lr, momentum, weight_decay, mass, kinetic,
+            l2, log_prefactor``).
+        symmetries: ``symmetry, kind, params, signs, verified, defect, note``.
+        charges: long format, one row per symmetry and logged step: ``step, symmetry, kind`` and
+            the columns of ``noether_dyn.store.schema.CHARGE_COLUMNS``.
+        events: ``step, kind, message``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = store_path(path)
+        con = open_existing(path, readonly=True)
+        try:
+            self.meta: dict[str, Any] = {
+                k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")
+            }
+            self.steps = _frame(con, "steps", STEP_COLUMNS, "step")
+            self.groups = _frame(con, "groups", GROUP_COLUMNS, "step, grp")
+            sym = con.execute(
+                "SELECT symmetry, kind, params, signs, verified, defect, note FROM symmetries "
+                "ORDER BY idx"
+            ).fetchall()
+            self.symmetries = pd.DataFrame(
+                [
+                    (
+                        name,
+                        kind,
+                        tuple(json.loads(params)),
+                        tuple(json.loads(signs)),
+                        None if verified is None else bool(verified),
+                        np.nan if defect is None else defect,
+                        note or "",
+                    )
+                    for name, kind, params, signs, verified, defect, note in sym
+                ],
+                columns=["symmetry", "kind", "params", "signs", "verified", "defect", "note"],
+            )
+            self._blocks = con.execute(
+                "SELECT n_steps, steps, data FROM charge_blocks ORDER BY first_step"
+            ).fetchall()
+            self.events = pd.DataFrame(
+                con.execute("SELECT step, kind, message FROM events ORDER BY step").fetchall(),
+                columns=["step", "kind", "message"],
+            )
+        finally:
+            con.close()
+
+    @cached_property
+    def charges(self) -> pd.DataFrame:
+        names = self.symmetries["symmetry"].to_numpy()
+        kinds = self.symmetries["kind"].to_numpy()
+        n_sym, n_col = len(names), len(CHARGE_COLUMNS)
+        columns = ["step", "symmetry", "kind", *CHARGE_COLUMNS]
+        if not self._blocks or n_sym == 0:
+            return pd.DataFrame({c: pd.Series(dtype=float) for c in columns}).astype(
+                {"step": "int64", "symmetry": object, "kind": object}
+            )
+        steps = np.concatenate([np.frombuffer(s, dtype="<i8") for _, s, _ in self._blocks])
+        data = np.concatenate(
+            [np.frombuffer(d, dtype="<f8").reshape(n, n_sym, n_col) for n, _, d in self._blocks]
+        )
+        frame = {
+            "step": np.repeat(steps, n_sym),
+            "symmetry": pd.Categorical.from_codes(np.tile(np.arange(n_sym), len(steps)), names),
+            "kind": pd.Categorical(np.tile(kinds, len(steps))),
+        }
+        flat = data.reshape(-1, n_col)
+        for j, c in enumerate(CHARGE_COLUMNS):
+            frame[c] = flat[:, j]
+        return pd.DataFrame(frame)
+
+    def charge(self, symmetry: str) -> pd.DataFrame:
+        """The rows of one symmetry, indexed by step."""
+        known = set(self.symmetries["symmetry"])
+        if symmetry not in known:
+            raise KeyError(
+                f"No symmetry {symmetry!r} in run '{self.path}'. Known: {sorted(known) or 'none'}."
+            )
+        c = self.charges
+        return c[c["symmetry"] == symmetry].set_index("step")
+
+    def __repr__(self) -> str:
+        return (
+            f"Run('{self.path}', steps={len(self.steps)}, symmetries={len(self.symmetries)}, "
+            f"optimizer={self.meta.get('optimizer', {}).get('class')})"
+        )
+
+
+def _frame(con, table: str, columns: tuple[str, ...], order: str) -> pd.DataFrame:
+    rows = con.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}").fetchall()
+    frame = pd.DataFrame(rows, columns=list(columns))
+    for c in columns:
+        if c in ("step", "grp"):
+            frame[c] = frame[c].astype("int64")
+        else:
+            frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("float64")
+    return frame
+
+
+def load_run(path: str | Path) -> Run:
+    """Read the run at ``path`` (a ``run_dir`` given to ``watch``, or its ``run.sqlite``).
+
+    Raises ``StoreError`` naming the path for a missing, empty, corrupted or future-version store.
+    """
+    return Run(path)

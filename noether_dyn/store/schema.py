@@ -1,0 +1,97 @@
+"""The run store's schema, version 1: one SQLite file, ``<run_dir>/run.sqlite``.
+
+Tables (all numbers float64 unless said; a step is the 0-based count of optimizer steps; row n
+holds quantities at the parameters *before* update n and the kinetic energy *of* update n):
+
+``meta(key TEXT PRIMARY KEY, value TEXT)``
+    JSON values: ``schema_version``, ``noether_dyn_version``, ``torch_version``, ``started``
+    (ISO 8601, UTC), ``command``, ``model`` (summary), ``parameters`` (name, shape, group),
+    ``optimizer`` (class, adapter, metric, ``metric_fallback``, param-group hyperparameters),
+    ``every``, ``monitor_state`` (what a resume continues from).
+``steps(step INTEGER PRIMARY KEY, ...)``
+    ``time`` (t_n = sum of the rates of steps before n), ``lr`` (group 0), ``loss`` (the logged
+    loss, NaN when none), ``l2`` (coupled weight-decay term sum (lambda/2)|q|^2), ``potential``
+    (loss + l2), ``kinetic`` (T of update n summed over groups), ``log_prefactor`` (t/tau, group
+    0), ``param_norm``, ``grad_norm``, ``update_norm`` (Euclidean norms over all parameters),
+    ``wall_time`` (seconds since the run started).
+``groups(step, grp, lr, momentum, weight_decay, mass, kinetic, l2, log_prefactor)``
+    the same per param group.
+``symmetries(idx INTEGER PRIMARY KEY, symmetry TEXT UNIQUE, kind, params, signs, verified,
+defect, note)``
+    ``params`` and ``signs`` are JSON lists; ``verified`` is 1, 0 or NULL (not checked).
+``charge_blocks(first_step INTEGER PRIMARY KEY, n_steps, steps BLOB, data BLOB)``
+    per flush, the charge table of ``n_steps`` logged steps as raw little-endian arrays: ``steps``
+    int64 of shape (n_steps,), ``data`` float64 of shape (n_steps, n_symmetries, n_columns), the
+    columns being :data:`CHARGE_COLUMNS` and the symmetries ordered by ``idx``. ``load_run``
+    turns these into the long table ``run.charges``.
+``events(step, kind, message)``
+    things a reader must know: non-finite values, resumes, fallbacks.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+STORE_FILENAME = "run.sqlite"
+
+STEP_COLUMNS = (
+    "step",
+    "time",
+    "lr",
+    "loss",
+    "l2",
+    "potential",
+    "kinetic",
+    "log_prefactor",
+    "param_norm",
+    "grad_norm",
+    "update_norm",
+    "wall_time",
+)
+GROUP_COLUMNS = (
+    "step",
+    "grp",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "mass",
+    "kinetic",
+    "l2",
+    "log_prefactor",
+)
+CHARGE_COLUMNS = (
+    "charge",
+    "predicted",
+    "decay",
+    "rule",
+    "ksb",
+    "defect",
+    "nld_charge",
+    "nld_ksb",
+    "grad_sq",
+    "effective_lr",
+    "angular_update",
+)
+
+DDL = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS steps (
+    step INTEGER PRIMARY KEY, {", ".join(c + " REAL" for c in STEP_COLUMNS[1:])}
+);
+CREATE TABLE IF NOT EXISTS groups (
+    step INTEGER NOT NULL, grp INTEGER NOT NULL,
+    {", ".join(c + " REAL" for c in GROUP_COLUMNS[2:])},
+    PRIMARY KEY (step, grp)
+);
+CREATE TABLE IF NOT EXISTS symmetries (
+    idx INTEGER PRIMARY KEY, symmetry TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+    params TEXT NOT NULL, signs TEXT NOT NULL, verified INTEGER, defect REAL, note TEXT
+);
+CREATE TABLE IF NOT EXISTS charge_blocks (
+    first_step INTEGER PRIMARY KEY, n_steps INTEGER NOT NULL, steps BLOB NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (step INTEGER, kind TEXT NOT NULL, message TEXT NOT NULL);
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+REQUIRED_TABLES = frozenset({"meta", "steps", "groups", "symmetries", "charge_blocks", "events"})

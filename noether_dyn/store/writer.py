@@ -1,0 +1,173 @@
+"""Writing a run store: one transaction per flush, write-ahead log so readers see a consistent run
+while training writes, and nothing held only in memory beyond the steps since the last flush."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from noether_dyn.store.connection import open_existing
+from noether_dyn.store.errors import StoreError
+from noether_dyn.store.schema import DDL, GROUP_COLUMNS, STEP_COLUMNS, STORE_FILENAME
+from noether_dyn.symmetries.symmetry import Symmetry
+
+
+class RunWriter:
+    """Appends to ``<run_dir>/run.sqlite``.
+
+    ``mode`` is ``"new"`` (refuse a directory that holds a run), ``"overwrite"`` (replace it) or
+    ``"resume"`` (continue it; it must exist).
+    """
+
+    def __init__(self, run_dir: str | Path, mode: str = "new") -> None:
+        if mode not in ("new", "overwrite", "resume"):
+            raise ValueError(f"mode must be 'new', 'overwrite' or 'resume', got {mode!r}.")
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / STORE_FILENAME
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise StoreError(
+                f"run_dir '{self.run_dir}' is a file, not a directory. Pass a directory path."
+            )
+        exists = self.path.exists()
+        if mode == "resume":
+            if not exists:
+                raise StoreError(
+                    f"Cannot resume: no run at '{self.path}'. Drop resume=True to start a new run."
+                )
+            self.con = open_existing(self.path, readonly=False)
+        else:
+            if exists and mode == "new":
+                raise StoreError(
+                    f"run_dir '{self.run_dir}' already holds a run ({self.path.name}). Pass "
+                    "resume=True to continue it, overwrite=True to replace it, or another run_dir."
+                )
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"Cannot create run_dir '{self.run_dir}': {exc}.") from exc
+            if exists:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(str(self.path) + suffix).unlink(missing_ok=True)
+            self.con = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+            self.con.executescript(DDL)
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.execute("PRAGMA synchronous=NORMAL")
+        self.con.commit()
+
+    def last_step(self) -> int | None:
+        row = self.con.execute("SELECT MAX(step) FROM steps").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self.con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_meta(self, items: dict[str, Any]) -> None:
+        with self.con:
+            self.con.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in items.items()],
+            )
+
+    def symmetry_names(self) -> list[str]:
+        return [r[0] for r in self.con.execute("SELECT symmetry FROM symmetries ORDER BY idx")]
+
+    def set_symmetries(self, symmetries: Sequence[Symmetry]) -> None:
+        with self.con:
+            self.con.execute("DELETE FROM symmetries")
+            self.con.executemany(
+                "INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        i,
+                        s.name,
+                        s.kind,
+                        json.dumps(list(s.params)),
+                        json.dumps(list(s.signs)),
+                        None if s.verified is None else int(s.verified),
+                        s.defect,
+                        s.note,
+                    )
+                    for i, s in enumerate(symmetries)
+                ],
+            )
+
+    def truncate(self, first_dropped: int) -> None:
+        """Drop every step >= ``first_dropped`` (a resume from an earlier checkpoint)."""
+        with self.con:
+            self.con.execute("DELETE FROM steps WHERE step >= ?", (first_dropped,))
+            self.con.execute("DELETE FROM groups WHERE step >= ?", (first_dropped,))
+            self.con.execute("DELETE FROM events WHERE step >= ?", (first_dropped,))
+            rows = self.con.execute(
+                "SELECT first_step, n_steps, steps, data FROM charge_blocks "
+                "WHERE first_step + n_steps > 0"
+            ).fetchall()
+            for first, n, steps_blob, data_blob in rows:
+                steps = np.frombuffer(steps_blob, dtype="<i8")
+                if steps.size and steps[-1] < first_dropped:
+                    continue
+                self.con.execute("DELETE FROM charge_blocks WHERE first_step = ?", (first,))
+                keep = steps < first_dropped
+                if keep.any():
+                    data = np.frombuffer(data_blob, dtype="<f8").reshape(n, -1)[keep]
+                    self.con.execute(
+                        "INSERT INTO charge_blocks VALUES (?, ?, ?, ?)",
+                        (first, int(keep.sum()), steps[keep].tobytes(), data.tobytes()),
+                    )
+
+    def append(
+        self,
+        steps: np.ndarray,
+        groups: np.ndarray,
+        charge_steps: np.ndarray,
+        charges: np.ndarray,
+        events: Iterable[tuple[int, str, str]],
+        meta: dict[str, Any],
+    ) -> None:
+        """One flush, one transaction: rows of ``steps`` (n, len(STEP_COLUMNS)), ``groups``
+        (k, len(GROUP_COLUMNS)), a charge block (``charges`` float64 of shape
+        (len(charge_steps), n_symmetries, n_columns)), events and updated metadata."""
+        try:
+            with self.con:
+                ph = ", ".join("?" * len(STEP_COLUMNS))
+                self.con.executemany(
+                    f"INSERT OR REPLACE INTO steps VALUES ({ph})", _rows(steps, int_cols=1)
+                )
+                ph = ", ".join("?" * len(GROUP_COLUMNS))
+                self.con.executemany(
+                    f"INSERT OR REPLACE INTO groups VALUES ({ph})", _rows(groups, int_cols=2)
+                )
+                if len(charge_steps) and charges.shape[1]:
+                    self.con.execute(
+                        "INSERT OR REPLACE INTO charge_blocks VALUES (?, ?, ?, ?)",
+                        (
+                            int(charge_steps[0]),
+                            len(charge_steps),
+                            np.ascontiguousarray(charge_steps, dtype="<i8").tobytes(),
+                            np.ascontiguousarray(charges, dtype="<f8").tobytes(),
+                        ),
+                    )
+                self.con.executemany("INSERT INTO events VALUES (?, ?, ?)", list(events))
+                self.con.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [(k, json.dumps(v)) for k, v in meta.items()],
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"Writing the run store '{self.path}' failed: {exc}.") from exc
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def _rows(array: np.ndarray, int_cols: int) -> list[tuple]:
+    """float64 rows to tuples with the first ``int_cols`` columns as ints and NaN as NULL-free
+    floats (SQLite stores NaN as NULL; the reader turns NULL back into NaN)."""
+    out = []
+    for row in array.tolist():
+        out.append(tuple(int(v) for v in row[:int_cols]) + tuple(row[int_cols:]))
+    return out

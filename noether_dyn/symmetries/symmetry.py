@@ -1,0 +1,96 @@
+"""The :class:`Symmetry` record: one continuous symmetry of the loss on named parameters.
+
+A symmetry is a one-parameter family psi_s(q) with f(psi_s(q)) = f(q); its generator is
+xi(q) = d psi_s / ds at s = 0 (THEORY.md §3; Kunin et al., "Neural Mechanics", ICLR 2021).
+noether-dyn handles the three families of that table, at layer level (the union of the
+per-channel groups of one layer):
+
+=============  =============================  ==========================================
+kind           generator xi on its params     gradient-flow charge Q
+=============  =============================  ==========================================
+``scale``      q_A                            |q_A|^2
+``rescale``    (+q_A1, -q_A2)                 |q_A1|^2 - |q_A2|^2
+``translation``  1_A                          <q_A, 1>
+=============  =============================  ==========================================
+
+Each parameter of a symmetry carries a sign (+1 or -1): the generator is ``sign * q`` for scale
+and rescale, ``sign * 1`` for translation. That makes every layer-level charge a signed sum of
+per-tensor reductions, which is how the monitor computes them in one stacked reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+KINDS = ("scale", "rescale", "translation")
+
+
+@dataclass(frozen=True)
+class Symmetry:
+    """A continuous symmetry of the loss, on parameters named as in ``model.named_parameters()``.
+
+    Args:
+        name: unique name in the run, e.g. ``"scale:layer1.conv"``.
+        kind: ``"scale"``, ``"rescale"`` or ``"translation"``.
+        params: parameter names the generator acts on.
+        signs: one sign (+1.0 or -1.0) per parameter; defaults to all +1 (scale, translation).
+            For rescale the incoming weights and bias are +1 and the outgoing weights -1.
+        verified: True/False when checked numerically, None when not checked.
+        defect: the largest measured symmetry defect |<g, xi>| / (|g| |xi|) (dimensionless),
+            None when not checked.
+        note: free text on how it was found or why it failed.
+
+    To declare your own symmetry, build one and pass ``watch(..., symmetries=[...])``::
+
+        Symmetry("scale:fc1", "scale", ("fc1.weight", "fc1.bias"))
+    """
+
+    name: str
+    kind: str
+    params: tuple[str, ...]
+    signs: tuple[float, ...] = ()
+    verified: bool | None = None
+    defect: float | None = None
+    note: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Symmetry.name must be a non-empty string, got {self.name!r}.")
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"Symmetry {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}."
+            )
+        params = tuple(self.params)
+        if not params:
+            raise ValueError(f"Symmetry {self.name!r}: params is empty; name at least one.")
+        if len(set(params)) != len(params):
+            raise ValueError(f"Symmetry {self.name!r}: params repeat a name: {params}.")
+        object.__setattr__(self, "params", params)
+        signs = tuple(float(s) for s in self.signs) if self.signs else (1.0,) * len(params)
+        if len(signs) != len(params):
+            raise ValueError(
+                f"Symmetry {self.name!r}: {len(signs)} signs for {len(params)} params; "
+                "give one sign per parameter."
+            )
+        if any(s not in (1.0, -1.0) for s in signs):
+            raise ValueError(f"Symmetry {self.name!r}: signs must be +1 or -1, got {signs}.")
+        object.__setattr__(self, "signs", signs)
+
+    def generator(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """xi(q) on exactly ``self.params``: ``sign * q`` (scale, rescale) or ``sign * 1``
+        (translation). Same shapes and dtypes as the inputs."""
+        missing = [n for n in self.params if n not in params]
+        if missing:
+            raise KeyError(f"Symmetry {self.name!r}: no tensor given for {missing}.")
+        if self.kind == "translation":
+            return {n: torch.full_like(params[n], s) for n, s in zip(self.params, self.signs)}
+        return {n: params[n] * s for n, s in zip(self.params, self.signs)}
+
+    def charge(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The gradient-flow charge Q: <q, xi(q)> for scale and rescale, <q, xi> = signed sum
+        of entries for translation (THEORY.md §3 table). A 0-dim tensor."""
+        xi = self.generator(params)
+        return sum((params[n] * xi[n]).sum() for n in self.params)

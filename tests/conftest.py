@@ -1,0 +1,45 @@
+"""Shared fixtures: small float64 models and a plain training loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def bn_mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Linear -> BatchNorm -> ReLU -> Linear: scale on the first layer, rescale on the BN affine
+    through ReLU into the head, translation on the head (cross-entropy)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).to(
+        dtype
+    )
+
+
+def relu_mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4)).to(dtype)
+
+
+def batch(seed: int = 1, n: int = 32, dtype: torch.dtype = torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
+
+
+def train(model, optimizer, monitor=None, steps: int = 10, scheduler=None, seed: int = 1):
+    """Full-batch training with cross-entropy; logs the loss when a monitor is given."""
+    x, y = batch(seed, dtype=next(model.parameters()).dtype)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        if monitor is not None:
+            monitor.log_loss(loss)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return tmp_path / "run"

@@ -1,0 +1,158 @@
+"""The kinetic term T = (m/2) q'^T G q' of every supported optimizer, against an independent
+computation from parameter snapshots and the optimizer's state (THEORY.md §2).
+
+float64 throughout: the monitor and the reference differ only in summation order, so the
+relative difference is a few ulps times the number of terms; 1e-12 leaves three orders of margin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import noether_dyn as nd
+from tests.conftest import batch, bn_mlp
+
+RTOL = 1e-12
+
+
+def _adam_metric(opt, group, p):
+    st = opt.state[p]
+    v = st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]
+    return (v / (1 - group["betas"][1] ** float(st["step"]))).sqrt() + group["eps"]
+
+
+def _rmsprop_metric(opt, group, p):
+    st = opt.state[p]
+    v = st["square_avg"]
+    if group["centered"]:
+        v = v - st["grad_avg"] ** 2
+    return v.sqrt() + group["eps"]
+
+
+def _adagrad_metric(opt, group, p):
+    return opt.state[p]["sum"].sqrt() + group["eps"]
+
+
+CASES = {
+    "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.1), lambda o, g, p: 1.0, 0.0),
+    "sgd-momentum-wd": (
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+        lambda o, g, p: 1.0,
+        0.9,
+    ),
+    "sgd-nesterov": (
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True),
+        lambda o, g, p: 1.0,
+        0.8,
+    ),
+    "sgd-dampening": (
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5, dampening=0.3),
+        lambda o, g, p: 1.0 / 0.7,
+        0.5,
+    ),
+    "rmsprop": (lambda ps: torch.optim.RMSprop(ps, lr=1e-3), _rmsprop_metric, 0.0),
+    "rmsprop-momentum-centered": (
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.7, centered=True, weight_decay=1e-4),
+        _rmsprop_metric,
+        0.7,
+    ),
+    "adam": (lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=1e-4), _adam_metric, 0.9),
+    "adam-amsgrad": (
+        lambda ps: torch.optim.Adam(ps, lr=1e-3, betas=(0.8, 0.99), amsgrad=True),
+        _adam_metric,
+        0.8,
+    ),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1), _adam_metric, 0.9),
+    "adagrad": (lambda ps: torch.optim.Adagrad(ps, lr=0.05), _adagrad_metric, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kinetic_matches_snapshots(case, run_dir):
+    make, metric, beta = CASES[case]
+    model = bn_mlp()
+    opt = make(model.parameters())
+    x, y = batch()
+    expected = []
+    with nd.watch(model, opt, run_dir) as mon:
+        for _ in range(6):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.log_loss(loss)
+            before = [p.detach().clone() for p in model.parameters()]
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            group = opt.param_groups[0]
+            total = 0.0
+            for p, q0 in zip(model.parameters(), before):
+                dq = p.detach() - q0
+                total += float((metric(opt, group, p) * dq * dq).sum())
+            mass = lr * (1 + beta) / 2
+            expected.append(mass / 2 * total / lr**2)
+    run = nd.load_run(run_dir)
+    got = run.steps["kinetic"].to_numpy()
+    assert len(got) == 6
+    for g, e in zip(got, expected):
+        assert math.isclose(g, e, rel_tol=RTOL), (case, g, e)
+    assert run.meta["optimizer"]["metric_fallback"] is False
+
+
+def test_adagrad_lr_decay_rate(run_dir):
+    model = bn_mlp()
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1, lr_decay=0.5)
+    x, y = batch()
+    with nd.watch(model, opt, run_dir):
+        for _ in range(4):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    lr = nd.load_run(run_dir).steps["lr"].to_numpy()
+    assert lr == pytest.approx([0.1 / (1 + k * 0.5) for k in range(4)], rel=1e-15)
+
+
+def test_unknown_optimizer_falls_back_to_euclidean(run_dir):
+    model = bn_mlp()
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-2)
+    x, y = batch()
+    with nd.watch(model, opt, run_dir) as mon:
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            dq2 = sum(
+                float(((p.detach() - q) ** 2).sum()) for p, q in zip(model.parameters(), before)
+            )
+    assert mon.adapter.fallback
+    run = nd.load_run(run_dir)
+    assert run.meta["optimizer"]["metric_fallback"] is True
+    assert "fallback" in run.meta["optimizer"]["metric"]
+    # G = I and beta = 0: T = dq^2 / (4 eta)
+    assert run.steps["kinetic"].iloc[-1] == pytest.approx(dq2 / (4 * 1e-2), rel=RTOL)
+
+
+def test_param_groups_have_their_own_kinetic(run_dir):
+    model = bn_mlp()
+    opt = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": 0.1, "momentum": 0.9},
+            {"params": list(model[1].parameters()) + list(model[3].parameters()), "lr": 0.01},
+        ]
+    )
+    x, y = batch()
+    with nd.watch(model, opt, run_dir):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+    dq2 = [float(((p.detach() - q) ** 2).sum()) for p, q in zip(model.parameters(), before)]
+    run = nd.load_run(run_dir)
+    groups = run.groups.set_index("grp")
+    assert groups.loc[0, "kinetic"] == pytest.approx((1 + 0.9) / (4 * 0.1) * sum(dq2[:2]), rel=RTOL)
+    assert groups.loc[1, "kinetic"] == pytest.approx(1 / (4 * 0.01) * sum(dq2[2:]), rel=RTOL)
+    assert groups.loc[0, "mass"] == pytest.approx(0.1 * 1.9 / 2)
+    assert run.steps["kinetic"].iloc[0] == pytest.approx(groups["kinetic"].sum(), rel=RTOL)
