@@ -7,8 +7,18 @@ charges are tracked). See the README for the run-store schema.
 
 from noether_dyn.capture import Monitor, watch
 from noether_dyn.store import Run, StoreError, load_run
-from noether_dyn.symmetries.symmetry import Symmetry
+from noether_dyn.symmetries import Symmetry, find_symmetries, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["Monitor", "Run", "StoreError", "Symmetry", "__version__", "load_run", "watch"]
+__all__ = [
+    "Monitor",
+    "Run",
+    "StoreError",
+    "Symmetry",
+    "__version__",
+    "find_symmetries",
+    "load_run",
+    "verify",
+    "watch",
+]

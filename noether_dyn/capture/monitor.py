@@ -26,9 +26,9 @@ import torch
 
 from noether_dyn.optimizers import OptimizerAdapter, adapter_for
 from noether_dyn.optimizers.base import GroupHyper
-from noether_dyn.quantities.charges import STATS, ChargeMatrix
+from noether_dyn.quantities.charges import S_, STATS, ChargeMatrix
 from noether_dyn.quantities.lagrangian import kinetic_coefficients, l2_coefficients
-from noether_dyn.quantities.reductions import dots, sq_norms, sums
+from noether_dyn.quantities.reductions import DTensor, dots, sq_norms, sums
 from noether_dyn.quantities.theory import ChargePredictor, regime_for
 from noether_dyn.store.schema import SCHEMA_VERSION
 from noether_dyn.store.writer import RunWriter
@@ -61,6 +61,7 @@ class Monitor:
         flush_seconds: float = 10.0,
         resume: bool = False,
         overwrite: bool = False,
+        snapshot: bool = False,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -91,6 +92,7 @@ class Monitor:
         self.optimizer = optimizer
         self.run_dir = Path(run_dir)
         self.every = every
+        self.snapshot = snapshot
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.adapter: OptimizerAdapter = adapter_for(optimizer)
@@ -111,7 +113,7 @@ class Monitor:
             regime_for(self.adapter.name, [h.beta for h in hypers]),
             [s.kind == "translation" for s in self._symmetries],
         )
-        self._snap: list[torch.Tensor] | None = None
+        self._snap: dict[int, torch.Tensor] | None = None
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
         self.step = 0
@@ -135,6 +137,10 @@ class Monitor:
         self._warned: set[str] = set()
 
         self._is_writer = _is_rank_zero()
+        # DDP replicates parameters: rank 0 alone computes and writes. FSDP2 shards them: every
+        # rank reduces its shards and rank 0 writes the all-reduced statistics.
+        self._sharded = any(isinstance(p, DTensor) for p in self.params)
+        self._active = self._is_writer or self._sharded
         self._writer: RunWriter | None = None
         if self._is_writer:
             mode = "resume" if resume else "overwrite" if overwrite else "new"
@@ -171,6 +177,24 @@ class Monitor:
             self._pending_loss = loss.detach().reshape(())
         else:
             self._pending_loss = torch.tensor(float(loss), dtype=torch.float64)
+
+    def log_depth_profile(self, profile: Any, step: int | None = None) -> None:
+        """Store a per-layer depth profile (the DataFrame of ``noether_dyn.depth.profile``, with
+        columns layer, sigma_max, sigma_min, defect, transmission and optionally stability)
+        taken at ``step`` (default: the current step). Writes at once."""
+        required = ("layer", "sigma_max", "sigma_min", "defect", "transmission")
+        missing = [c for c in required if c not in getattr(profile, "columns", ())]
+        if missing:
+            raise ValueError(
+                f"log_depth_profile: the profile lacks columns {missing}; pass the DataFrame "
+                "returned by noether_dyn.depth.profile(model, x)."
+            )
+        cols = [*required, "stability"]
+        frame = profile.reindex(columns=cols)
+        if self._writer is not None:
+            self._writer.write_depth_profile(
+                self.step if step is None else int(step), frame.to_numpy(dtype=np.float64)
+            )
 
     def flush(self) -> None:
         """Write the pending rows to the store (one host-device sync)."""
@@ -259,6 +283,8 @@ class Monitor:
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict):
+        if not self._active:
+            return None
         self._depth += 1
         if self._depth > 1:  # a subclass's step calling super().step(): count once
             return None
@@ -274,12 +300,13 @@ class Monitor:
             len(self._matrix) > 0 and self._predictor.value is None
         )
         need_dq = logged or self._predictor.needs_update_sq
-        ctx: dict[str, Any] = {"hypers": hypers, "logged": logged, "need_dq": need_dq}
+        rebuild = [
+            self.adapter.can_reconstruct(g) and not self.snapshot for g in optimizer.param_groups
+        ]
+        ctx: dict[str, Any] = {"hypers": hypers, "logged": logged, "rebuild": rebuild}
         with torch.no_grad():
-            if need_dq:
-                if self._snap is None:
-                    self._snap = [torch.empty_like(p) for p in self.params]
-                torch._foreach_copy_(self._snap, self.params)
+            if need_dq and not all(rebuild):
+                self._take_snapshot(rebuild)
             if logged:
                 ctx["qq"] = sq_norms(self.params, self.device)
                 ctx["qs"] = self._subset(sums, sorted(self._trans_set), self.params)
@@ -288,6 +315,8 @@ class Monitor:
         return _wrap_closure(self, args, kwargs)
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if not self._active:
+            return
         self._depth -= 1
         if self._depth > 0 or self._step_ctx is None:
             return
@@ -296,10 +325,9 @@ class Monitor:
         self._pending_loss = self._closure_loss = None
         hypers: list[GroupHyper] = ctx["hypers"]
         with torch.no_grad():
-            dq = torch._foreach_sub(self.params, self._snap) if ctx["need_dq"] else None
             if ctx["logged"]:
-                self._log_step(optimizer, hypers, ctx, dq, loss)
-            self._advance_prediction(hypers, dq)
+                self._log_step(optimizer, hypers, ctx, loss)
+            self._advance_prediction(optimizer, hypers, ctx["rebuild"])
         self.step += 1
         self.time += hypers[0].lr if hypers else 0.0
         for g, h in enumerate(hypers):
@@ -316,13 +344,12 @@ class Monitor:
         optimizer: torch.optim.Optimizer,
         hypers: list[GroupHyper],
         ctx: dict[str, Any],
-        dq: list[torch.Tensor],
         loss: torch.Tensor | None,
     ) -> None:
         dev = self.device
         active = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [p.grad for p in self.params]
-        gdq = self._metric_times(optimizer, dq)
+        dq, gdq = self._updates(optimizer, ctx["rebuild"], active, with_metric=True)
         sym = sorted(self._sym_set.intersection(active))
         trans = sorted(self._trans_set.intersection(active))
 
@@ -333,8 +360,8 @@ class Monitor:
             [float(p.numel()) for p in self.params], dtype=torch.float64, device=dev
         )
         cols["GG"] = self._subset(sq_norms, active, grads)
-        cols["DD"] = sq_norms(dq, dev)
-        cols["GDD"] = dots(gdq, dq, dev)
+        cols["DD"] = self._subset(sq_norms, active, dq)
+        cols["GDD"] = self._subset(dots, active, gdq, dq)
         dq_q1 = self._subset(dots, sym, dq, self.params)
         cols["DQ"] = dq_q1 - self._restrict(cols["DD"], sym)
         g_q1 = self._subset(dots, sym, grads, self.params)
@@ -345,6 +372,16 @@ class Monitor:
         cols["DS"] = self._subset(sums, trans, dq)
         cols["GDS"] = self._subset(sums, trans, gdq)
         stats = torch.stack([cols[k] for k in STATS], dim=1)
+        if self._sharded:  # every statistic but NUMEL is a sum over entries: add the shards
+            numel = stats[:, S_["NUMEL"]].clone()
+            stats[:, S_["NUMEL"]] = 0.0
+            torch.distributed.all_reduce(stats)
+            stats[:, S_["NUMEL"]] = numel
+            cols = {k: stats[:, i] for k, i in S_.items()}
+            if loss is not None:
+                loss = loss.detach().to(dtype=torch.float64).clone()
+                torch.distributed.all_reduce(loss)
+                loss = loss / torch.distributed.get_world_size()
 
         kin_coef = kinetic_coefficients(hypers)
         l2_coef = l2_coefficients(hypers)
@@ -395,7 +432,9 @@ class Monitor:
             (host_row, device_row, group_host, group_device, charge_rows, loss is not None)
         )
 
-    def _advance_prediction(self, hypers: list[GroupHyper], dq: list[torch.Tensor] | None) -> None:
+    def _advance_prediction(
+        self, optimizer: torch.optim.Optimizer, hypers: list[GroupHyper], rebuild: list[bool]
+    ) -> None:
         pred = self._predictor
         if pred.value is None or not len(self._matrix):
             return
@@ -404,34 +443,65 @@ class Monitor:
         beta = [hypers[g].beta for g in lead]
         lam = [hypers[g].weight_decay for g in lead]
         grad_sq = update_sq = None
-        tensors = self._matrix.tensors
+        active = [i for i in self._matrix.tensors if self.params[i].grad is not None]
         if pred.needs_grad_sq:
             grads = [p.grad for p in self.params]
-            active = [i for i in tensors if grads[i] is not None]
             lr_sq = self._per_tensor([h.lr**2 for h in hypers])
-            grad_sq = self._matrix.signs @ (lr_sq * self._subset(sq_norms, active, grads))
+            grad_sq = self._matrix.signs @ (
+                lr_sq * self._reduced(self._subset(sq_norms, active, grads))
+            )
         if pred.needs_update_sq:
-            update_sq = self._matrix.signs @ self._subset(sq_norms, tensors, dq)
+            dq, _ = self._updates(optimizer, rebuild, active, with_metric=False)
+            update_sq = self._matrix.signs @ self._reduced(self._subset(sq_norms, active, dq))
         pred.advance(eta, beta, lam, grad_sq=grad_sq, update_sq=update_sq)
 
-    def _metric_times(
-        self, optimizer: torch.optim.Optimizer, dq: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """G dq per tensor, G read from the optimizer's state after the step."""
-        out: list[torch.Tensor | None] = [None] * len(self.params)
+    def _reduced(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of per-shard values over ranks when parameters are sharded (FSDP2)."""
+        if self._sharded:
+            torch.distributed.all_reduce(values)
+        return values
+
+    def _take_snapshot(self, rebuild: list[bool]) -> None:
+        """Copy q_n of the parameters whose update cannot be rebuilt from optimizer state."""
+        idx = [i for i, g in enumerate(self.group_of) if not rebuild[g]]
+        if self._snap is None:
+            self._snap = {i: torch.empty_like(self.params[i]) for i in idx}
+        for i in idx:
+            if i not in self._snap:
+                self._snap[i] = torch.empty_like(self.params[i])
+        torch._foreach_copy_([self._snap[i] for i in idx], [self.params[i] for i in idx])
+
+    def _updates(
+        self,
+        optimizer: torch.optim.Optimizer,
+        rebuild: list[bool],
+        idx: list[int],
+        with_metric: bool,
+    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """dq and G dq of the step just taken, at positions ``idx`` (None elsewhere): rebuilt from
+        the optimizer's state where the adapter can, else the difference from the snapshot."""
+        n = len(self.params)
+        dq: list[torch.Tensor | None] = [None] * n
+        gdq: list[torch.Tensor | None] = [None] * n
         for g, group in enumerate(optimizer.param_groups):
-            idx = [i for i in range(len(self.params)) if self.group_of[i] == g]
-            params = [self.params[i] for i in idx]
-            metric = self.adapter.metric(optimizer, group, params)
-            if metric is None:
-                prods = [dq[i] for i in idx]
-            elif isinstance(metric, float):
-                prods = torch._foreach_mul([dq[i] for i in idx], metric)
+            pos = [i for i in idx if self.group_of[i] == g]
+            if not pos:
+                continue
+            params = [self.params[i] for i in pos]
+            if rebuild[g]:
+                upd, metric = self.adapter.update(optimizer, group, params)
             else:
-                prods = torch._foreach_mul(metric, [dq[i] for i in idx])
-            for i, v in zip(idx, prods):
-                out[i] = v
-        return out  # type: ignore[return-value]
+                upd = torch._foreach_sub(params, [self._snap[i] for i in pos])
+                metric = self.adapter.metric(optimizer, group, params) if with_metric else None
+            if not with_metric or metric is None:
+                prods = upd
+            elif isinstance(metric, float):
+                prods = torch._foreach_mul(upd, metric)
+            else:
+                prods = torch._foreach_mul(metric, upd)
+            for i, u, v in zip(pos, upd, prods):
+                dq[i], gdq[i] = u, v
+        return dq, gdq
 
     def _tensor_hypers(self, hypers: list[GroupHyper]) -> tuple[torch.Tensor, ...]:
         return (

@@ -27,6 +27,7 @@ def watch(
     flush_seconds: float = 10.0,
     resume: bool = False,
     overwrite: bool = False,
+    snapshot: bool = False,
 ) -> Monitor:
     """Watch ``optimizer`` training ``model``; returns the :class:`Monitor` (a context manager).
 
@@ -47,6 +48,10 @@ def watch(
             whichever comes first (a crash loses at most the steps since the last flush).
         resume: continue the run already in ``run_dir`` (its step numbers and accumulators).
         overwrite: replace the run already in ``run_dir``.
+        snapshot: copy the parameters before each logged step and take dq as the difference
+            (1x parameter memory), instead of rebuilding dq from the optimizer's state (SGD,
+            RMSprop, Adam, AdamW, Adagrad; no memory held). Both agree to the rounding of
+            q_{n+1}; other optimizers always use snapshots.
     """
     if run_dir is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -85,4 +90,5 @@ def watch(
         flush_seconds=flush_seconds,
         resume=resume,
         overwrite=overwrite,
+        snapshot=snapshot,
     )

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from noether_dyn.optimizers.base import GroupHyper, Metric, OptimizerAdapter, scalar
+from noether_dyn.optimizers.base import (
+    GroupHyper,
+    Metric,
+    OptimizerAdapter,
+    Update,
+    grads_of,
+    scalar,
+)
+from noether_dyn.optimizers.rmsprop import _preconditioned_step
 
 
 class AdagradAdapter(OptimizerAdapter):
@@ -45,3 +53,16 @@ class AdagradAdapter(OptimizerAdapter):
                 continue
             out.append(state["sum"].sqrt().add_(eps))
         return out
+
+    def can_reconstruct(self, group: dict) -> bool:
+        return not group.get("lr_decay", 0.0)
+
+    def update(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> Update:
+        """q <- q - lr (g + lambda q_n) / G."""
+        lr = scalar(group["lr"])
+        wd = scalar(group.get("weight_decay", 0.0))
+        metric = self.metric(optimizer, group, params)
+        grads = grads_of(params, group.get("maximize", False))
+        return _preconditioned_step(lr, wd, grads, params, metric), metric

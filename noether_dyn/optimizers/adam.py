@@ -11,7 +11,15 @@ import math
 
 import torch
 
-from noether_dyn.optimizers.base import GroupHyper, Metric, OptimizerAdapter, scalar
+from noether_dyn.optimizers.base import (
+    GroupHyper,
+    Metric,
+    OptimizerAdapter,
+    Update,
+    scalar,
+    solve_decay,
+    step_count,
+)
 
 
 class AdamAdapter(OptimizerAdapter):
@@ -42,10 +50,31 @@ class AdamAdapter(OptimizerAdapter):
             if not state or key not in state:
                 out.append(torch.ones_like(p))
                 continue
-            step = state["step"]
-            if isinstance(step, torch.Tensor) and step.device.type != "cpu":
-                bc2_sqrt = torch.sqrt(1.0 - beta2**step)
-            else:
-                bc2_sqrt = math.sqrt(1.0 - beta2 ** float(step))
+            step = step_count(state)
+            bc2_sqrt = (
+                torch.sqrt(1.0 - beta2**step)
+                if isinstance(step, torch.Tensor)
+                else math.sqrt(1.0 - beta2**step)
+            )
             out.append(state[key].sqrt().div_(bc2_sqrt).add_(eps))
         return out
+
+    def can_reconstruct(self, group: dict) -> bool:
+        return True
+
+    def update(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> Update:
+        """q <- q (1 - lr lambda) [decoupled] - (lr / bc1) m / G, with G the metric."""
+        hyper = self.hyper(optimizer, group)
+        beta1 = scalar(group["betas"][0])
+        metric = self.metric(optimizer, group, params)
+        step = []
+        for p, denom in zip(params, metric):
+            state = optimizer.state[p]
+            k = step_count(state)
+            bc1 = 1.0 - beta1**k
+            step.append(torch.div(state["exp_avg"], denom).mul_(-hyper.lr / bc1))
+        if hyper.decoupled:
+            return solve_decay(hyper.lr, hyper.weight_decay, step, params), metric
+        return step, metric  # coupled L2 is inside m already

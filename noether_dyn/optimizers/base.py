@@ -18,6 +18,9 @@ import torch
 Metric = list[torch.Tensor] | float | None
 """Diagonal of G per parameter (same shapes), an isotropic factor c (G = c I), or None (G = I)."""
 
+Update = tuple[list[torch.Tensor], Metric]
+"""The update dq = q_{n+1} - q_n per parameter and the metric G of that step."""
+
 
 @dataclass(frozen=True)
 class GroupHyper:
@@ -80,3 +83,43 @@ class OptimizerAdapter:
     ) -> Metric:
         """Diagonal of the metric G that preconditioned the step just taken (read after it)."""
         return None
+
+    def can_reconstruct(self, group: dict) -> bool:
+        """Whether :meth:`update` can rebuild this group's step from the optimizer's state, so
+        that the monitor needs no snapshot of the parameters (no memory held per parameter)."""
+        return False
+
+    def update(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> Update:
+        """dq and G of the step just taken, for ``params`` (all with a gradient), rebuilt from the
+        parameters after the step, their gradients and the optimizer's state. Where the step
+        depends on q_n (coupled or decoupled decay), q_n = q_{n+1} - dq is solved for exactly.
+        The result equals the parameters' change up to the rounding of q_{n+1} itself."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rebuild an update from state.")
+
+
+def grads_of(params: list[torch.Tensor], maximize: bool) -> list[torch.Tensor]:
+    """The gradients the optimizer descended (negated when it maximizes)."""
+    grads = [p.grad for p in params]
+    return torch._foreach_neg(grads) if maximize else grads
+
+
+def solve_decay(
+    lr: float, weight_decay: float, step: list[torch.Tensor], params: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """dq from ``dq = step - lr lambda q_n`` with q_n = q_{n+1} - dq, i.e.
+    dq = (step - lr lambda q_{n+1}) / (1 - lr lambda); ``step`` holds the decay-free part."""
+    if not weight_decay:
+        return step
+    out = torch._foreach_add(step, params, alpha=-lr * weight_decay)
+    torch._foreach_div_(out, 1.0 - lr * weight_decay)
+    return out
+
+
+def step_count(state: dict) -> float | torch.Tensor:
+    """The optimizer's step counter as a host float (CPU) or a device tensor (capturable)."""
+    step = state["step"]
+    if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+        return step
+    return float(step)

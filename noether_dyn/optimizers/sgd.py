@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from noether_dyn.optimizers.base import GroupHyper, Metric, OptimizerAdapter, scalar
+from noether_dyn.optimizers.base import (
+    GroupHyper,
+    Metric,
+    OptimizerAdapter,
+    Update,
+    grads_of,
+    scalar,
+    solve_decay,
+)
 
 
 class SGDAdapter(OptimizerAdapter):
@@ -32,3 +40,25 @@ class SGDAdapter(OptimizerAdapter):
         if dampening and scalar(group.get("momentum", 0.0)):
             return 1.0 / (1.0 - dampening)
         return None
+
+    def can_reconstruct(self, group: dict) -> bool:
+        return True
+
+    def update(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> Update:
+        lr = scalar(group["lr"])
+        momentum = scalar(group.get("momentum", 0.0))
+        wd = scalar(group.get("weight_decay", 0.0))
+        metric = self.metric(optimizer, group, params)
+        if momentum and not group.get("nesterov", False):
+            bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
+            return torch._foreach_mul(bufs, -lr), metric  # q <- q - lr b
+        grads = grads_of(params, group.get("maximize", False))
+        if momentum:  # Nesterov: q <- q - lr (g + lambda q + momentum b)
+            bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
+            step = torch._foreach_add(grads, bufs, alpha=momentum)
+            torch._foreach_mul_(step, -lr)
+        else:
+            step = torch._foreach_mul(grads, -lr)
+        return solve_decay(lr, wd, step, params), metric

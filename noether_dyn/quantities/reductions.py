@@ -1,12 +1,24 @@
 """Per-tensor reductions, stacked into one float64 vector each: the hot path's only arithmetic.
 
 Every function takes a list of n tensors (one per parameter) and returns a float64 tensor of shape
-(n,) on ``device``, without a host-device sync.
+(n,) on ``device``, without a host-device sync. Sharded tensors (DTensor, as FSDP2 holds them)
+are reduced over their local shard: every reduction here is a sum over entries, so the global
+value is the sum of the local ones over ranks (one all-reduce, done by the caller).
 """
 
 from __future__ import annotations
 
 import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+
+def local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shard of each DTensor; other tensors unchanged."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -19,17 +31,19 @@ def sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """|x_i|^2 for each tensor (one fused ``_foreach_norm`` pass)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    return _stack(list(torch._foreach_norm(tensors)), device).square()
+    return _stack(list(torch._foreach_norm(local(tensors))), device).square()
 
 
 def dots(a: list[torch.Tensor], b: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """<a_i, b_i> for each pair of same-shaped tensors."""
-    return _stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)], device)
+    return _stack(
+        [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(local(a), local(b))], device
+    )
 
 
 def sums(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """sum(x_i) for each tensor."""
-    return _stack([t.sum() for t in tensors], device)
+    return _stack([t.sum() for t in local(tensors)], device)
 
 
 def weighted_sq(

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from noether_dyn.store.connection import open_existing, store_path
-from noether_dyn.store.schema import CHARGE_COLUMNS, GROUP_COLUMNS, STEP_COLUMNS
+from noether_dyn.store.schema import CHARGE_COLUMNS, DEPTH_COLUMNS, GROUP_COLUMNS, STEP_COLUMNS
 
 
 class Run:
@@ -28,10 +28,13 @@ class Run:
         charges: long format, one row per symmetry and logged step: ``step, symmetry, kind`` and
             the columns of ``noether_dyn.store.schema.CHARGE_COLUMNS``.
         events: ``step, kind, message``.
+        depth_profile: ``step, layer, sigma_max, sigma_min, defect, transmission, stability``
+            (empty unless ``Monitor.log_depth_profile`` was called).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = store_path(path)
+        self._charge_array: tuple[np.ndarray, np.ndarray] | None = None
         con = open_existing(path, readonly=True)
         try:
             self.meta: dict[str, Any] = {
@@ -58,9 +61,7 @@ class Run:
                 ],
                 columns=["symmetry", "kind", "params", "signs", "verified", "defect", "note"],
             )
-            self._blocks = con.execute(
-                "SELECT n_steps, steps, data FROM charge_blocks ORDER BY first_step"
-            ).fetchall()
+            self.depth_profile = _frame(con, "depth_profile", DEPTH_COLUMNS, "step, layer")
             self.events = pd.DataFrame(
                 con.execute("SELECT step, kind, message FROM events ORDER BY step").fetchall(),
                 columns=["step", "kind", "message"],
@@ -68,29 +69,54 @@ class Run:
         finally:
             con.close()
 
+    def charge_array(self) -> tuple[np.ndarray, np.ndarray]:
+        """The charge table as arrays: steps (n_steps,) int64 and data float64 of shape
+        (n_steps, n_symmetries, len(CHARGE_COLUMNS)), symmetries in ``self.symmetries`` order.
+        Read from the store on first use (``load_run`` itself reads no charge data)."""
+        if self._charge_array is None:
+            n_sym, n_col = len(self.symmetries), len(CHARGE_COLUMNS)
+            con = open_existing(self.path, readonly=True)
+            try:
+                blocks = con.execute(
+                    "SELECT n_steps, steps, data FROM charge_blocks ORDER BY first_step"
+                ).fetchall()
+            finally:
+                con.close()
+            if not blocks or n_sym == 0:
+                self._charge_array = (
+                    np.zeros(0, dtype=np.int64),
+                    np.zeros((0, n_sym, n_col)),
+                )
+            else:
+                steps = np.concatenate([np.frombuffer(s, dtype="<i8") for _, s, _ in blocks])
+                data = np.empty((len(steps), n_sym, n_col))
+                at = 0
+                for n, _, d in blocks:
+                    data[at : at + n] = np.frombuffer(d, dtype="<f8").reshape(n, n_sym, n_col)
+                    at += n
+                last = self.steps["step"].max() if len(self.steps) else -1
+                keep = steps <= last  # the same flush as the steps table, if the run writes on
+                self._charge_array = (steps[keep], data[keep])
+        return self._charge_array
+
     @cached_property
     def charges(self) -> pd.DataFrame:
-        names = self.symmetries["symmetry"].to_numpy()
-        kinds = self.symmetries["kind"].to_numpy()
-        n_sym, n_col = len(names), len(CHARGE_COLUMNS)
-        columns = ["step", "symmetry", "kind", *CHARGE_COLUMNS]
-        if not self._blocks or n_sym == 0:
-            return pd.DataFrame({c: pd.Series(dtype=float) for c in columns}).astype(
-                {"step": "int64", "symmetry": object, "kind": object}
-            )
-        steps = np.concatenate([np.frombuffer(s, dtype="<i8") for _, s, _ in self._blocks])
-        data = np.concatenate(
-            [np.frombuffer(d, dtype="<f8").reshape(n, n_sym, n_col) for n, _, d in self._blocks]
-        )
+        steps, data = self.charge_array()
+        names = list(self.symmetries["symmetry"])
+        kind_names = sorted(set(self.symmetries["kind"]))
+        kind_codes = np.array([kind_names.index(k) for k in self.symmetries["kind"]], dtype=np.int8)
+        n_sym, n_steps = len(names), len(steps)
         frame = {
             "step": np.repeat(steps, n_sym),
-            "symmetry": pd.Categorical.from_codes(np.tile(np.arange(n_sym), len(steps)), names),
-            "kind": pd.Categorical(np.tile(kinds, len(steps))),
+            "symmetry": pd.Categorical.from_codes(
+                np.tile(np.arange(n_sym, dtype=np.int32), n_steps), names
+            ),
+            "kind": pd.Categorical.from_codes(np.tile(kind_codes, n_steps), kind_names),
         }
-        flat = data.reshape(-1, n_col)
+        flat = data.reshape(-1, len(CHARGE_COLUMNS))
         for j, c in enumerate(CHARGE_COLUMNS):
             frame[c] = flat[:, j]
-        return pd.DataFrame(frame)
+        return pd.DataFrame(frame, copy=False)
 
     def charge(self, symmetry: str) -> pd.DataFrame:
         """The rows of one symmetry, indexed by step."""
@@ -113,7 +139,7 @@ def _frame(con, table: str, columns: tuple[str, ...], order: str) -> pd.DataFram
     rows = con.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}").fetchall()
     frame = pd.DataFrame(rows, columns=list(columns))
     for c in columns:
-        if c in ("step", "grp"):
+        if c in ("step", "grp", "layer"):
             frame[c] = frame[c].astype("int64")
         else:
             frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("float64")

@@ -26,6 +26,9 @@ defect, note)``
     turns these into the long table ``run.charges``.
 ``events(step, kind, message)``
     things a reader must know: non-finite values, resumes, fallbacks.
+``depth_profile(step, layer, sigma_max, sigma_min, defect, transmission, stability)``
+    optional: per-layer depth diagnostics (``noether_dyn.depth.profile``) recorded with
+    ``Monitor.log_depth_profile``; empty for most runs.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ CHARGE_COLUMNS = (
     "effective_lr",
     "angular_update",
 )
+DEPTH_COLUMNS = ("step", "layer", "sigma_max", "sigma_min", "defect", "transmission", "stability")
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -91,7 +95,14 @@ CREATE TABLE IF NOT EXISTS charge_blocks (
     data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (step INTEGER, kind TEXT NOT NULL, message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS depth_profile (
+    step INTEGER NOT NULL, layer INTEGER NOT NULL,
+    {", ".join(c + " REAL" for c in DEPTH_COLUMNS[2:])},
+    PRIMARY KEY (step, layer)
+);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 
-REQUIRED_TABLES = frozenset({"meta", "steps", "groups", "symmetries", "charge_blocks", "events"})
+REQUIRED_TABLES = frozenset(
+    {"meta", "steps", "groups", "symmetries", "charge_blocks", "events", "depth_profile"}
+)

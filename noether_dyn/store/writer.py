@@ -54,6 +54,7 @@ class RunWriter:
                 for suffix in ("", "-wal", "-shm"):
                     Path(str(self.path) + suffix).unlink(missing_ok=True)
             self.con = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+            self.con.execute("PRAGMA page_size = 65536")  # charge blocks are large blobs
             self.con.executescript(DDL)
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.execute("PRAGMA synchronous=NORMAL")
@@ -97,12 +98,23 @@ class RunWriter:
                 ],
             )
 
+    def write_depth_profile(self, step: int, rows: np.ndarray) -> None:
+        """Store a depth profile taken at ``step``: ``rows`` (n_layers, 6) in the order
+        layer, sigma_max, sigma_min, defect, transmission, stability."""
+        with self.con:
+            self.con.execute("DELETE FROM depth_profile WHERE step = ?", (step,))
+            self.con.executemany(
+                "INSERT INTO depth_profile VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(step, int(r[0]), *map(float, r[1:])) for r in rows.tolist()],
+            )
+
     def truncate(self, first_dropped: int) -> None:
         """Drop every step >= ``first_dropped`` (a resume from an earlier checkpoint)."""
         with self.con:
             self.con.execute("DELETE FROM steps WHERE step >= ?", (first_dropped,))
             self.con.execute("DELETE FROM groups WHERE step >= ?", (first_dropped,))
             self.con.execute("DELETE FROM events WHERE step >= ?", (first_dropped,))
+            self.con.execute("DELETE FROM depth_profile WHERE step >= ?", (first_dropped,))
             rows = self.con.execute(
                 "SELECT first_step, n_steps, steps, data FROM charge_blocks "
                 "WHERE first_step + n_steps > 0"

@@ -1,0 +1,227 @@
+"""Overhead of a noether-dyn Monitor on three workloads x three optimizers x every in {1, 10}.
+
+For each case, in one process: a monitored and an unmonitored copy of the same model and
+optimizer take steps in alternation (forward, backward, optimizer step), and the script prints
+- ``ratio``: median monitored step time / median unmonitored step time;
+- ``added/floor``: the monitor's added time per step against the floor, one
+  ``torch._foreach_norm`` pass over the parameters and one over the gradients (the least a
+  per-step monitor must read), timed in the same process;
+- ``added/step``: the added time as a fraction of the unmonitored step;
+- ``mem/params``: bytes the monitor holds beyond the run (snapshots, caches) over parameter bytes.
+Targets (issue "Performance"): added <= max(2 x floor, 2% of the step) at every=1; memory <= 1x
+parameter bytes, <= 0.1x for SGD, Adam, AdamW and RMSprop.
+
+Run: ``python benchmarks/overhead.py [--steps N] [--quick] [--only mlp|cnn|transformer]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import noether_dyn as nd
+from noether_dyn.symmetries.detect import find_symmetries
+
+
+def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Linear(784, 1024), nn.BatchNorm1d(1024), nn.ReLU(),
+        nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.ReLU(),
+        nn.Linear(1024, 10),
+    )  # fmt: skip
+    return model, torch.randn(128, 784), torch.randint(0, 10, (128,))
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.skip = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A ResNet-style CNN with BatchNorm, about 5M parameters."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    for c_in, c_out, stride in [
+        (64, 64, 1),
+        (64, 128, 2),
+        (128, 256, 2),
+        (256, 256, 1),
+        (256, 320, 2),
+    ]:
+        layers.append(Block(c_in, c_out, stride))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(320, 10)]
+    return nn.Sequential(*layers), torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+
+
+class PreLNBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab: int = 1000, d: int = 256, layers: int = 4, seq: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(seq, d))
+        self.blocks = nn.Sequential(*[PreLNBlock(d, 4) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.embed(tokens) + self.pos)
+        return self.head(self.ln(h)).flatten(0, 1)
+
+
+def transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, 1000, (16, 128))
+    return Transformer(), tokens, torch.randint(0, 1000, (16 * 128,))
+
+
+WORKLOADS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
+OPTIMIZERS = {
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, weight_decay=5e-4),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+}
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x, y, monitor=None) -> float:
+    t0 = time.perf_counter()
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if monitor is not None:
+        monitor.log_loss(loss)
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def _floor(model: nn.Module) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        torch._foreach_norm(params)
+        torch._foreach_norm(grads)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _monitor_bytes(monitor: nd.Monitor) -> int:
+    held = monitor.__dict__.get("_snap") or []
+    return sum(t.numel() * t.element_size() for t in held)
+
+
+def run_case(workload: str, opt_name: str, every: int, steps: int, tmp: Path) -> dict:
+    torch.manual_seed(0)
+    model_a, x, y = WORKLOADS[workload]()
+    torch.manual_seed(0)
+    model_b, _, _ = WORKLOADS[workload]()
+    opt_a = OPTIMIZERS[opt_name](model_a.parameters())
+    opt_b = OPTIMIZERS[opt_name](model_b.parameters())
+    symmetries = find_symmetries(model_a, x[:4])
+    monitor = nd.watch(
+        model_a,
+        opt_a,
+        tmp / f"{workload}-{opt_name}-{every}",
+        every=every,
+        symmetries=symmetries,
+        flush_every=50,
+    )
+    for _ in range(3):  # warm-up: allocator, optimizer state, snapshots
+        _step(model_a, opt_a, x, y, monitor)
+        _step(model_b, opt_b, x, y)
+    with_monitor, without = [], []
+    for k in range(steps):
+        if k % 2:
+            with_monitor.append(_step(model_a, opt_a, x, y, monitor))
+            without.append(_step(model_b, opt_b, x, y))
+        else:
+            without.append(_step(model_b, opt_b, x, y))
+            with_monitor.append(_step(model_a, opt_a, x, y, monitor))
+    floor = _floor(model_a)
+    param_bytes = sum(p.numel() * p.element_size() for p in model_a.parameters())
+    mem = _monitor_bytes(monitor) / param_bytes
+    monitor.close()
+    t_with, t_without = statistics.median(with_monitor), statistics.median(without)
+    added = t_with - t_without
+    target = max(2 * floor, 0.02 * t_without)
+    mem_target = 0.1 if opt_name in ("sgd-momentum", "adamw", "rmsprop") else 1.0
+    return {
+        "workload": workload,
+        "optimizer": opt_name,
+        "every": every,
+        "symmetries": len(symmetries),
+        "ratio": t_with / t_without,
+        "added/floor": added / floor,
+        "added/step": added / t_without,
+        "mem/params": mem,
+        "time ok": "yes" if every != 1 or added <= target else "NO",
+        "mem ok": "yes" if mem <= mem_target else "NO",
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per arm")
+    parser.add_argument("--quick", action="store_true", help="mlp only, 6 steps")
+    parser.add_argument("--only", choices=sorted(WORKLOADS), action="append")
+    args = parser.parse_args(argv)
+    workloads = args.only or (["mlp"] if args.quick else list(WORKLOADS))
+    steps = 6 if args.quick else args.steps
+    torch.set_num_threads(torch.get_num_threads())
+    rows = []
+    header = (
+        "| workload | optimizer | every | symmetries | ratio | added/floor | added/step "
+        "| mem/params | time ok | mem ok |"
+    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU", file=sys.stderr)
+    print(header)
+    print("|" + "---|" * 10)
+    with tempfile.TemporaryDirectory() as tmp:
+        for workload in workloads:
+            for opt_name in OPTIMIZERS:
+                for every in (1, 10):
+                    row = run_case(workload, opt_name, every, steps, Path(tmp))
+                    rows.append(row)
+                    print(
+                        f"| {row['workload']} | {row['optimizer']} | {row['every']} "
+                        f"| {row['symmetries']} | {row['ratio']:.3f} | {row['added/floor']:.2f} "
+                        f"| {row['added/step']:.2%} | {row['mem/params']:.2f} | {row['time ok']} "
+                        f"| {row['mem ok']} |",
+                        flush=True,
+                    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

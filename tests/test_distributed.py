@@ -1,0 +1,123 @@
+"""Distributed training on the CPU with gloo, 2 processes: DDP (replicated parameters: rank 0
+alone computes and writes) and FSDP2 (``fully_shard``: every rank reduces its shards, rank 0
+writes). Both must give the charges of a single-process run on the same global batch.
+
+float64; the processes see the same arithmetic as the single run except the order of the
+gradient all-reduce and of the sums over shards, so the runs agree to rounding: relative 1e-10.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import noether_dyn as nd
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"
+)
+
+STEPS = 6
+SYMS = [
+    nd.Symmetry("scale:0", "scale", ("0.weight", "0.bias")),  # Linear -> LayerNorm
+    nd.Symmetry("rescale:1", "rescale", ("1.weight", "1.bias", "3.weight"), (1, 1, -1)),
+    nd.Symmetry("translation:3", "translation", ("3.weight", "3.bias")),
+]
+
+
+def make_model() -> nn.Module:
+    """LayerNorm normalizes each sample, so data parallelism changes nothing in the forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    return model.double()
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(
+        0, 4, (32,), generator=g
+    )
+
+
+def make_opt(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def train(model, opt, mon, x, y):
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        mon.log_loss(loss)
+        opt.step()
+
+
+def _worker(rank: int, world: int, port: int, run_dir: str, mode: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = make_model()
+        if mode == "ddp":
+            net = nn.parallel.DistributedDataParallel(model)
+            opt = make_opt(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer)
+            fully_shard(model)
+            net, opt = model, make_opt(model)
+        x, y = global_batch()
+        half = slice(rank * 16, (rank + 1) * 16)
+        with nd.watch(model, opt, run_dir, symmetries=SYMS) as mon:
+            if mode == "fsdp":
+                assert mon._sharded
+            assert (mon._writer is None) == (rank != 0)  # only rank 0 writes the store
+            train(net, opt, mon, x[half], y[half])
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("single") / "run"
+    model = make_model()
+    opt = make_opt(model)
+    x, y = global_batch()
+    with nd.watch(model, opt, path, symmetries=SYMS) as mon:
+        train(model, opt, mon, x, y)
+    return nd.load_run(path)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_distributed_charges_equal_single_process(mode, tmp_path, single_run):
+    if mode == "fsdp":
+        pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
+    run_dir = tmp_path / "run"
+    mp.spawn(_worker, args=(2, _free_port(), str(run_dir), mode), nprocs=2, join=True)
+    run = nd.load_run(run_dir)
+    assert run.steps["step"].tolist() == list(range(STEPS))
+    cols = ["charge", "predicted", "decay", "ksb", "defect", "nld_charge", "grad_sq"]
+    a = run.charges.sort_values(["step", "symmetry"])[cols].to_numpy()
+    b = single_run.charges.sort_values(["step", "symmetry"])[cols].to_numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(run.steps["kinetic"], single_run.steps["kinetic"], rtol=1e-10)
+    if mode == "fsdp":  # the mean of the two local losses is the global-batch loss
+        np.testing.assert_allclose(run.steps["loss"], single_run.steps["loss"], rtol=1e-12)
