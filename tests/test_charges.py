@@ -2,8 +2,8 @@
 
 The model is Linear -> BatchNorm(eps=1e-30, below the rounding of the variance) -> ReLU -> Linear,
 in float64, where the three symmetries are exact: scale of (0.weight, 0.bias) (BatchNorm in train
-mode, eps negligible), rescale of the BN affine (1.weight, 1.bias) against the head's weight (3.weight) through ReLU,
-and translation of the head (3.weight, 3.bias) under softmax cross-entropy.
+mode, eps negligible), rescale of the BN affine (1.weight, 1.bias) against the head's weight
+(3.weight) through ReLU, and translation of the head (3.weight, 3.bias) under softmax cross-entropy.
 
 Tolerances. float64: every identity below is algebraic; the only error is rounding in sums of a
 few hundred terms (relative ~1e-15), so 1e-10 relative leaves five orders of margin. float32:
