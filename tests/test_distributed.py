@@ -8,9 +8,6 @@ gradient all-reduce and of the sums over shards, so the runs agree to rounding: 
 
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -61,9 +58,8 @@ def train(model, opt, mon, x, y):
         opt.step()
 
 
-def _worker(rank: int, world: int, port: int, run_dir: str, mode: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, rendezvous: str, run_dir: str, mode: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         model = make_model()
@@ -89,12 +85,6 @@ def _worker(rank: int, world: int, port: int, run_dir: str, mode: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("single") / "run"
@@ -111,7 +101,8 @@ def test_distributed_charges_equal_single_process(mode, tmp_path, single_run):
     if mode == "fsdp":
         pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
     run_dir = tmp_path / "run"
-    mp.spawn(_worker, args=(2, _free_port(), str(run_dir), mode), nprocs=2, join=True)
+    rendezvous = str(tmp_path / "rendezvous")  # a file, not a port: no clash with other jobs
+    mp.spawn(_worker, args=(2, rendezvous, str(run_dir), mode), nprocs=2, join=True)
     run = nd.load_run(run_dir)
     assert run.steps["step"].tolist() == list(range(STEPS))
     cols = ["charge", "predicted", "decay", "ksb", "defect", "nld_charge", "grad_sq"]
