@@ -258,3 +258,28 @@ def test_float32_run_has_finite_lagrangian(run_dir):
     assert np.isfinite(steps[["loss", "kinetic", "potential"]].to_numpy()).all()
     assert steps["l2"].eq(0).all()  # AdamW's decay is a friction, not part of V
     assert math.isclose(steps["potential"].iloc[0], steps["loss"].iloc[0])
+
+
+def test_depth_profile_is_stored_with_the_run(run_dir):
+    from noether_dyn.depth import SymplecticNet, profile
+
+    torch.manual_seed(0)
+    net = SymplecticNet(dim=4, depth=6, order=2).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    with nd.watch(net, opt, run_dir) as mon:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = net(x).pow(2).mean()
+            loss.backward()
+            mon.log_loss(loss)
+            opt.step()
+        prof = profile(net, x)
+        mon.log_depth_profile(prof)
+        with pytest.raises(ValueError, match="lacks columns"):
+            mon.log_depth_profile(prof.drop(columns=["sigma_min"]))
+    stored = nd.load_run(run_dir).depth_profile
+    assert stored["step"].unique().tolist() == [3]
+    assert len(stored) == len(prof)
+    np.testing.assert_allclose(stored["sigma_max"], prof["sigma_max"], rtol=1e-15)
+    assert (stored["sigma_max"] >= 1 - 1e-12).all()  # the symplectic certificate, read back
