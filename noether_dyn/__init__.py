@@ -6,6 +6,7 @@ charges are tracked). See the README for the run-store schema.
 """
 
 from noether_dyn.capture import Monitor, watch
+from noether_dyn.capture.monitor import MonitorFailure
 from noether_dyn.store import Run, StoreError, load_run
 from noether_dyn.symmetries import Symmetry, find_symmetries, verify
 
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Monitor",
+    "MonitorFailure",
     "Run",
     "StoreError",
     "Symmetry",

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import noether_dyn as nd
+from noether_dyn.capture.monitor import MonitorFailure
 from noether_dyn.store import StoreError
 from tests.conftest import batch, bn_mlp, train
 
@@ -283,3 +284,20 @@ def test_depth_profile_is_stored_with_the_run(run_dir):
     assert len(stored) == len(prof)
     np.testing.assert_allclose(stored["sigma_max"], prof["sigma_max"], rtol=1e-15)
     assert (stored["sigma_max"] >= 1 - 1e-12).all()  # the symplectic certificate, read back
+
+
+def test_a_monitor_failure_never_stops_training(run_dir):
+    model = bn_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = nd.watch(model, opt, run_dir)
+    train(model, opt, mon, steps=3)
+    mon.flush()
+    model[0].bias.grad = None
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})  # unsupported change
+    with pytest.warns(MonitorFailure, match="monitoring stopped at step 3.*param_group"):
+        train(model, opt, mon, steps=2)  # the steps run
+    train(model, opt, mon, steps=1)  # and the monitor stays out of the way
+    mon.close()
+    run = nd.load_run(run_dir)
+    assert run.steps["step"].tolist() == [0, 1, 2]
+    assert run.events["kind"].tolist() == ["monitor_error"]

@@ -38,6 +38,10 @@ _ATTR = "_noether_dyn_monitor"
 STATE_VERSION = 1
 
 
+class MonitorFailure(RuntimeWarning):
+    """The monitor hit an error inside a step and stopped; training went on."""
+
+
 class Monitor:
     """Watches one optimizer of one model; create it with :func:`noether_dyn.watch`.
 
@@ -285,12 +289,47 @@ class Monitor:
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict):
         if not self._active:
             return None
+        try:
+            return self._pre_step(optimizer, args, kwargs)
+        except Exception as exc:  # never let the monitor stop the training
+            self._fail("pre-step", exc)
+            return None
+
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if not self._active:
+            return
+        try:
+            self._post_step(optimizer, args, kwargs)
+        except Exception as exc:
+            self._fail("post-step", exc)
+
+    def _fail(self, where: str, exc: Exception) -> None:
+        """Stop monitoring (training goes on), keep every flushed step, record why."""
+        self._active = False
+        self._depth = 0
+        self._step_ctx = None
+        message = f"monitoring stopped at step {self.step} ({where}): {type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"noether-dyn: {message}. Training goes on; the run keeps the steps before it.",
+            MonitorFailure,
+            stacklevel=3,
+        )
+        try:
+            self._rows = []
+            if self._writer is not None:
+                self._writer.con.execute(
+                    "INSERT INTO events VALUES (?, ?, ?)", (self.step, "monitor_error", message)
+                )
+                self._writer.con.commit()
+        except Exception:  # the store itself may be what failed
+            pass
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict):
         self._depth += 1
         if self._depth > 1:  # a subclass's step calling super().step(): count once
             return None
         n_params = sum(len(g["params"]) for g in optimizer.param_groups)
         if n_params != len(self.params) or len(optimizer.param_groups) != self._n_groups:
-            self._depth -= 1
             raise RuntimeError(
                 "noether-dyn: the optimizer's parameters changed after watch() (add_param_group?). "
                 "Call watch() after the optimizer has all its param groups."
@@ -314,9 +353,7 @@ class Monitor:
         self._closure_loss = None
         return _wrap_closure(self, args, kwargs)
 
-    def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if not self._active:
-            return
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self._depth -= 1
         if self._depth > 0 or self._step_ctx is None:
             return

@@ -44,19 +44,20 @@ class AdamAdapter(OptimizerAdapter):
         beta2 = scalar(group["betas"][1])
         eps = float(group["eps"])
         key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-        out = []
-        for p in params:
-            state = optimizer.state.get(p)
-            if not state or key not in state:
-                out.append(torch.ones_like(p))
-                continue
-            step = step_count(state)
-            bc2_sqrt = (
-                torch.sqrt(1.0 - beta2**step)
-                if isinstance(step, torch.Tensor)
-                else math.sqrt(1.0 - beta2**step)
-            )
-            out.append(state[key].sqrt().div_(bc2_sqrt).add_(eps))
+        states = [optimizer.state.get(p) for p in params]
+        if not all(st and key in st for st in states):  # before the first step of some param
+            return [
+                _denominator(st[key], step_count(st), beta2, eps)
+                if st and key in st
+                else torch.ones_like(p)
+                for p, st in zip(params, states)
+            ]
+        steps = [step_count(st) for st in states]
+        if any(isinstance(k, torch.Tensor) for k in steps):  # capturable: counts on the device
+            return [_denominator(st[key], k, beta2, eps) for st, k in zip(states, steps)]
+        out = torch._foreach_sqrt([st[key] for st in states])
+        torch._foreach_div_(out, [math.sqrt(1.0 - beta2**k) for k in steps])
+        torch._foreach_add_(out, eps)
         return out
 
     def can_reconstruct(self, group: dict) -> bool:
@@ -69,12 +70,26 @@ class AdamAdapter(OptimizerAdapter):
         hyper = self.hyper(optimizer, group)
         beta1 = scalar(group["betas"][0])
         metric = self.metric(optimizer, group, params)
-        step = []
-        for p, denom in zip(params, metric):
-            state = optimizer.state[p]
-            k = step_count(state)
-            bc1 = 1.0 - beta1**k
-            step.append(torch.div(state["exp_avg"], denom).mul_(-hyper.lr / bc1))
+        states = [optimizer.state[p] for p in params]
+        step = torch._foreach_div([st["exp_avg"] for st in states], metric)
+        scales = [-hyper.lr / (1.0 - beta1 ** step_count(st)) for st in states]
+        if any(isinstance(c, torch.Tensor) for c in scales):
+            for t, c in zip(step, scales):
+                t.mul_(c)
+        else:
+            torch._foreach_mul_(step, scales)
         if hyper.decoupled:
             return solve_decay(hyper.lr, hyper.weight_decay, step, params), metric
         return step, metric  # coupled L2 is inside m already
+
+
+def _denominator(
+    v: torch.Tensor, step: float | torch.Tensor, beta2: float, eps: float
+) -> torch.Tensor:
+    """sqrt(v / (1 - beta2^step)) + eps, the step count a host float or a device tensor."""
+    bc2_sqrt = (
+        torch.sqrt(1.0 - beta2**step)
+        if isinstance(step, torch.Tensor)
+        else math.sqrt(1.0 - beta2**step)
+    )
+    return v.sqrt().div_(bc2_sqrt).add_(eps)
