@@ -213,3 +213,49 @@ def test_symmetry_record_validates():
     q = {"w": torch.ones(2), "v": torch.full((3,), 2.0)}
     assert torch.equal(s.generator(q)["v"], torch.full((3,), -2.0))
     assert float(s.charge(q)) == pytest.approx(2 - 12)
+
+
+def test_watch_detects_and_verifies_from_a_batch(run_dir):
+    model = exact_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch(n=64)
+    mon = nd.watch(model, opt, run_dir, inputs=x, targets=y, loss_fn=nn.CrossEntropyLoss())
+    assert {s.name for s in mon.symmetries} == {"scale:0", "rescale:1", "translation:3"}
+    assert all(s.verified for s in mon.symmetries)
+    mon.close()
+    table = nd.load_run(run_dir).symmetries
+    assert table["verified"].tolist() == [True, True, True]
+    assert (table["defect"] < 1e-8).all()
+
+
+def test_model_without_symmetry_gives_a_run_that_says_so(run_dir):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 6, dtype=torch.float64)
+    t = torch.randn(16, 1, dtype=torch.float64)
+    with nd.watch(model, opt, run_dir, inputs=x, targets=t, loss_fn=nn.MSELoss()) as mon:
+        assert mon.symmetries == []
+        loss = nn.functional.mse_loss(model(x), t)
+        loss.backward()
+        opt.step()
+    run = nd.load_run(run_dir)
+    assert run.symmetries.empty and run.charges.empty
+    assert "no symmetry" in run.meta["symmetry_note"]
+    assert len(run.steps) == 1
+
+
+def test_declared_symmetry_failing_verification_is_kept_with_its_defect(run_dir):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    fake = nd.Symmetry("rescale:tanh", "rescale", ("0.weight", "0.bias", "2.weight"), (1, 1, -1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch(n=64)
+    mon = nd.watch(
+        model, opt, run_dir, symmetries=[fake], inputs=x, targets=y, loss_fn=nn.CrossEntropyLoss()
+    )
+    mon.close()
+    row = nd.load_run(run_dir).symmetries.iloc[0]
+    assert row["symmetry"] == "rescale:tanh"
+    assert row["verified"] in (False,)  # checked and failed, not None (unchecked)
+    assert row["defect"] > 1e-3
