@@ -81,6 +81,7 @@ def _worker(rank: int, world: int, rendezvous: str, run_dir: str, mode: str) -> 
                 assert mon._sharded
             assert (mon._writer is None) == (rank != 0)  # only rank 0 writes the store
             train(net, opt, mon, x[half], y[half])
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 

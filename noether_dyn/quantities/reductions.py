@@ -28,10 +28,12 @@ def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 
 def sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """|x_i|^2 for each tensor (one fused ``_foreach_norm`` pass)."""
+    """|x_i|^2 for each tensor (one fused ``_foreach_norm`` pass, accumulated in float64)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    return _stack(list(torch._foreach_norm(local(tensors))), device).square()
+    return _stack(
+        list(torch._foreach_norm(local(tensors), 2, dtype=torch.float64)), device
+    ).square()
 
 
 def dots(a: list[torch.Tensor], b: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -43,7 +45,7 @@ def dots(a: list[torch.Tensor], b: list[torch.Tensor], device: torch.device) -> 
 
 def sums(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """sum(x_i) for each tensor."""
-    return _stack([t.sum() for t in local(tensors)], device)
+    return _stack([t.sum(dtype=torch.float64) for t in local(tensors)], device)
 
 
 def weighted_sq(

@@ -1,0 +1,40 @@
+"""Diagnostic reports, charge plots and run comparisons, drawn from a saved run alone.
+
+Public: :func:`report` (one run, HTML or Markdown), :func:`plot_charges` (a matplotlib Figure)
+and :func:`compare` (two runs, e.g. a normalized network under SGD against its un-normalized
+twin under RMSprop: THEORY §4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from noether_dyn.report.compare import compare
+from noether_dyn.report.data import MissingData, RunLike, as_run
+from noether_dyn.report.figures import plot_charges
+from noether_dyn.report.findings import findings
+from noether_dyn.report.render import check_writable, output_format, write_document
+from noether_dyn.report.sections import run_document
+
+
+def report(run: RunLike, path: str | Path, format: str | None = None) -> Path:
+    """Write the diagnostic report of ``run`` to ``path``.
+
+    Args:
+        run: a :class:`~noether_dyn.store.Run` or the path of a run directory.
+        path: the output file. HTML (default) is one self-contained file, figures embedded as
+            base64 PNG; Markdown (``.md`` or ``format="md"``) puts the figures in
+            ``<stem>_files/`` beside it.
+        format: ``"html"`` or ``"md"`` to override the suffix.
+
+    Returns:
+        The written path. Raises ``StoreError`` for a missing or bad run and ``OSError`` for an
+        output path that cannot be written (checked before rendering).
+    """
+    fmt = output_format(path, format)
+    run = as_run(run)
+    check_writable(path)
+    return write_document(run_document(run), path, fmt)
+
+
+__all__ = ["MissingData", "compare", "findings", "plot_charges", "report"]

@@ -1,0 +1,289 @@
+"""Comparing two runs, built for normalization (SGD + momentum + weight decay on a normalized
+network) against a real adaptive optimizer (RMSprop or Adam on its un-normalized twin): THEORY §4,
+Tanaka & Kunin 2021 NLD §4.
+
+Per layer, the normalized run gives eta_eff = eta/((1-beta) r^2), the implied RMSprop state
+(r^2 in the part of sqrt(v), decay rho_eff) and the angular update against its theory; the
+adaptive run's real per-layer rate eta/(sqrt(v)+eps) would need the optimizer's state v, which
+the store does not hold (see :data:`STORE_GAP`). What the store does give for that run is shown
+instead: ``effective_lr`` for any layer with a scale symmetry, and the run-wide realized rate
+|dq|/|g| from the steps table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from noether_dyn.report import figures
+from noether_dyn.report.data import (
+    MissingData,
+    RunLike,
+    as_run,
+    charge_cube,
+    layer_of,
+    tail_mask,
+)
+from noether_dyn.report.document import Document, Note, Paragraph, Section, Table, plot_or_note
+from noether_dyn.report.findings import findings
+from noether_dyn.report.normalization import scale_table
+from noether_dyn.report.render import check_writable, output_format, write_document
+from noether_dyn.store import Run
+
+STORE_GAP = (
+    "What the store holds per layer: |q_A|^2 (charge), |g_A|^2 with the generator's signs "
+    "(grad_sq), the decay/rule/KSB terms and, for scale groups only, effective_lr = "
+    "eta/((1-beta)|q_A|^2). What it does not hold: the optimizer's second-moment state v "
+    "(RMSprop square_avg, Adam exp_avg_sq) and unsigned per-layer update norms |dq_A|, so the "
+    "real per-layer rate eta/(sqrt(v)+eps) of an RMSprop or Adam run cannot be computed from it. "
+    "Shown instead: effective_lr where that run has a scale symmetry, and the run-wide realized "
+    "rate |dq|/|g| (update_norm/grad_norm of the steps table), which for RMSprop without "
+    "momentum or weight decay equals the gradient-weighted RMS of eta/(sqrt(v_i)+eps) over all "
+    "coordinates (with momentum or weight decay it also carries the buffer and decay terms)."
+)
+STORE_ADDITION = (
+    "Store addition that would close the gap: a per-tensor block table like charge_blocks, "
+    "param_blocks(first_step, n_steps, steps, data) with data float64 (n_steps, n_tensors, 5): "
+    "|q|^2, |g|^2, |dq|^2, and the adapter's diagonal metric summarized as mean_i eta/G_ii and "
+    "the gradient-weighted RMS of eta/G_ii (G_ii = sqrt(v_i)+eps for RMSprop/Adam), computed in "
+    "the monitor's existing stacked reductions; per-layer eta/(sqrt(v)+eps) then follows exactly."
+)
+
+
+def _label(run: Run, other: Run, tag: str) -> str:
+    name = run.path.parent.name
+    return f"{tag}: {name}" if name == other.path.parent.name else name
+
+
+def _opt(run: Run) -> dict:
+    return run.meta.get("optimizer") or {}
+
+
+def accumulator_decay(run: Run) -> float:
+    """Per-step decay of the adaptive run's real second-moment accumulator: RMSprop ``alpha``,
+    Adam/AdamW ``betas[1]``, Adagrad 1 (a sum); NaN for other optimizers."""
+    opt = _opt(run)
+    groups = opt.get("param_groups") or [{}]
+    g = groups[0]
+    cls = opt.get("class")
+    if cls == "RMSprop":
+        return float(g.get("alpha", np.nan))
+    if cls in ("Adam", "AdamW") and g.get("betas"):
+        return float(g["betas"][1])
+    if cls == "Adagrad":
+        return 1.0
+    return np.nan
+
+
+def realized_rate(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and the run-wide realized rate |dq|/|g| (update_norm / grad_norm)."""
+    s = run.steps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = s["update_norm"].to_numpy() / s["grad_norm"].to_numpy()
+    return s["step"].to_numpy(), np.where(np.isfinite(rate), rate, np.nan)
+
+
+def _tail_mean(values: np.ndarray) -> float:
+    tail = values[tail_mask(len(values))]
+    return float(np.nanmean(tail)) if np.isfinite(tail).any() else np.nan
+
+
+def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
+    """Per normalized layer of ``normalized``, the implied adaptive state beside what the store
+    gives for the same layer (same parameter names) of ``adaptive``."""
+    table = scale_table(normalized)
+    rho_b = accumulator_decay(adaptive)
+    cls_b = _opt(adaptive).get("class", "?")
+    b_scale = {
+        tuple(s["params"]): s["symmetry"]
+        for _, s in adaptive.symmetries.iterrows()
+        if s["kind"] == "scale"
+    }
+    b_params = {p.get("name") for p in adaptive.meta.get("parameters", []) or []}
+    cube_b = charge_cube(adaptive)
+    _, rate_b = realized_rate(adaptive)
+    params_a = dict(zip(normalized.symmetries["symmetry"], normalized.symmetries["params"]))
+    rows = []
+    for _, r in table.iterrows():
+        params = tuple(params_a[r["symmetry"]])
+        if params in b_scale:
+            eff_b = _tail_mean(cube_b["effective_lr"][:, cube_b.index(b_scale[params])])
+            status = f"scale symmetry {b_scale[params]}: eta_eff shown"
+        elif set(params) <= b_params:
+            eff_b = np.nan
+            status = "same parameters, no scale symmetry; v not in store"
+        else:
+            eff_b = np.nan
+            status = "no parameters of this name"
+        rows.append(
+            {
+                "layer": layer_of(params),
+                "A eta_eff first": r["eff_lr_first"],
+                "A eta_eff last": r["eff_lr_last"],
+                "A r^2 last (sqrt(v) scale)": r["r2_last"],
+                "A rho_eff": r["rho_eff"],
+                "A 1/(1-rho_eff)": r["accumulator_steps"],
+                "A angular / theory": r["angular_ratio"],
+                f"B {cls_b} rho": rho_b,
+                "B 1/(1-rho)": 1 / (1 - rho_b) if rho_b < 1 else (np.inf if rho_b == 1 else np.nan),
+                "B eta_eff (scale layer)": eff_b,
+                "B |dq|/|g| run-wide": _tail_mean(rate_b),
+                "B per-layer state": status,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _summary(a: Run, b: Run, la: str, lb: str) -> Table:
+    def facts(run: Run) -> dict:
+        opt = _opt(run)
+        g = (opt.get("param_groups") or [{}])[0]
+        s = run.steps
+        loss = s["loss"].to_numpy()
+        finite = loss[np.isfinite(loss)]
+        k = max(1, len(finite) // 10)
+        hyper = ", ".join(
+            f"{k_}={g[k_]}"
+            for k_ in ("lr", "momentum", "alpha", "betas", "weight_decay", "eps")
+            if k_ in g
+        )
+        return {
+            "model": (run.meta.get("model") or {}).get("class", "?"),
+            "parameters": (run.meta.get("model") or {}).get("n_parameters", "?"),
+            "optimizer": opt.get("class", "?"),
+            "hyperparameters (group 0)": hyper,
+            "param groups": len(opt.get("param_groups") or []),
+            "logged steps": len(s),
+            "wall time (s)": float(s["wall_time"].max()) if len(s) else np.nan,
+            "final loss (mean of last 10%)": float(np.mean(finite[-k:])) if len(finite) else np.nan,
+            "symmetries": len(run.symmetries),
+            "scale (normalized) layers": int((run.symmetries["kind"] == "scale").sum()),
+        }
+
+    fa, fb = facts(a), facts(b)
+    return Table(pd.DataFrame({"item": list(fa), la: list(fa.values()), lb: list(fb.values())}))
+
+
+def _rates_series(run: Run) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    cube = charge_cube(run)
+    series = []
+    for j, (name, kind) in enumerate(zip(cube.names, cube.kinds)):
+        if kind == "scale" and len(series) < 8:
+            series.append((f"eta_eff {name}", cube.steps, cube["effective_lr"][:, j]))
+    steps, rate = realized_rate(run)
+    if np.isfinite(rate).any():
+        series.append(("|dq|/|g| run-wide", steps, rate))
+    return series
+
+
+def compare_document(run_a: Run, run_b: Run) -> Document:
+    """The comparison of two runs as a :class:`Document`."""
+    la, lb = _label(run_a, run_b, "A"), _label(run_b, run_a, "B")
+    sections = [
+        Section(
+            "runs",
+            "Runs",
+            [
+                Paragraph(f"A = {la} ({run_a.path}), B = {lb} ({run_b.path})."),
+                _summary(run_a, run_b, la, lb),
+            ],
+        )
+    ]
+    fa, fb = findings(run_a), findings(run_b)
+    frame = pd.concat([fa.assign(run=la), fb.assign(run=lb)], ignore_index=True)
+    frame = frame[["run", "layer", "symmetry", "finding", "warning"]]
+    frame = frame.iloc[np.argsort(frame["warning"].eq("").to_numpy(), kind="stable")]
+    sections.append(Section("findings", "Findings", [Table(frame.reset_index(drop=True))]))
+    sections.append(
+        Section(
+            "loss",
+            "Loss",
+            [
+                plot_or_note(
+                    "loss",
+                    "Logged loss of both runs.",
+                    lambda: figures.loss_figure([(la, run_a), (lb, run_b)]),
+                )
+            ],
+        )
+    )
+
+    has_a = (run_a.symmetries["kind"] == "scale").any()
+    has_b = (run_b.symmetries["kind"] == "scale").any()
+    norm, adapt, ln, ladapt = (
+        (run_a, run_b, la, lb) if has_a or not has_b else (run_b, run_a, lb, la)
+    )
+    blocks: list = [
+        Paragraph(
+            "THEORY §4 (Tanaka & Kunin 2021 NLD §4): a normalized layer trained with SGD(M) and L2 "
+            "weight decay behaves like an adaptive optimizer with one accumulator per layer: its "
+            "direction moves at eta_eff = eta/((1-beta) r^2), r^2 plays sqrt(v) and r^4 is an "
+            "exponential average with decay rho_eff = 1 - 4 eta lambda/(1-beta). Below, "
+            f"A = {ln} (the normalized run) beside B = {ladapt}, layers matched by parameter name. "
+            "The rates are not in the same units: eta_eff is the rate of the unit direction, "
+            "eta/(sqrt(v)+eps) the rate of raw coordinates; compare their time courses and "
+            "accumulator decays."
+        )
+    ]
+    if not (has_a or has_b):
+        blocks.append(
+            Note(
+                "Neither run tracks a scale symmetry (normalized layer): no implied "
+                "adaptive state to compare."
+            )
+        )
+    else:
+        blocks.append(Table(layer_table(norm, adapt)))
+        blocks.append(
+            plot_or_note(
+                "rates",
+                "Effective rates over time: per normalized layer eta_eff (solid) and the "
+                "run-wide realized rate |dq|/|g|.",
+                lambda: figures.rates_figure(_rates_series(norm), _rates_series(adapt), ln, ladapt),
+            )
+        )
+    blocks += [Note(STORE_GAP), Note(STORE_ADDITION)]
+    sections.append(Section("normalization", "Normalization vs adaptive optimization", blocks))
+
+    for tag, run, label in (("a", run_a, la), ("b", run_b, lb)):
+        regime = _opt(run).get("prediction", "")
+        try:
+            names, choice = figures.select_symmetries(run, limit=4)
+            block_list = [
+                plot_or_note(
+                    f"charges-{tag}",
+                    f"Charges of {label}: measured (solid), predicted (dashed), residual.",
+                    lambda r=run, n=names, g=regime: figures.charges_figure(r, n, g),
+                )
+            ]
+            if choice:
+                block_list.insert(0, Note(choice.capitalize() + "."))
+        except MissingData as exc:
+            block_list = [Note(f"No charge figure: {exc}.")]
+        sections.append(Section(f"charges-{tag}", f"Charges of {label}", block_list))
+    return Document(
+        title=f"noether-dyn comparison: {la} vs {lb}",
+        subtitle=f"{_opt(run_a).get('class', '?')} vs {_opt(run_b).get('class', '?')}",
+        sections=sections,
+    )
+
+
+def compare(run_a: RunLike, run_b: RunLike, path: str | Path, format: str | None = None) -> Path:
+    """Write the comparison report of two runs (normalization vs RMSprop/Adam: THEORY §4).
+
+    Args:
+        run_a, run_b: runs or their paths; the one with scale symmetries is read as the
+            normalized run.
+        path: output file; ``.md`` gives Markdown (figures in ``<stem>_files/``), else HTML.
+        format: ``"html"`` or ``"md"`` to override the suffix.
+
+    Returns:
+        The written path. Raises ``StoreError`` for a bad run and ``OSError`` for an unwritable
+        path (checked before rendering).
+    """
+    fmt = output_format(path, format)
+    a, b = as_run(run_a), as_run(run_b)
+    check_writable(path)
+    return write_document(compare_document(a, b), path, fmt)
