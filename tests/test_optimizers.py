@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -216,3 +217,41 @@ def test_update_rebuilt_from_state_equals_snapshot(case, tmp_path):
         if col == "angular_update":
             mask = ~pd.isna(x)
         assert x[mask] == pytest.approx(y[mask], rel=1e-9), col
+
+
+def test_per_tensor_statistics_and_adaptive_rates(run_dir):
+    """run.tensors: |q|^2 before the step, and lr * inv_metric = the mean per-coordinate rate
+    eta / (sqrt(v) + eps) of RMSprop after the step, per parameter tensor."""
+    model = bn_mlp()
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    x, y = batch()
+    with nd.watch(model, opt, run_dir) as mon:
+        for _ in range(3):
+            before = {n: float((p.detach() ** 2).sum()) for n, p in model.named_parameters()}
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            mon.log_loss(loss)
+            opt.step()
+    tensors = nd.load_run(run_dir).tensors
+    last = tensors[tensors["step"] == 2].set_index("param")
+    assert len(tensors) == 3 * len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        rate = float((1e-3 / (opt.state[p]["square_avg"].sqrt() + 1e-8)).mean())
+        assert 1e-3 * last.loc[name, "inv_metric"] == pytest.approx(rate, rel=RTOL)
+        assert last.loc[name, "sq_norm"] == pytest.approx(before[name], rel=RTOL)
+
+
+def test_sgd_inverse_metric_is_one(run_dir):
+    model = bn_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with nd.watch(model, opt, run_dir) as mon:
+        x, y = batch()
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        mon.log_loss(loss)
+        opt.step()
+    tensors = nd.load_run(run_dir).tensors
+    assert (tensors["inv_metric"] == 1.0).all()
+    np.testing.assert_allclose(tensors["update_sq"], tensors["metric_update_sq"], rtol=RTOL)

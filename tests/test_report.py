@@ -23,6 +23,7 @@ from torch import nn
 import noether_dyn as nd
 from noether_dyn.report import compare, findings, plot_charges, report
 from noether_dyn.report import figures as figs
+from noether_dyn.report.compare import layer_rate, layer_table
 from noether_dyn.report.data import MAX_POINTS, decimate
 from noether_dyn.report.normalization import scale_table
 from noether_dyn.store import CHARGE_COLUMNS, RunWriter
@@ -215,13 +216,14 @@ def test_plot_charges_api(runs):
         plot_charges(run, kind="nope")
 
 
-def test_compare_states_what_the_store_lacks(runs, tmp_path):
+def test_compare_shows_the_adaptive_runs_per_layer_rate(runs, tmp_path):
     path = compare(runs["sgd"], runs["rmsprop"], tmp_path / "c.html")
     html = path.read_text()
     assert "Normalization vs adaptive optimization" in html
-    assert "does not hold: the optimizer&#x27;s second-moment state v" in html
-    assert "param_blocks" in html  # the suggested store addition
-    assert "same parameters, no scale symmetry" in html  # layer 0 of the ReLU twin
+    assert "B eta/G per coordinate (layer mean)" in html
+    assert "same parameters" in html  # layer 0 of the ReLU twin, matched by name
+    table = layer_table(nd.load_run(runs["sgd"]), nd.load_run(runs["rmsprop"]))
+    assert np.isfinite(table["B eta/G per coordinate (layer mean)"]).all()
     assert len(embedded_pngs(html)) >= 3
     md = compare(nd.load_run(runs["rmsprop"]), runs["sgd"], tmp_path / "c.md")
     assert "RMSprop rho" in md.read_text()  # roles found from the runs, not the order
@@ -342,3 +344,24 @@ def test_run_without_steps_still_reports(tmp_path):
     html = report(tmp_path / "empty", tmp_path / "r.html").read_text()
     assert "no training step reached the store" in html
     assert html.count("skipped: the run holds no") >= 2 and not embedded_pngs(html)
+
+
+def test_layer_rate_is_rmsprops_mean_coordinate_rate(tmp_path):
+    """lr * mean over the layer's coordinates of 1/(sqrt(v)+eps), from the store alone, equals
+    the same mean computed from the optimizer's state after the last step (float64)."""
+    model = relu_mlp()
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-2)
+    x, y = batch(dtype=torch.float64)
+    with nd.watch(model, opt, tmp_path / "r") as mon:
+        for _ in range(4):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            mon.log_loss(loss)
+            opt.step()
+    steps, rate = layer_rate(nd.load_run(tmp_path / "r"), ("0.weight", "0.bias"))
+    inv = torch.cat(
+        [(1 / (opt.state[p]["square_avg"].sqrt() + 1e-8)).flatten() for p in model[0].parameters()]
+    )
+    assert steps.tolist() == [0, 1, 2, 3]
+    assert rate[-1] == pytest.approx(1e-2 * float(inv.mean()), rel=1e-12)

@@ -28,7 +28,7 @@ from noether_dyn.optimizers import OptimizerAdapter, adapter_for
 from noether_dyn.optimizers.base import GroupHyper
 from noether_dyn.quantities.charges import S_, STATS, ChargeMatrix
 from noether_dyn.quantities.lagrangian import kinetic_coefficients, l2_coefficients
-from noether_dyn.quantities.reductions import DTensor, dots, sq_norms, sums
+from noether_dyn.quantities.reductions import DTensor, dots, local, sq_norms, sums
 from noether_dyn.quantities.theory import ChargePredictor, regime_for
 from noether_dyn.store.schema import SCHEMA_VERSION
 from noether_dyn.store.writer import RunWriter
@@ -210,7 +210,7 @@ class Monitor:
         rows, self._rows = self._rows, []
         if self._writer is None:
             return
-        step_rows, group_rows, charge_steps, charge_rows, events = self._to_host(rows)
+        step_rows, group_rows, charge_steps, charge_rows, events, tensors = self._to_host(rows)
         self._writer.append(
             step_rows,
             group_rows,
@@ -218,6 +218,7 @@ class Monitor:
             charge_rows,
             events,
             {"monitor_state": self._state()},
+            tensors=tensors,
         )
         self._last_flush = time.monotonic()
 
@@ -386,7 +387,7 @@ class Monitor:
         dev = self.device
         active = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [p.grad for p in self.params]
-        dq, gdq = self._updates(optimizer, ctx["rebuild"], active, with_metric=True)
+        dq, gdq, inv_metric = self._updates(optimizer, ctx["rebuild"], active, with_metric=True)
         sym = sorted(self._sym_set.intersection(active))
         trans = sorted(self._trans_set.intersection(active))
 
@@ -408,6 +409,7 @@ class Monitor:
         cols["GS"] = self._subset(sums, trans, grads)
         cols["DS"] = self._subset(sums, trans, dq)
         cols["GDS"] = self._subset(sums, trans, gdq)
+        cols["IG"] = inv_metric
         stats = torch.stack([cols[k] for k in STATS], dim=1)
         if self._sharded:  # every statistic but NUMEL is a sum over entries: add the shards
             numel = stats[:, S_["NUMEL"]].clone()
@@ -465,8 +467,19 @@ class Monitor:
                 self._predictor.start(self._matrix.charges(cols["QQ"], cols["QS"]))
             eta, lam, beta = self._tensor_hypers(hypers)
             charge_rows = self._matrix.rows(stats, eta, lam, beta, self._predictor.value)
+        tensor_rows = torch.stack(
+            [cols["QQ"], cols["GG"], cols["DD"], cols["GDD"], cols["IG"] / cols["NUMEL"]], dim=1
+        )
         self._rows.append(
-            (host_row, device_row, group_host, group_device, charge_rows, loss is not None)
+            (
+                host_row,
+                device_row,
+                group_host,
+                group_device,
+                charge_rows,
+                loss is not None,
+                tensor_rows,
+            )
         )
 
     def _advance_prediction(
@@ -488,7 +501,7 @@ class Monitor:
                 lr_sq * self._reduced(self._subset(sq_norms, active, grads))
             )
         if pred.needs_update_sq:
-            dq, _ = self._updates(optimizer, rebuild, active, with_metric=False)
+            dq, _, _ = self._updates(optimizer, rebuild, active, with_metric=False)
             update_sq = self._matrix.signs @ self._reduced(self._subset(sq_norms, active, dq))
         pred.advance(eta, beta, lam, grad_sq=grad_sq, update_sq=update_sq)
 
@@ -514,12 +527,14 @@ class Monitor:
         rebuild: list[bool],
         idx: list[int],
         with_metric: bool,
-    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], torch.Tensor | None]:
         """dq and G dq of the step just taken, at positions ``idx`` (None elsewhere): rebuilt from
-        the optimizer's state where the adapter can, else the difference from the snapshot."""
+        the optimizer's state where the adapter can, else the difference from the snapshot; with
+        ``with_metric`` also sum(1/G_ii) per tensor ((n_tensors,), numel/c for G = c I)."""
         n = len(self.params)
         dq: list[torch.Tensor | None] = [None] * n
         gdq: list[torch.Tensor | None] = [None] * n
+        inv = [float(p.numel()) for p in local(self.params)] if with_metric else None
         for g, group in enumerate(optimizer.param_groups):
             pos = [i for i in idx if self.group_of[i] == g]
             if not pos:
@@ -534,11 +549,20 @@ class Monitor:
                 prods = upd
             elif isinstance(metric, float):
                 prods = torch._foreach_mul(upd, metric)
+                for i in pos:
+                    inv[i] /= metric
             else:
                 prods = torch._foreach_mul(metric, upd)
+                inv_sums = sums(torch._foreach_reciprocal(metric), self.device)
+                for k, i in enumerate(pos):
+                    inv[i] = inv_sums[k]
             for i, u, v in zip(pos, upd, prods):
                 dq[i], gdq[i] = u, v
-        return dq, gdq
+        if inv is not None:
+            inv = torch.stack(
+                [torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in inv]
+            )
+        return dq, gdq, inv
 
     def _tensor_hypers(self, hypers: list[GroupHyper]) -> tuple[torch.Tensor, ...]:
         return (
@@ -590,8 +614,9 @@ class Monitor:
             else np.zeros((0, len(self._symmetries), 0))
         )
         charge_steps = np.array([int(r[0][0]) for r in rows if r[4] is not None], dtype=np.int64)
+        tensors = torch.stack([r[6] for r in rows]).cpu().numpy()
         step_rows, group_rows, events = [], [], []
-        for (h, _, gh, _, _, loss_logged), d, gd in zip(rows, host, groups):
+        for (h, _, gh, _, _, loss_logged, _), d, gd in zip(rows, host, groups):
             step, t, lr, logp, wall = h
             loss, l2, kinetic, qn, gn, dn = d.tolist()
             step_rows.append([step, t, lr, loss, l2, loss + l2, kinetic, logp, qn, gn, dn, wall])
@@ -619,6 +644,7 @@ class Monitor:
             charge_steps,
             charges,
             events,
+            tensors,
         )
 
     def _state(self) -> dict[str, Any]:

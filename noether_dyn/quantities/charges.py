@@ -15,6 +15,7 @@ GG     |g_n|^2                DS     sum(dq_n)
 GQ     <g_n, q_n>             GDD    <G dq_n, dq_n>
 GS     sum(g_n)               GDQ    <G dq_n, q_n>
 NUMEL  number of entries      GDS    sum(G dq_n)
+IG     sum(1 / G_ii)
 ====== =====================  ====== =====================
 
 For scale and rescale (Q = <q, xi(q)>), exactly:
@@ -35,7 +36,7 @@ import torch
 from noether_dyn.store.schema import CHARGE_COLUMNS
 from noether_dyn.symmetries.symmetry import Symmetry
 
-STATS = ("QQ", "QS", "GG", "GQ", "GS", "NUMEL", "DD", "DQ", "DS", "GDD", "GDQ", "GDS")
+STATS = ("QQ", "QS", "GG", "GQ", "GS", "NUMEL", "DD", "DQ", "DS", "GDD", "GDQ", "GDS", "IG")
 S_ = {name: i for i, name in enumerate(STATS)}
 COL = {name: i for i, name in enumerate(CHARGE_COLUMNS)}
 

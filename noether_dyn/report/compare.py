@@ -4,10 +4,8 @@ Tanaka & Kunin 2021 NLD §4.
 
 Per layer, the normalized run gives eta_eff = eta/((1-beta) r^2), the implied RMSprop state
 (r^2 in the part of sqrt(v), decay rho_eff) and the angular update against its theory; the
-adaptive run's real per-layer rate eta/(sqrt(v)+eps) would need the optimizer's state v, which
-the store does not hold (see :data:`STORE_GAP`). What the store does give for that run is shown
-instead: ``effective_lr`` for any layer with a scale symmetry, and the run-wide realized rate
-|dq|/|g| from the steps table.
+adaptive run gives its real per-layer rate eta/(sqrt(v)+eps), averaged over the layer's
+coordinates, from the per-tensor table of its store (``run.tensors``, see :data:`RATE_NOTE`).
 """
 
 from __future__ import annotations
@@ -32,24 +30,31 @@ from noether_dyn.report.normalization import scale_table
 from noether_dyn.report.render import check_writable, output_format, write_document
 from noether_dyn.store import Run
 
-STORE_GAP = (
-    "What the store holds per layer: |q_A|^2 (charge), |g_A|^2 with the generator's signs "
-    "(grad_sq), the decay/rule/KSB terms and, for scale groups only, effective_lr = "
-    "eta/((1-beta)|q_A|^2). What it does not hold: the optimizer's second-moment state v "
-    "(RMSprop square_avg, Adam exp_avg_sq) and unsigned per-layer update norms |dq_A|, so the "
-    "real per-layer rate eta/(sqrt(v)+eps) of an RMSprop or Adam run cannot be computed from it. "
-    "Shown instead: effective_lr where that run has a scale symmetry, and the run-wide realized "
-    "rate |dq|/|g| (update_norm/grad_norm of the steps table), which for RMSprop without "
-    "momentum or weight decay equals the gradient-weighted RMS of eta/(sqrt(v_i)+eps) over all "
-    "coordinates (with momentum or weight decay it also carries the buffer and decay terms)."
+RATE_NOTE = (
+    "B's per-layer rate is the mean over the layer's coordinates of eta/G_ii, the rate at which "
+    "the optimizer moves a raw coordinate per unit gradient: eta/(sqrt(v_i)+eps) for RMSprop and "
+    "Adam (bias-corrected v), eta for SGD. It comes from the run's per-tensor table "
+    "(run.tensors: lr x inv_metric, averaged over the layer's tensors by size) at each logged "
+    "step. For a normalized layer of A the same role is played by eta_eff = eta/((1-beta) r^2), "
+    "which moves the unit direction; compare time courses and decays, not raw magnitudes."
 )
-STORE_ADDITION = (
-    "Store addition that would close the gap: a per-tensor block table like charge_blocks, "
-    "param_blocks(first_step, n_steps, steps, data) with data float64 (n_steps, n_tensors, 5): "
-    "|q|^2, |g|^2, |dq|^2, and the adapter's diagonal metric summarized as mean_i eta/G_ii and "
-    "the gradient-weighted RMS of eta/G_ii (G_ii = sqrt(v_i)+eps for RMSprop/Adam), computed in "
-    "the monitor's existing stacked reductions; per-layer eta/(sqrt(v)+eps) then follows exactly."
-)
+
+
+def layer_rate(run: Run, params: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and the mean per-coordinate rate eta/G_ii over the tensors ``params`` of ``run``
+    (size-weighted), from ``run.tensors``; empty arrays when the run has no such tensors."""
+    meta = run.meta.get("parameters", []) or []
+    index = {p["name"]: i for i, p in enumerate(meta)}
+    pos = [index[n] for n in params if n in index]
+    steps, data = run.tensor_array()
+    if not pos or not len(steps):
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    sizes = np.array([float(np.prod(meta[i]["shape"])) for i in pos])
+    groups = [meta[i]["group"] for i in pos]
+    lr = run.groups.pivot(index="step", columns="grp", values="lr").reindex(steps)
+    inv = data[:, pos, 4]  # inv_metric column
+    rates = inv * lr[groups].to_numpy()
+    return steps, rates @ sizes / sizes.sum()
 
 
 def _label(run: Run, other: Run, tag: str) -> str:
@@ -108,12 +113,14 @@ def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
     rows = []
     for _, r in table.iterrows():
         params = tuple(params_a[r["symmetry"]])
+        _, rate_layer = layer_rate(adaptive, params)
+        layer_b = _tail_mean(rate_layer) if len(rate_layer) else np.nan
         if params in b_scale:
             eff_b = _tail_mean(cube_b["effective_lr"][:, cube_b.index(b_scale[params])])
             status = f"scale symmetry {b_scale[params]}: eta_eff shown"
         elif set(params) <= b_params:
             eff_b = np.nan
-            status = "same parameters, no scale symmetry; v not in store"
+            status = "same parameters" if len(rate_layer) else "no per-tensor table in B's store"
         else:
             eff_b = np.nan
             status = "no parameters of this name"
@@ -128,6 +135,7 @@ def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
                 "A angular / theory": r["angular_ratio"],
                 f"B {cls_b} rho": rho_b,
                 "B 1/(1-rho)": 1 / (1 - rho_b) if rho_b < 1 else (np.inf if rho_b == 1 else np.nan),
+                "B eta/G per coordinate (layer mean)": layer_b,
                 "B eta_eff (scale layer)": eff_b,
                 "B |dq|/|g| run-wide": _tail_mean(rate_b),
                 "B per-layer state": status,
@@ -166,12 +174,20 @@ def _summary(a: Run, b: Run, la: str, lb: str) -> Table:
     return Table(pd.DataFrame({"item": list(fa), la: list(fa.values()), lb: list(fb.values())}))
 
 
-def _rates_series(run: Run) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    cube = charge_cube(run)
+def _rates_series(
+    run: Run, layers: list[tuple[str, ...]] = ()
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """eta_eff of each scale layer, eta/G per coordinate of ``layers``, and |dq|/|g|."""
+    cube = charge_cube(run) if len(run.symmetries) else None
     series = []
-    for j, (name, kind) in enumerate(zip(cube.names, cube.kinds)):
-        if kind == "scale" and len(series) < 8:
-            series.append((f"eta_eff {name}", cube.steps, cube["effective_lr"][:, j]))
+    if cube is not None:
+        for j, (name, kind) in enumerate(zip(cube.names, cube.kinds)):
+            if kind == "scale" and len(series) < 8:
+                series.append((f"eta_eff {name}", cube.steps, cube["effective_lr"][:, j]))
+    for params in layers[:8]:
+        steps, rate = layer_rate(run, params)
+        if len(rate):
+            series.append((f"eta/G {layer_of(params)}", steps, rate))
     steps, rate = realized_rate(run)
     if np.isfinite(rate).any():
         series.append(("|dq|/|g| run-wide", steps, rate))
@@ -236,15 +252,21 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
         )
     else:
         blocks.append(Table(layer_table(norm, adapt)))
+        scale_params = [
+            tuple(s["params"]) for _, s in norm.symmetries.iterrows() if s["kind"] == "scale"
+        ]
         blocks.append(
             plot_or_note(
                 "rates",
-                "Effective rates over time: per normalized layer eta_eff (solid) and the "
-                "run-wide realized rate |dq|/|g|.",
-                lambda: figures.rates_figure(_rates_series(norm), _rates_series(adapt), ln, ladapt),
+                "Effective rates over time: per normalized layer of A eta_eff, per same-named "
+                "layer of B the mean per-coordinate rate eta/G, and each run's realized rate "
+                "|dq|/|g|.",
+                lambda: figures.rates_figure(
+                    _rates_series(norm), _rates_series(adapt, scale_params), ln, ladapt
+                ),
             )
         )
-    blocks += [Note(STORE_GAP), Note(STORE_ADDITION)]
+    blocks.append(Note(RATE_NOTE))
     sections.append(Section("normalization", "Normalization vs adaptive optimization", blocks))
 
     for tag, run, label in (("a", run_a, la), ("b", run_b, lb)):

@@ -11,7 +11,13 @@ import numpy as np
 import pandas as pd
 
 from noether_dyn.store.connection import open_existing, store_path
-from noether_dyn.store.schema import CHARGE_COLUMNS, DEPTH_COLUMNS, GROUP_COLUMNS, STEP_COLUMNS
+from noether_dyn.store.schema import (
+    CHARGE_COLUMNS,
+    DEPTH_COLUMNS,
+    GROUP_COLUMNS,
+    STEP_COLUMNS,
+    TENSOR_COLUMNS,
+)
 
 
 class Run:
@@ -27,6 +33,9 @@ class Run:
         symmetries: ``symmetry, kind, params, signs, verified, defect, note``.
         charges: long format, one row per symmetry and logged step: ``step, symmetry, kind`` and
             the columns of ``noether_dyn.store.schema.CHARGE_COLUMNS``.
+        tensors: long format, one row per parameter tensor and logged step: ``step, param,
+            group`` and ``sq_norm, grad_sq, update_sq, metric_update_sq, inv_metric`` (see
+            ``noether_dyn.store.schema``); read on first use.
         events: ``step, kind, message``.
         depth_profile: ``step, layer, sigma_max, sigma_min, defect, transmission, stability``
             (empty unless ``Monitor.log_depth_profile`` was called).
@@ -34,7 +43,7 @@ class Run:
 
     def __init__(self, path: str | Path) -> None:
         self.path = store_path(path)
-        self._charge_array: tuple[np.ndarray, np.ndarray] | None = None
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         con = open_existing(path, readonly=True)
         try:
             self.meta: dict[str, Any] = {
@@ -73,31 +82,58 @@ class Run:
         """The charge table as arrays: steps (n_steps,) int64 and data float64 of shape
         (n_steps, n_symmetries, len(CHARGE_COLUMNS)), symmetries in ``self.symmetries`` order.
         Read from the store on first use (``load_run`` itself reads no charge data)."""
-        if self._charge_array is None:
-            n_sym, n_col = len(self.symmetries), len(CHARGE_COLUMNS)
-            con = open_existing(self.path, readonly=True)
-            try:
-                blocks = con.execute(
-                    "SELECT n_steps, steps, data FROM charge_blocks ORDER BY first_step"
-                ).fetchall()
-            finally:
-                con.close()
-            if not blocks or n_sym == 0:
-                self._charge_array = (
-                    np.zeros(0, dtype=np.int64),
-                    np.zeros((0, n_sym, n_col)),
-                )
-            else:
-                steps = np.concatenate([np.frombuffer(s, dtype="<i8") for _, s, _ in blocks])
-                data = np.empty((len(steps), n_sym, n_col))
-                at = 0
-                for n, _, d in blocks:
-                    data[at : at + n] = np.frombuffer(d, dtype="<f8").reshape(n, n_sym, n_col)
-                    at += n
-                last = self.steps["step"].max() if len(self.steps) else -1
-                keep = steps <= last  # the same flush as the steps table, if the run writes on
-                self._charge_array = (steps[keep], data[keep])
-        return self._charge_array
+        if "charge_blocks" not in self._arrays:
+            self._arrays["charge_blocks"] = self._read_blocks(
+                "charge_blocks", len(self.symmetries), len(CHARGE_COLUMNS)
+            )
+        return self._arrays["charge_blocks"]
+
+    def tensor_array(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-tensor statistics as arrays: steps (n_steps,) int64 and data float64 of shape
+        (n_steps, n_tensors, len(TENSOR_COLUMNS)), tensors in ``meta["parameters"]`` order."""
+        if "tensor_blocks" not in self._arrays:
+            self._arrays["tensor_blocks"] = self._read_blocks(
+                "tensor_blocks", len(self.meta.get("parameters", [])), len(TENSOR_COLUMNS)
+            )
+        return self._arrays["tensor_blocks"]
+
+    def _read_blocks(self, table: str, n_rows: int, n_col: int) -> tuple[np.ndarray, np.ndarray]:
+        con = open_existing(self.path, readonly=True)
+        try:
+            blocks = con.execute(
+                f"SELECT n_steps, steps, data FROM {table} ORDER BY first_step"
+            ).fetchall()
+        finally:
+            con.close()
+        if not blocks or n_rows == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, n_rows, n_col))
+        steps = np.concatenate([np.frombuffer(s, dtype="<i8") for _, s, _ in blocks])
+        data = np.empty((len(steps), n_rows, n_col))
+        at = 0
+        for n, _, d in blocks:
+            data[at : at + n] = np.frombuffer(d, dtype="<f8").reshape(n, n_rows, n_col)
+            at += n
+        last = self.steps["step"].max() if len(self.steps) else -1
+        keep = steps <= last  # the same flush as the steps table, if the run writes on
+        return steps[keep], data[keep]
+
+    @cached_property
+    def tensors(self) -> pd.DataFrame:
+        steps, data = self.tensor_array()
+        params = self.meta.get("parameters", [])
+        names = [p["name"] for p in params]
+        n_t, n_steps = len(names), len(steps)
+        frame = {
+            "step": np.repeat(steps, n_t),
+            "param": pd.Categorical.from_codes(
+                np.tile(np.arange(n_t, dtype=np.int32), n_steps), names
+            ),
+            "group": np.tile(np.array([p["group"] for p in params], dtype=np.int64), n_steps),
+        }
+        flat = data.reshape(-1, len(TENSOR_COLUMNS))
+        for j, c in enumerate(TENSOR_COLUMNS):
+            frame[c] = flat[:, j]
+        return pd.DataFrame(frame, copy=False)
 
     @cached_property
     def charges(self) -> pd.DataFrame:

@@ -24,6 +24,12 @@ defect, note)``
     int64 of shape (n_steps,), ``data`` float64 of shape (n_steps, n_symmetries, n_columns), the
     columns being :data:`CHARGE_COLUMNS` and the symmetries ordered by ``idx``. ``load_run``
     turns these into the long table ``run.charges``.
+``tensor_blocks(first_step INTEGER PRIMARY KEY, n_steps, steps BLOB, data BLOB)``
+    the same per parameter tensor (ordered as ``meta["parameters"]``), columns
+    :data:`TENSOR_COLUMNS`: ``sq_norm`` |q|^2, ``grad_sq`` |g|^2, ``update_sq`` |dq|^2,
+    ``metric_update_sq`` dq^T G dq, ``inv_metric`` the mean of 1/G_ii over the tensor (1 for G = I),
+    so that lr * inv_metric is the tensor's mean per-coordinate rate eta/G_ii (for Adam and
+    RMSprop, eta/(sqrt(v)+eps)). ``load_run`` turns these into ``run.tensors``.
 ``events(step, kind, message)``
     things a reader must know: non-finite values, resumes, fallbacks.
 ``depth_profile(step, layer, sigma_max, sigma_min, defect, transmission, stability)``
@@ -74,6 +80,7 @@ CHARGE_COLUMNS = (
     "effective_lr",
     "angular_update",
 )
+TENSOR_COLUMNS = ("sq_norm", "grad_sq", "update_sq", "metric_update_sq", "inv_metric")
 DEPTH_COLUMNS = ("step", "layer", "sigma_max", "sigma_min", "defect", "transmission", "stability")
 
 DDL = f"""
@@ -94,6 +101,10 @@ CREATE TABLE IF NOT EXISTS charge_blocks (
     first_step INTEGER PRIMARY KEY, n_steps INTEGER NOT NULL, steps BLOB NOT NULL,
     data BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tensor_blocks (
+    first_step INTEGER PRIMARY KEY, n_steps INTEGER NOT NULL, steps BLOB NOT NULL,
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (step INTEGER, kind TEXT NOT NULL, message TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS depth_profile (
     step INTEGER NOT NULL, layer INTEGER NOT NULL,
@@ -103,6 +114,16 @@ CREATE TABLE IF NOT EXISTS depth_profile (
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 
+BLOCK_TABLES = ("charge_blocks", "tensor_blocks")
 REQUIRED_TABLES = frozenset(
-    {"meta", "steps", "groups", "symmetries", "charge_blocks", "events", "depth_profile"}
+    {
+        "meta",
+        "steps",
+        "groups",
+        "symmetries",
+        "charge_blocks",
+        "tensor_blocks",
+        "events",
+        "depth_profile",
+    }
 )

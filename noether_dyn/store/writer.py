@@ -13,7 +13,13 @@ import numpy as np
 
 from noether_dyn.store.connection import open_existing
 from noether_dyn.store.errors import StoreError
-from noether_dyn.store.schema import DDL, GROUP_COLUMNS, STEP_COLUMNS, STORE_FILENAME
+from noether_dyn.store.schema import (
+    BLOCK_TABLES,
+    DDL,
+    GROUP_COLUMNS,
+    STEP_COLUMNS,
+    STORE_FILENAME,
+)
 from noether_dyn.symmetries.symmetry import Symmetry
 
 
@@ -115,22 +121,33 @@ class RunWriter:
             self.con.execute("DELETE FROM groups WHERE step >= ?", (first_dropped,))
             self.con.execute("DELETE FROM events WHERE step >= ?", (first_dropped,))
             self.con.execute("DELETE FROM depth_profile WHERE step >= ?", (first_dropped,))
-            rows = self.con.execute(
-                "SELECT first_step, n_steps, steps, data FROM charge_blocks "
-                "WHERE first_step + n_steps > 0"
-            ).fetchall()
-            for first, n, steps_blob, data_blob in rows:
-                steps = np.frombuffer(steps_blob, dtype="<i8")
-                if steps.size and steps[-1] < first_dropped:
-                    continue
-                self.con.execute("DELETE FROM charge_blocks WHERE first_step = ?", (first,))
-                keep = steps < first_dropped
-                if keep.any():
-                    data = np.frombuffer(data_blob, dtype="<f8").reshape(n, -1)[keep]
-                    self.con.execute(
-                        "INSERT INTO charge_blocks VALUES (?, ?, ?, ?)",
-                        (first, int(keep.sum()), steps[keep].tobytes(), data.tobytes()),
-                    )
+            for table in BLOCK_TABLES:
+                self._truncate_blocks(table, first_dropped)
+
+    def _truncate_blocks(self, table: str, first_dropped: int) -> None:
+        rows = self.con.execute(f"SELECT first_step, n_steps, steps, data FROM {table}").fetchall()
+        for first, n, steps_blob, data_blob in rows:
+            steps = np.frombuffer(steps_blob, dtype="<i8")
+            if steps.size and steps[-1] < first_dropped:
+                continue
+            self.con.execute(f"DELETE FROM {table} WHERE first_step = ?", (first,))
+            keep = steps < first_dropped
+            if keep.any():
+                data = np.frombuffer(data_blob, dtype="<f8").reshape(n, -1)[keep]
+                self._insert_block(table, steps[keep], data)
+
+    def _insert_block(self, table: str, steps: np.ndarray, data: np.ndarray) -> None:
+        if not len(steps) or not data.size:
+            return
+        self.con.execute(
+            f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?)",
+            (
+                int(steps[0]),
+                len(steps),
+                np.ascontiguousarray(steps, dtype="<i8").tobytes(),
+                np.ascontiguousarray(data, dtype="<f8").tobytes(),
+            ),
+        )
 
     def append(
         self,
@@ -140,10 +157,12 @@ class RunWriter:
         charges: np.ndarray,
         events: Iterable[tuple[int, str, str]],
         meta: dict[str, Any],
+        tensors: np.ndarray | None = None,
     ) -> None:
         """One flush, one transaction: rows of ``steps`` (n, len(STEP_COLUMNS)), ``groups``
         (k, len(GROUP_COLUMNS)), a charge block (``charges`` float64 of shape
-        (len(charge_steps), n_symmetries, n_columns)), events and updated metadata."""
+        (len(charge_steps), n_symmetries, n_columns)), a tensor block (``tensors`` of shape
+        (n, n_tensors, len(TENSOR_COLUMNS)), one per step row), events and updated metadata."""
         try:
             with self.con:
                 ph = ", ".join("?" * len(STEP_COLUMNS))
@@ -154,16 +173,9 @@ class RunWriter:
                 self.con.executemany(
                     f"INSERT OR REPLACE INTO groups VALUES ({ph})", _rows(groups, int_cols=2)
                 )
-                if len(charge_steps) and charges.shape[1]:
-                    self.con.execute(
-                        "INSERT OR REPLACE INTO charge_blocks VALUES (?, ?, ?, ?)",
-                        (
-                            int(charge_steps[0]),
-                            len(charge_steps),
-                            np.ascontiguousarray(charge_steps, dtype="<i8").tobytes(),
-                            np.ascontiguousarray(charges, dtype="<f8").tobytes(),
-                        ),
-                    )
+                self._insert_block("charge_blocks", charge_steps, charges)
+                if tensors is not None:
+                    self._insert_block("tensor_blocks", steps[:, 0].astype(np.int64), tensors)
                 self.con.executemany("INSERT INTO events VALUES (?, ?, ?)", list(events))
                 self.con.executemany(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
