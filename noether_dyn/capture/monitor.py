@@ -110,7 +110,12 @@ class Monitor:
         self._matrix = ChargeMatrix(self._symmetries, index, self.device)
         self._sym_set = set(self._matrix.tensors)
         self._trans_set = set(self._matrix.translation_tensors)
-        self._group_index = torch.tensor(self.group_of, dtype=torch.long, device=self.device)
+        self._group_index = self._to_device(self.group_of, torch.long)
+        self._numel = self._to_device([float(p.numel()) for p in self.params], torch.float64)
+        self._local_numel = self._to_device(
+            [float(p.numel()) for p in local(self.params)], torch.float64
+        )
+        self._nan = self._to_device(float("nan"), torch.float64)
         self._n_groups = len(optimizer.param_groups)
         hypers = [self.adapter.hyper(optimizer, g) for g in optimizer.param_groups]
         self._predictor = ChargePredictor(
@@ -394,9 +399,7 @@ class Monitor:
         cols = dict.fromkeys(STATS)
         cols["QQ"] = ctx["qq"]
         cols["QS"] = ctx["qs"]
-        cols["NUMEL"] = torch.tensor(
-            [float(p.numel()) for p in self.params], dtype=torch.float64, device=dev
-        )
+        cols["NUMEL"] = self._numel
         cols["GG"] = self._subset(sq_norms, active, grads)
         cols["DD"] = self._subset(sq_norms, active, dq)
         cols["GDD"] = self._subset(dots, active, gdq, dq)
@@ -433,9 +436,9 @@ class Monitor:
             0, self._group_index, per_tensor_l2
         )
         loss_t = (
-            loss.to(device=dev, dtype=torch.float64)
+            loss.to(device=dev, dtype=torch.float64, non_blocking=True)
             if loss is not None
-            else torch.tensor(float("nan"), dtype=torch.float64, device=dev)
+            else self._nan
         )
         device_row = torch.stack(
             [
@@ -534,7 +537,7 @@ class Monitor:
         n = len(self.params)
         dq: list[torch.Tensor | None] = [None] * n
         gdq: list[torch.Tensor | None] = [None] * n
-        inv = [float(p.numel()) for p in local(self.params)] if with_metric else None
+        inv = self._local_numel.clone() if with_metric else None
         for g, group in enumerate(optimizer.param_groups):
             pos = [i for i in idx if self.group_of[i] == g]
             if not pos:
@@ -549,19 +552,12 @@ class Monitor:
                 prods = upd
             elif isinstance(metric, float):
                 prods = torch._foreach_mul(upd, metric)
-                for i in pos:
-                    inv[i] /= metric
+                inv[self._index(pos)] /= metric
             else:
                 prods = torch._foreach_mul(metric, upd)
-                inv_sums = sums(torch._foreach_reciprocal(metric), self.device)
-                for k, i in enumerate(pos):
-                    inv[i] = inv_sums[k]
+                inv[self._index(pos)] = sums(torch._foreach_reciprocal(metric), self.device)
             for i, u, v in zip(pos, upd, prods):
                 dq[i], gdq[i] = u, v
-        if inv is not None:
-            inv = torch.stack(
-                [torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in inv]
-            )
         return dq, gdq, inv
 
     def _tensor_hypers(self, hypers: list[GroupHyper]) -> tuple[torch.Tensor, ...]:
@@ -571,14 +567,17 @@ class Monitor:
             self._per_tensor([h.beta for h in hypers]),
         )
 
+    def _to_device(self, values: Any, dtype: torch.dtype) -> torch.Tensor:
+        """Host values as a device tensor without a blocking copy (nothing waits on it)."""
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
     def _per_tensor(self, per_group: list[float]) -> torch.Tensor:
-        values = torch.tensor(per_group, dtype=torch.float64).to(self.device, non_blocking=True)
-        return values[self._group_index]
+        return self._to_device(per_group, torch.float64)[self._group_index]
 
     def _index(self, idx: list[int]) -> torch.Tensor:
         key = tuple(idx)
         if key not in self._idx_cache:
-            self._idx_cache[key] = torch.tensor(idx, dtype=torch.long, device=self.device)
+            self._idx_cache[key] = self._to_device(idx, torch.long)
         return self._idx_cache[key]
 
     def _subset(

@@ -71,16 +71,21 @@ class AdamAdapter(OptimizerAdapter):
         beta1 = scalar(group["betas"][0])
         metric = self.metric(optimizer, group, params)
         states = [optimizer.state[p] for p in params]
-        step = torch._foreach_div([st["exp_avg"] for st in states], metric)
+        exp_avgs = [st["exp_avg"] for st in states]
         scales = [-hyper.lr / (1.0 - beta1 ** step_count(st)) for st in states]
-        if any(isinstance(c, torch.Tensor) for c in scales):
-            for t, c in zip(step, scales):
-                t.mul_(c)
+        decay = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
+        if any(isinstance(c, torch.Tensor) for c in scales):  # capturable: counts on the device
+            step = [torch.div(m, g).mul_(c) for m, g, c in zip(exp_avgs, metric, scales)]
+            return solve_decay(hyper.lr, decay / hyper.lr if decay else 0.0, step, params), metric
+        # dq = (c m / G - lr lambda q_{n+1}) / (1 - lr lambda), in two passes; coupled L2 is
+        # inside m already (decay = 0)
+        if decay:
+            out = torch._foreach_mul(params, -decay / (1.0 - decay))
+            scales = [c / (1.0 - decay) for c in scales]
         else:
-            torch._foreach_mul_(step, scales)
-        if hyper.decoupled:
-            return solve_decay(hyper.lr, hyper.weight_decay, step, params), metric
-        return step, metric  # coupled L2 is inside m already
+            out = torch._foreach_mul(exp_avgs, 0.0)
+        torch._foreach_addcdiv_(out, exp_avgs, metric, scales)
+        return out, metric
 
 
 def _denominator(

@@ -71,6 +71,7 @@ class ChargeMatrix:
                 signs[i, index[name]] = sign
             self.lead.append(index[sym.params[0]])
         self.signs = signs[:, :n_t].to(device)
+        self.lead_index = torch.tensor(self.lead, dtype=torch.long).to(device)
         self.abs = self.signs.abs()
         self.translation = torch.tensor(
             [s.kind == "translation" for s in self.symmetries], dtype=torch.bool, device=device
@@ -109,7 +110,7 @@ class ChargeMatrix:
         S, A = self.signs, self.abs
         x = {name: stats[:, i] for name, i in S_.items()}
         trans = self.translation
-        eta_lead, beta_lead = eta[self.lead], beta[self.lead]
+        eta_lead, beta_lead = eta[self.lead_index], beta[self.lead_index]
         out = torch.zeros(len(self), len(CHARGE_COLUMNS), dtype=torch.float64, device=S.device)
 
         charge = torch.where(trans, S @ x["QS"], S @ x["QQ"])

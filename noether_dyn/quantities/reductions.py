@@ -28,12 +28,11 @@ def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 
 def sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """|x_i|^2 for each tensor (one fused ``_foreach_norm`` pass, accumulated in float64)."""
+    """|x_i|^2 for each tensor (one fused ``_foreach_norm`` pass in the tensors' dtype: asking
+    for float64 accumulation would copy every float32 tensor to float64 first)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    return _stack(
-        list(torch._foreach_norm(local(tensors), 2, dtype=torch.float64)), device
-    ).square()
+    return _stack(list(torch._foreach_norm(local(tensors))), device).square()
 
 
 def dots(a: list[torch.Tensor], b: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -44,8 +43,8 @@ def dots(a: list[torch.Tensor], b: list[torch.Tensor], device: torch.device) -> 
 
 
 def sums(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """sum(x_i) for each tensor."""
-    return _stack([t.sum(dtype=torch.float64) for t in local(tensors)], device)
+    """sum(x_i) for each tensor (pairwise summation in the tensor's dtype)."""
+    return _stack([t.sum() for t in local(tensors)], device)
 
 
 def weighted_sq(
