@@ -144,9 +144,10 @@ def test_sgd_prediction_is_exact(run_dir):
         assert np.ptp(c["charge"]) > 1e-4 * np.abs(c["charge"]).max()  # the charge did move
 
 
-def test_sgd_prediction_sees_every_step_when_logging_every_k(tmp_path):
-    full, _, _ = run_with(OPTIMIZERS["sgd-wd"], tmp_path / "a", steps=13)
-    sparse, _, _ = run_with(OPTIMIZERS["sgd-wd"], tmp_path / "b", steps=13, every=4)
+@pytest.mark.parametrize("name", ["sgd-wd", "sgd-momentum"])
+def test_prediction_sees_every_step_when_logging_every_k(name, tmp_path):
+    full, _, _ = run_with(OPTIMIZERS[name], tmp_path / "a", steps=13)
+    sparse, _, _ = run_with(OPTIMIZERS[name], tmp_path / "b", steps=13, every=4)
     a = full.charges.set_index(["step", "symmetry"])
     b = sparse.charges.set_index(["step", "symmetry"])
     assert sorted({s for s, _ in b.index}) == [0, 4, 8, 12]

@@ -504,9 +504,34 @@ class Monitor:
                 lr_sq * self._reduced(self._subset(sq_norms, active, grads))
             )
         if pred.needs_update_sq:
-            dq, _, _ = self._updates(optimizer, rebuild, active, with_metric=False)
-            update_sq = self._matrix.signs @ self._reduced(self._subset(sq_norms, active, dq))
+            update_sq = self._matrix.signs @ self._reduced(
+                self._update_sq(optimizer, rebuild, active)
+            )
         pred.advance(eta, beta, lam, grad_sq=grad_sq, update_sq=update_sq)
+
+    def _update_sq(
+        self, optimizer: torch.optim.Optimizer, rebuild: list[bool], idx: list[int]
+    ) -> torch.Tensor:
+        """|dq|^2 per tensor at positions ``idx`` ((n_tensors,), zeros elsewhere), from the
+        adapter's norms of its state when it has them (no update tensor is formed)."""
+        out = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
+        rest = []
+        for g, group in enumerate(optimizer.param_groups):
+            pos = [i for i in idx if self.group_of[i] == g]
+            if not pos:
+                continue
+            norms = None
+            if rebuild[g]:
+                params = [self.params[i] for i in pos]
+                norms = self.adapter.update_sq_norms(optimizer, group, params, self.device)
+            if norms is None:
+                rest += pos
+            else:
+                out[self._index(pos)] = norms
+        if rest:
+            dq, _, _ = self._updates(optimizer, rebuild, rest, with_metric=False)
+            out = out + self._subset(sq_norms, rest, dq)
+        return out
 
     def _reduced(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of per-shard values over ranks when parameters are sharded (FSDP2)."""

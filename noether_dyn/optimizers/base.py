@@ -89,6 +89,18 @@ class OptimizerAdapter:
         that the monitor needs no snapshot of the parameters (no memory held per parameter)."""
         return False
 
+    def update_sq_norms(
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict,
+        params: list[torch.Tensor],
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """|dq|^2 per parameter (float64, shape (len(params),)) straight from the optimizer's
+        state when the update is a scaled state tensor (heavy-ball momentum buffers), else None
+        (the caller then forms dq with :meth:`update`)."""
+        return None
+
     def update(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
     ) -> Update:

@@ -18,6 +18,7 @@ from noether_dyn.optimizers.base import (
     scalar,
     solve_decay,
 )
+from noether_dyn.quantities.reductions import sq_norms
 
 
 class SGDAdapter(OptimizerAdapter):
@@ -43,6 +44,18 @@ class SGDAdapter(OptimizerAdapter):
 
     def can_reconstruct(self, group: dict) -> bool:
         return True
+
+    def update_sq_norms(
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict,
+        params: list[torch.Tensor],
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        if not scalar(group.get("momentum", 0.0)) or group.get("nesterov", False):
+            return None
+        bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
+        return sq_norms(bufs, device) * scalar(group["lr"]) ** 2  # dq = -lr b
 
     def update(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
