@@ -370,7 +370,7 @@ class Monitor:
         with torch.no_grad():
             if ctx["logged"]:
                 self._log_step(optimizer, hypers, ctx, loss)
-            self._advance_prediction(optimizer, hypers, ctx["rebuild"])
+            self._advance_prediction(optimizer, hypers, ctx)
         self.step += 1
         self.time += hypers[0].lr if hypers else 0.0
         for g, h in enumerate(hypers):
@@ -425,6 +425,7 @@ class Monitor:
                 torch.distributed.all_reduce(loss)
                 loss = loss / torch.distributed.get_world_size()
 
+        ctx["grad_sq"], ctx["update_sq"] = cols["GG"], cols["DD"]  # reused by the prediction
         kin_coef = kinetic_coefficients(hypers)
         l2_coef = l2_coefficients(hypers)
         per_tensor_kin = self._per_tensor(kin_coef) * cols["GDD"]
@@ -486,8 +487,10 @@ class Monitor:
         )
 
     def _advance_prediction(
-        self, optimizer: torch.optim.Optimizer, hypers: list[GroupHyper], rebuild: list[bool]
+        self, optimizer: torch.optim.Optimizer, hypers: list[GroupHyper], ctx: dict[str, Any]
     ) -> None:
+        """Roll the prediction to the next step; on a logged step, from the norms it computed
+        (``ctx["grad_sq"]``, ``ctx["update_sq"]``: per tensor, already reduced over ranks)."""
         pred = self._predictor
         if pred.value is None or not len(self._matrix):
             return
@@ -498,15 +501,17 @@ class Monitor:
         grad_sq = update_sq = None
         active = [i for i in self._matrix.tensors if self.params[i].grad is not None]
         if pred.needs_grad_sq:
-            grads = [p.grad for p in self.params]
+            per_tensor = ctx.get("grad_sq")
+            if per_tensor is None:
+                grads = [p.grad for p in self.params]
+                per_tensor = self._reduced(self._subset(sq_norms, active, grads))
             lr_sq = self._per_tensor([h.lr**2 for h in hypers])
-            grad_sq = self._matrix.signs @ (
-                lr_sq * self._reduced(self._subset(sq_norms, active, grads))
-            )
+            grad_sq = self._matrix.signs @ (lr_sq * per_tensor)
         if pred.needs_update_sq:
-            update_sq = self._matrix.signs @ self._reduced(
-                self._update_sq(optimizer, rebuild, active)
-            )
+            per_tensor = ctx.get("update_sq")
+            if per_tensor is None:
+                per_tensor = self._reduced(self._update_sq(optimizer, ctx["rebuild"], active))
+            update_sq = self._matrix.signs @ per_tensor
         pred.advance(eta, beta, lam, grad_sq=grad_sq, update_sq=update_sq)
 
     def _update_sq(
