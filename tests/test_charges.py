@@ -18,6 +18,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import noether_dyn as nd
@@ -260,3 +262,32 @@ def test_declared_symmetry_failing_verification_is_kept_with_its_defect(run_dir)
     assert row["symmetry"] == "rescale:tanh"
     assert row["verified"] in (False,)  # checked and failed, not None (unchecked)
     assert row["defect"] > 1e-3
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    lr=st.floats(1e-3, 0.3),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    weight_decay=st.sampled_from([0.0, 1e-3, 1e-2]),
+    nesterov=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_decomposition_holds_for_any_sgd_hyperparameters(
+    lr, momentum, weight_decay, nesterov, seed, tmp_path_factory
+):
+    """THEORY §3.1 is an identity of the update, whatever the hyperparameters (float64)."""
+    nesterov = nesterov and momentum > 0
+    run, snaps, _ = run_with(
+        lambda ps: torch.optim.SGD(
+            ps, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+        ),
+        tmp_path_factory.mktemp("h") / "run",
+        steps=4,
+        seed=seed,
+    )
+    for sym in SYMS:
+        c = run.charge(sym.name)
+        q = np.array([float(sym.charge(s)) for s in snaps])
+        parts = (c["decay"] + c["rule"] + c["ksb"]).to_numpy()
+        scale = np.abs(q[:-1]) + np.abs(q[1:])
+        assert np.all(np.abs(parts - np.diff(q)) <= 1e-12 * scale), sym.name
