@@ -92,7 +92,6 @@ class Monitor:
                 "using it."
             )
 
-        self.model_ref = weakref.ref(model)
         self.optimizer = optimizer
         self.run_dir = Path(run_dir)
         self.every = every

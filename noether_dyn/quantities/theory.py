@@ -126,7 +126,7 @@ class ChargePredictor:
         self.velocity = torch.tensor(state["velocity"], dtype=torch.float64, device=device)
 
 
-def regime_for(adapter_name: str, betas: list[float], nesterov: bool = False) -> str:
+def regime_for(adapter_name: str, betas: list[float]) -> str:
     """The prediction regime of a learning rule (see the module docstring)."""
     if adapter_name != "sgd":
         return "flow"
