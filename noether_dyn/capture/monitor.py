@@ -28,7 +28,14 @@ from noether_dyn.optimizers import OptimizerAdapter, adapter_for
 from noether_dyn.optimizers.base import GroupHyper
 from noether_dyn.quantities.charges import S_, STATS, ChargeMatrix
 from noether_dyn.quantities.lagrangian import kinetic_coefficients, l2_coefficients
-from noether_dyn.quantities.reductions import DTensor, dots, local, sq_norms, sums
+from noether_dyn.quantities.reductions import (
+    DTensor,
+    dots,
+    inverse_sums,
+    local,
+    sq_norms,
+    sums,
+)
 from noether_dyn.quantities.theory import ChargePredictor, regime_for
 from noether_dyn.store.schema import SCHEMA_VERSION
 from noether_dyn.store.writer import RunWriter
@@ -354,6 +361,10 @@ class Monitor:
             if logged:
                 ctx["qq"] = sq_norms(self.params, self.device)
                 ctx["qs"] = self._subset(sums, sorted(self._trans_set), self.params)
+                if not _has_closure(args, kwargs):  # the step will use the gradients held now
+                    sym = sorted(i for i in self._sym_set if self.params[i].grad is not None)
+                    grads = [p.grad for p in self.params]
+                    ctx["gq"] = (sym, self._subset(dots, sym, grads, self.params))
         self._step_ctx = ctx
         self._closure_loss = None
         return _wrap_closure(self, args, kwargs)
@@ -404,8 +415,11 @@ class Monitor:
         cols["GDD"] = self._subset(dots, active, gdq, dq)
         dq_q1 = self._subset(dots, sym, dq, self.params)
         cols["DQ"] = dq_q1 - self._restrict(cols["DD"], sym)
-        g_q1 = self._subset(dots, sym, grads, self.params)
-        cols["GQ"] = g_q1 - self._subset(dots, sym, grads, dq)
+        if "gq" in ctx and ctx["gq"][0] == sym:  # <g_n, q_n>, read before the step
+            cols["GQ"] = ctx["gq"][1]
+        else:  # a closure made the gradients inside the step: <g, q_n> = <g, q_{n+1} - dq>
+            g_q1 = self._subset(dots, sym, grads, self.params)
+            cols["GQ"] = g_q1 - self._subset(dots, sym, grads, dq)
         gdq_q1 = self._subset(dots, sym, gdq, self.params)
         cols["GDQ"] = gdq_q1 - self._restrict(cols["GDD"], sym)
         cols["GS"] = self._subset(sums, trans, grads)
@@ -584,7 +598,7 @@ class Monitor:
                 inv[self._index(pos)] /= metric
             else:
                 prods = torch._foreach_mul(metric, upd)
-                inv[self._index(pos)] = sums(torch._foreach_reciprocal(metric), self.device)
+                inv[self._index(pos)] = inverse_sums(metric, self.device)
             for i, u, v in zip(pos, upd, prods):
                 dq[i], gdq[i] = u, v
         return dq, gdq, inv
@@ -740,6 +754,10 @@ class Monitor:
             "symmetry_note": note,
             "monitor_state": self._state(),
         }
+
+
+def _has_closure(args: tuple, kwargs: dict) -> bool:
+    return kwargs.get("closure") is not None or (len(args) > 1 and args[1] is not None)
 
 
 def _wrap_closure(monitor: Monitor, args: tuple, kwargs: dict):
