@@ -653,3 +653,32 @@ def test_cross_entropy_functional_states_translation_and_inputs_as_kwargs() -> N
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
     found = find_symmetries(model, {"input": torch.randn(8, 5)}, loss_fn=F.cross_entropy)
     assert {s.name for s in found} == {"rescale:0", "translation:2"}
+
+
+class SequenceHead(nn.Module):
+    """Per-token logits (B, T, C) reshaped inside the model for the loss."""
+
+    def __init__(self, axis_mixing: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 3)
+        self.axis_mixing = axis_mixing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(torch.tanh(self.body(x)))
+        return logits.flatten(1) if self.axis_mixing else logits.flatten(0, 1)
+
+
+def test_translation_through_reshaped_logits_is_verified_numerically():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    model = SequenceHead().double()
+    y = torch.randint(0, 3, (24,))
+    found = find_symmetries(model, x, y, nn.CrossEntropyLoss())
+    assert [s.name for s in found] == ["translation:head"]
+    assert found[0].verified
+    # without targets the reshape is not trusted: it might mix the class axis
+    assert find_symmetries(model, x, loss_fn=nn.CrossEntropyLoss()) == []
+    # flatten(1) mixes tokens into classes: the candidate fails verification
+    mixing = SequenceHead(axis_mixing=True).double()
+    assert find_symmetries(mixing, x, torch.randint(0, 18, (4,)), nn.CrossEntropyLoss()) == []

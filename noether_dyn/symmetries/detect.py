@@ -98,7 +98,7 @@ def find_symmetries(
         )
     calls = probe(model, inputs)
     regions, skipped = trace_regions(model)
-    found = _Finder(model, calls, skipped)
+    found = _Finder(model, calls, skipped, numeric=targets is not None)
     for region in regions:
         found.scan(region)
     found.weight_norm_directions(regions)
@@ -118,6 +118,24 @@ def find_symmetries(
     return [s for s in checked if s.verified]
 
 
+_RESHAPES = {"flatten", "reshape", "view", "contiguous"}
+
+
+def _reshapes_into_output(node: fx.Node, output: fx.Node) -> bool:
+    """``node`` reaches the model's output through reshapes alone (e.g. logits (B, T, C)
+    flattened to (B*T, C) for the loss). Whether the class axis survives depends on shapes, so
+    such a translation candidate is only taken when it will be verified numerically."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user is output:
+            return output.args[0] is node
+        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+        if user.op not in ("call_method", "call_function") or name not in _RESHAPES:
+            return False
+        node = user
+    return False
+
+
 def _translation_wanted(loss_fn: Any, targets: Any) -> bool:
     """Translation candidates are stated by a cross-entropy loss or tested numerically."""
     if loss_fn is None:
@@ -130,8 +148,11 @@ def _translation_wanted(loss_fn: Any, targets: Any) -> bool:
 class _Finder:
     """Collects candidates region by region, with the checks shared by all kinds."""
 
-    def __init__(self, model: nn.Module, calls: Counter[str], skipped: dict[str, str]) -> None:
+    def __init__(
+        self, model: nn.Module, calls: Counter[str], skipped: dict[str, str], numeric: bool
+    ) -> None:
         self.model = model
+        self.numeric = numeric  # candidates will be verified numerically (targets given)
         self.calls = calls
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -207,7 +228,9 @@ class _Finder:
                 and flow.outputs == 1
                 and not flow.layers
                 and not flow.norms
-                and output.args[0] is node
+                and (
+                    output.args[0] is node or (self.numeric and _reshapes_into_output(node, output))
+                )
                 and ref.linear_module
                 and ref.direction is None
                 and self._calls_match(region, region_calls, [ref])
