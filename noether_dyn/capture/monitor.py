@@ -114,8 +114,6 @@ class Monitor:
         index = {name: i for i, name in enumerate(self.names)}
         self._symmetries = _check_symmetries(symmetries, index, model)
         self._matrix = ChargeMatrix(self._symmetries, index, self.device)
-        self._sym_set = set(self._matrix.tensors)
-        self._trans_set = set(self._matrix.translation_tensors)
         self._group_index = self._to_device(self.group_of, torch.long)
         self._numel = self._to_device([float(p.numel()) for p in self.params], torch.float64)
         self._local_numel = self._to_device(
@@ -360,9 +358,9 @@ class Monitor:
                 self._take_snapshot(rebuild)
             if logged:
                 ctx["qq"] = sq_norms(self.params, self.device)
-                ctx["qs"] = self._subset(sums, sorted(self._trans_set), self.params)
+                ctx["qs"] = self._subset(sums, self._matrix.translation_tensors, self.params)
                 if not _has_closure(args, kwargs):  # the step will use the gradients held now
-                    sym = sorted(i for i in self._sym_set if self.params[i].grad is not None)
+                    sym = [i for i in self._matrix.tensors if self.params[i].grad is not None]
                     grads = [p.grad for p in self.params]
                     ctx["gq"] = (sym, self._subset(dots, sym, grads, self.params))
         self._step_ctx = ctx
@@ -403,8 +401,9 @@ class Monitor:
         active = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [p.grad for p in self.params]
         dq, gdq, inv_metric = self._updates(optimizer, ctx["rebuild"], active, with_metric=True)
-        sym = sorted(self._sym_set.intersection(active))
-        trans = sorted(self._trans_set.intersection(active))
+        has_grad = set(active)
+        sym = [i for i in self._matrix.tensors if i in has_grad]
+        trans = [i for i in self._matrix.translation_tensors if i in has_grad]
 
         cols = dict.fromkeys(STATS)
         cols["QQ"] = ctx["qq"]
@@ -561,7 +560,7 @@ class Monitor:
         """Copy q_n of the parameters whose update cannot be rebuilt from optimizer state."""
         idx = [i for i, g in enumerate(self.group_of) if not rebuild[g]]
         if self._snap is None:
-            self._snap = {i: torch.empty_like(self.params[i]) for i in idx}
+            self._snap = {}
         for i in idx:
             if i not in self._snap:
                 self._snap[i] = torch.empty_like(self.params[i])

@@ -57,6 +57,7 @@ class ChargePredictor:
         self.translation = translation
         self.value: torch.Tensor | None = None
         self.velocity: torch.Tensor | None = None
+        self._is_trans: torch.Tensor | None = None
 
     @property
     def needs_grad_sq(self) -> bool:
@@ -95,7 +96,7 @@ class ChargePredictor:
                 dtype=torch.float64,
             ).to(device, non_blocking=True)
             eta_t = torch.tensor(eta, dtype=torch.float64).to(device, non_blocking=True)
-            is_trans = torch.tensor(trans, dtype=torch.bool).to(device, non_blocking=True)
+            is_trans = self._translation_mask(device)
             force = torch.where(is_trans, torch.zeros_like(update_sq), 2.0 * update_sq / eta_t**2)
             q, v = self.value, self.velocity
             self.value = coef[:, 0] * q + coef[:, 1] * v + coef[:, 4] * force
@@ -107,8 +108,14 @@ class ChargePredictor:
         ).to(device, non_blocking=True)
         self.value = factor * self.value
         if self.regime == "sgd":
-            is_trans = torch.tensor(trans, dtype=torch.bool).to(device, non_blocking=True)
+            is_trans = self._translation_mask(device)
             self.value = self.value + torch.where(is_trans, torch.zeros_like(grad_sq), grad_sq)
+
+    def _translation_mask(self, device: torch.device) -> torch.Tensor:
+        """The (n_symmetries,) bool mask of translation symmetries, built once on the device."""
+        if self._is_trans is None or self._is_trans.device != device:
+            self._is_trans = torch.tensor(self.translation, dtype=torch.bool).to(device)
+        return self._is_trans
 
     def state_dict(self) -> dict:
         """Host copy (lists of floats) for the store and checkpoints; syncs: call at flush only."""
