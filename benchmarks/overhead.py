@@ -7,11 +7,15 @@ optimizer take steps in alternation (forward, backward, optimizer step), and the
   ``torch._foreach_norm`` pass over the parameters and one over the gradients (the least a
   per-step monitor must read), timed in the same process;
 - ``added/step``: the added time as a fraction of the unmonitored step;
-- ``mem/params``: bytes the monitor holds beyond the run (snapshots, caches) over parameter bytes.
+- ``mem/params``: bytes the monitor holds beyond the run (snapshots, caches) over parameter bytes;
+- ``peak+/params`` (CUDA only): how much higher the peak allocation of a monitored step is than
+  that of an unmonitored one, over parameter bytes (transient temporaries);
+- ``fused``: whether the monitor computed its statistics with the compiled program.
 Targets (issue "Performance"): added <= max(2 x floor, 2% of the step) at every=1; memory <= 1x
 parameter bytes, <= 0.1x for SGD, Adam, AdamW and RMSprop.
 
-Run: ``python benchmarks/overhead.py [--steps N] [--quick] [--only mlp|cnn|transformer]``.
+Run: ``python benchmarks/overhead.py [--steps N] [--quick] [--only mlp|cnn|transformer]
+[--device cpu|cuda]``. On CUDA every timed region starts and ends with a device synchronize.
 """
 
 from __future__ import annotations
@@ -113,7 +117,14 @@ OPTIMIZERS = {
 }
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _step(model: nn.Module, opt: torch.optim.Optimizer, x, y, monitor=None) -> float:
+    device = x.device
+    _sync(device)
     t0 = time.perf_counter()
     loss = nn.functional.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
@@ -121,31 +132,51 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x, y, monitor=None) -> f
     if monitor is not None:
         monitor.log_loss(loss)
     opt.step()
+    _sync(device)
     return time.perf_counter() - t0
 
 
 def _floor(model: nn.Module) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
+    device = params[0].device
     times = []
     for _ in range(7):
+        _sync(device)
         t0 = time.perf_counter()
         torch._foreach_norm(params)
         torch._foreach_norm(grads)
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def _monitor_bytes(monitor: nd.Monitor) -> int:
-    held = monitor.__dict__.get("_snap") or []
+    """Bytes of the parameter-sized tensors the monitor keeps between steps (its snapshots)."""
+    held = (monitor.__dict__.get("_snap") or {}).values()
     return sum(t.numel() * t.element_size() for t in held)
 
 
-def run_case(workload: str, opt_name: str, every: int, steps: int, tmp: Path) -> dict:
+def _peak_bytes(fn) -> tuple[float, int]:
+    """Run ``fn`` (a timed step); on CUDA also the peak memory it allocated above its start."""
+    if not torch.cuda.is_available() or torch.cuda.memory_allocated() == 0:
+        return fn(), 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    elapsed = fn()
+    return elapsed, torch.cuda.max_memory_allocated() - start
+
+
+def run_case(
+    workload: str, opt_name: str, every: int, steps: int, tmp: Path, device: str = "cpu"
+) -> dict:
     torch.manual_seed(0)
     model_a, x, y = WORKLOADS[workload]()
     torch.manual_seed(0)
     model_b, _, _ = WORKLOADS[workload]()
+    model_a, model_b = model_a.to(device), model_b.to(device)
+    x, y = x.to(device), y.to(device)
     opt_a = OPTIMIZERS[opt_name](model_a.parameters())
     opt_b = OPTIMIZERS[opt_name](model_b.parameters())
     symmetries = find_symmetries(model_a, x[:4])
@@ -157,20 +188,28 @@ def run_case(workload: str, opt_name: str, every: int, steps: int, tmp: Path) ->
         symmetries=symmetries,
         flush_every=50,
     )
-    for _ in range(3):  # warm-up: allocator, optimizer state, snapshots
+    for _ in range(3):  # warm-up: allocator, optimizer state, the fused program's compile
         _step(model_a, opt_a, x, y, monitor)
         _step(model_b, opt_b, x, y)
-    with_monitor, without = [], []
-    for k in range(steps):
-        if k % 2:
-            with_monitor.append(_step(model_a, opt_a, x, y, monitor))
-            without.append(_step(model_b, opt_b, x, y))
+    with_monitor, without, peak_with, peak_without = [], [], [], []
+
+    def arm(monitored: bool) -> None:
+        if monitored:
+            elapsed, peak = _peak_bytes(lambda: _step(model_a, opt_a, x, y, monitor))
+            with_monitor.append(elapsed)
+            peak_with.append(peak)
         else:
-            without.append(_step(model_b, opt_b, x, y))
-            with_monitor.append(_step(model_a, opt_a, x, y, monitor))
+            elapsed, peak = _peak_bytes(lambda: _step(model_b, opt_b, x, y))
+            without.append(elapsed)
+            peak_without.append(peak)
+
+    for k in range(steps):
+        arm(k % 2 == 1)
+        arm(k % 2 == 0)
     floor = _floor(model_a)
     param_bytes = sum(p.numel() * p.element_size() for p in model_a.parameters())
     mem = _monitor_bytes(monitor) / param_bytes
+    fused = monitor.fused
     monitor.close()
     t_with, t_without = statistics.median(with_monitor), statistics.median(without)
     added = t_with - t_without
@@ -185,6 +224,10 @@ def run_case(workload: str, opt_name: str, every: int, steps: int, tmp: Path) ->
         "added/floor": added / floor,
         "added/step": added / t_without,
         "mem/params": mem,
+        "peak+/params": (max(peak_with) - max(peak_without)) / param_bytes
+        if device.startswith("cuda")
+        else float("nan"),
+        "fused": "yes" if fused else "no",
         "time ok": "yes" if every != 1 or added <= target else "NO",
         "mem ok": "yes" if mem <= mem_target else "NO",
     }
@@ -195,28 +238,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per arm")
     parser.add_argument("--quick", action="store_true", help="mlp only, 6 steps")
     parser.add_argument("--only", choices=sorted(WORKLOADS), action="append")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--every", type=int, action="append", help="only this logging interval (1 or 10)"
+    )
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     workloads = args.only or (["mlp"] if args.quick else list(WORKLOADS))
     steps = 6 if args.quick else args.steps
     torch.set_num_threads(torch.get_num_threads())
     rows = []
     header = (
         "| workload | optimizer | every | symmetries | ratio | added/floor | added/step "
-        "| mem/params | time ok | mem ok |"
+        "| mem/params | peak+/params | fused | time ok | mem ok |"
     )
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU", file=sys.stderr)
+    where = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"torch {torch.__version__}, {where}", file=sys.stderr)
     print(header)
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 12)
     with tempfile.TemporaryDirectory() as tmp:
         for workload in workloads:
             for opt_name in OPTIMIZERS:
-                for every in (1, 10):
-                    row = run_case(workload, opt_name, every, steps, Path(tmp))
+                for every in args.every or (1, 10):
+                    row = run_case(workload, opt_name, every, steps, Path(tmp), args.device)
                     rows.append(row)
                     print(
                         f"| {row['workload']} | {row['optimizer']} | {row['every']} "
                         f"| {row['symmetries']} | {row['ratio']:.3f} | {row['added/floor']:.2f} "
-                        f"| {row['added/step']:.2%} | {row['mem/params']:.2f} | {row['time ok']} "
+                        f"| {row['added/step']:.2%} | {row['mem/params']:.2f} "
+                        f"| {row['peak+/params']:.2f} | {row['fused']} | {row['time ok']} "
                         f"| {row['mem ok']} |",
                         flush=True,
                     )

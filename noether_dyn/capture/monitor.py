@@ -26,8 +26,8 @@ import torch
 
 from noether_dyn.optimizers import OptimizerAdapter, adapter_for
 from noether_dyn.optimizers.base import GroupHyper
-from noether_dyn.quantities.charges import S_, STATS, ChargeMatrix
-from noether_dyn.quantities.lagrangian import kinetic_coefficients, l2_coefficients
+from noether_dyn.quantities.charges import COL, S_, STATS, ChargeMatrix
+from noether_dyn.quantities.fused import StatsProgram
 from noether_dyn.quantities.reductions import (
     DTensor,
     dots,
@@ -36,6 +36,7 @@ from noether_dyn.quantities.reductions import (
     sq_norms,
     sums,
 )
+from noether_dyn.quantities.step_rows import StepRows, hyper_matrix
 from noether_dyn.quantities.theory import ChargePredictor, regime_for
 from noether_dyn.store.schema import SCHEMA_VERSION
 from noether_dyn.store.writer import RunWriter
@@ -43,6 +44,8 @@ from noether_dyn.symmetries.symmetry import Symmetry
 
 _ATTR = "_noether_dyn_monitor"
 STATE_VERSION = 1
+FUSED_MIN_NUMEL = 1_000_000
+"""With ``fused=None`` the compiled statistics are used from this many parameter entries on."""
 
 
 class MonitorFailure(RuntimeWarning):
@@ -73,6 +76,7 @@ class Monitor:
         resume: bool = False,
         overwrite: bool = False,
         snapshot: bool = False,
+        fused: bool | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -91,6 +95,8 @@ class Monitor:
             )
         if resume and overwrite:
             raise ValueError("watch: resume=True and overwrite=True contradict; choose one.")
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"watch: fused must be None, True or False, got {fused!r}.")
         previous = getattr(optimizer, _ATTR, None)
         if previous is not None and previous() is not None and not previous()._closed:
             raise RuntimeError(
@@ -115,6 +121,7 @@ class Monitor:
         self._symmetries = _check_symmetries(symmetries, index, model)
         self._matrix = ChargeMatrix(self._symmetries, index, self.device)
         self._group_index = self._to_device(self.group_of, torch.long)
+        self._step_rows = StepRows(self._matrix, self._group_index, len(optimizer.param_groups))
         self._numel = self._to_device([float(p.numel()) for p in self.params], torch.float64)
         self._local_numel = self._to_device(
             [float(p.numel()) for p in local(self.params)], torch.float64
@@ -128,6 +135,14 @@ class Monitor:
         )
         self._snap: dict[int, torch.Tensor] | None = None
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        if fused is None:
+            fused = (
+                self.device.type in ("cpu", "cuda")
+                and sum(p.numel() for p in self.params) >= FUSED_MIN_NUMEL
+            )
+        self.fused = bool(fused) and not snapshot
+        self._programs: dict[tuple, StatsProgram] = {}
+        self._compiled_ok = False
 
         self.step = 0
         self.time = 0.0
@@ -352,11 +367,22 @@ class Monitor:
         rebuild = [
             self.adapter.can_reconstruct(g) and not self.snapshot for g in optimizer.param_groups
         ]
-        ctx: dict[str, Any] = {"hypers": hypers, "logged": logged, "rebuild": rebuild}
+        fused = (
+            self.fused
+            and logged
+            and all(rebuild)
+            and (_has_closure(args, kwargs) or all(p.grad is not None for p in self.params))
+        )
+        ctx: dict[str, Any] = {
+            "hypers": hypers,
+            "logged": logged,
+            "rebuild": rebuild,
+            "fused": fused,
+        }
         with torch.no_grad():
             if need_dq and not all(rebuild):
                 self._take_snapshot(rebuild)
-            if logged:
+            if logged and not fused:
                 ctx["qq"] = sq_norms(self.params, self.device)
                 ctx["qs"] = self._subset(sums, self._matrix.translation_tensors, self.params)
                 if not _has_closure(args, kwargs):  # the step will use the gradients held now
@@ -398,9 +424,69 @@ class Monitor:
         loss: torch.Tensor | None,
     ) -> None:
         dev = self.device
+        hyper = hyper_matrix(hypers, dev)
+        fused = self._fused_stats(optimizer, hyper) if ctx["fused"] else None
+        if fused is None:
+            stats, rows = self._eager_stats(optimizer, ctx), None
+        else:
+            stats, rows = fused
+        if self._sharded:  # every statistic but NUMEL is a sum over entries: add the shards
+            stats[:, S_["NUMEL"]] = 0.0
+            torch.distributed.all_reduce(stats)
+            stats[:, S_["NUMEL"]] = self._numel
+            if loss is not None:
+                loss = loss.detach().to(dtype=torch.float64).clone()
+                torch.distributed.all_reduce(loss)
+                loss = loss / torch.distributed.get_world_size()
+        if rows is None:
+            rows = self._step_rows(stats, hyper)
+        summary, group_device, charge_rows, tensor_rows = rows
+
+        ctx["grad_sq"] = stats[:, S_["GG"]]  # reused by the prediction
+        ctx["update_sq"] = stats[:, S_["DD"]]
+        loss_t = (
+            loss.detach().reshape(1).to(device=dev, dtype=torch.float64, non_blocking=True)
+            if loss is not None
+            else self._nan.reshape(1)
+        )
+        device_row = torch.cat([loss_t, summary])
+        h0 = hypers[0] if hypers else GroupHyper(0.0, 0.0, 0.0, False)
+        host_row = [
+            float(self.step),
+            self.time,
+            h0.lr,
+            self._log_prefactor[0] if hypers else 0.0,
+            time.monotonic() - self._t0,
+        ]
+        group_host = [
+            [float(g), h.lr, h.beta, h.weight_decay, h.mass, self._log_prefactor[g]]
+            for g, h in enumerate(hypers)
+        ]
+        if charge_rows is not None:
+            if self._predictor.value is None:
+                self._predictor.start(self._matrix.charges(stats[:, S_["QQ"]], stats[:, S_["QS"]]))
+            charge_rows[:, COL["predicted"]] = self._predictor.value
+        self._rows.append(
+            (
+                host_row,
+                device_row,
+                group_host,
+                group_device,
+                charge_rows,
+                loss is not None,
+                tensor_rows,
+            )
+        )
+
+    def _eager_stats(self, optimizer: torch.optim.Optimizer, ctx: dict[str, Any]) -> torch.Tensor:
+        """The (n_tensors, len(STATS)) statistics from foreach reductions over the rebuilt (or
+        snapshot) update, with q_n's reductions read in the pre-hook when it ran them."""
         active = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [p.grad for p in self.params]
         dq, gdq, inv_metric = self._updates(optimizer, ctx["rebuild"], active, with_metric=True)
+        if "qq" not in ctx:  # the pre-hook left q_n to the fused path, which could not run
+            self._read_solved_q(ctx, dq)
+
         has_grad = set(active)
         sym = [i for i in self._matrix.tensors if i in has_grad]
         trans = [i for i in self._matrix.translation_tensors if i in has_grad]
@@ -425,78 +511,69 @@ class Monitor:
         cols["DS"] = self._subset(sums, trans, dq)
         cols["GDS"] = self._subset(sums, trans, gdq)
         cols["IG"] = inv_metric
-        stats = torch.stack([cols[k] for k in STATS], dim=1)
-        if self._sharded:  # every statistic but NUMEL is a sum over entries: add the shards
-            numel = stats[:, S_["NUMEL"]].clone()
-            stats[:, S_["NUMEL"]] = 0.0
-            torch.distributed.all_reduce(stats)
-            stats[:, S_["NUMEL"]] = numel
-            cols = {k: stats[:, i] for k, i in S_.items()}
-            if loss is not None:
-                loss = loss.detach().to(dtype=torch.float64).clone()
-                torch.distributed.all_reduce(loss)
-                loss = loss / torch.distributed.get_world_size()
+        return torch.stack([cols[k] for k in STATS], dim=1)
 
-        ctx["grad_sq"], ctx["update_sq"] = cols["GG"], cols["DD"]  # reused by the prediction
-        kin_coef = kinetic_coefficients(hypers)
-        l2_coef = l2_coefficients(hypers)
-        per_tensor_kin = self._per_tensor(kin_coef) * cols["GDD"]
-        per_tensor_l2 = self._per_tensor(l2_coef) * cols["QQ"]
-        kinetic_g = torch.zeros(self._n_groups, dtype=torch.float64, device=dev).index_add_(
-            0, self._group_index, per_tensor_kin
-        )
-        l2_g = torch.zeros(self._n_groups, dtype=torch.float64, device=dev).index_add_(
-            0, self._group_index, per_tensor_l2
-        )
-        loss_t = (
-            loss.to(device=dev, dtype=torch.float64, non_blocking=True)
-            if loss is not None
-            else self._nan
-        )
-        device_row = torch.stack(
-            [
-                loss_t,
-                l2_g.sum(),
-                kinetic_g.sum(),
-                cols["QQ"].sum().sqrt(),
-                cols["GG"].sum().sqrt(),
-                cols["DD"].sum().sqrt(),
-            ]
-        )
-        h0 = hypers[0] if hypers else GroupHyper(0.0, 0.0, 0.0, False)
-        host_row = [
-            float(self.step),
-            self.time,
-            h0.lr,
-            self._log_prefactor[0] if hypers else 0.0,
-            time.monotonic() - self._t0,
-        ]
-        group_host = [
-            [float(g), h.lr, h.beta, h.weight_decay, h.mass, self._log_prefactor[g]]
-            for g, h in enumerate(hypers)
-        ]
-        group_device = torch.stack([kinetic_g, l2_g], dim=1)
+    def _read_solved_q(self, ctx: dict[str, Any], dq: list[torch.Tensor | None]) -> None:
+        """|q_n|^2 and sum(q_n) with q_n = q_{n+1} - dq solved for (a tensor without an update
+        kept q_n = q_{n+1})."""
+        q0 = [p if u is None else p - u for p, u in zip(self.params, dq)]
+        ctx["qq"] = sq_norms(q0, self.device)
+        ctx["qs"] = self._subset(sums, self._matrix.translation_tensors, q0)
 
-        charge_rows = None
-        if len(self._matrix):
-            if self._predictor.value is None:
-                self._predictor.start(self._matrix.charges(cols["QQ"], cols["QS"]))
-            eta, lam, beta = self._tensor_hypers(hypers)
-            charge_rows = self._matrix.rows(stats, eta, lam, beta, self._predictor.value)
-        tensor_rows = torch.stack(
-            [cols["QQ"], cols["GG"], cols["DD"], cols["GDD"], cols["IG"] / cols["NUMEL"]], dim=1
-        )
-        self._rows.append(
-            (
-                host_row,
-                device_row,
-                group_host,
-                group_device,
-                charge_rows,
-                loss is not None,
-                tensor_rows,
+    def _fused_stats(
+        self, optimizer: torch.optim.Optimizer, hyper: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple | None] | None:
+        """The statistics (and, unless they must first be reduced over ranks, the stored rows)
+        from the compiled program, or None when this step cannot use it (a tensor without
+        gradient or state, a group without an elementwise rule, or a failed compile: then it
+        warns once and the monitor stays on the eager path)."""
+        if any(p.grad is None for p in self.params):
+            return None
+        steps = []
+        for g, group in enumerate(optimizer.param_groups):
+            params = [self.params[i] for i, gi in enumerate(self.group_of) if gi == g]
+            if not params:
+                continue
+            step = self.adapter.fused_step(optimizer, group, params, self.device)
+            if step is None:
+                return None
+            steps.append((step, len(params)))
+        rules = [s.rule for s, n in steps for _ in range(n)]
+        states = [tuple(local(list(st))) for s, _ in steps for st in s.states]
+        coef = steps[0][0].coef if len(steps) == 1 else torch.cat([s.coef for s, _ in steps])
+        key = tuple(rules)
+        program = self._programs.get(key)
+        if program is None:
+            sym = set(self._matrix.tensors)
+            trans = set(self._matrix.translation_tensors)
+            n = len(self.params)
+            program = StatsProgram(
+                rules,
+                [i in trans for i in range(n)],
+                [i in sym for i in range(n)],
+                rows=None if self._sharded else self._step_rows,
             )
-        )
+            self._programs[key] = program
+        try:
+            stats, rows = program(
+                local(self.params), local([p.grad for p in self.params]), states, coef, hyper
+            )
+        except Exception as exc:
+            if self._compiled_ok:
+                raise
+            self.fused = False
+            warnings.warn(
+                "noether-dyn: the fused statistics could not be compiled "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the "
+                "monitor goes on with the eager path (pass fused=False to skip the attempt).",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return None
+        self._compiled_ok = True
+        if self._sharded:  # the program counted the local entries
+            stats[:, S_["NUMEL"]] = self._numel
+        return stats, rows
 
     def _advance_prediction(
         self, optimizer: torch.optim.Optimizer, hypers: list[GroupHyper], ctx: dict[str, Any]
@@ -601,13 +678,6 @@ class Monitor:
             for i, u, v in zip(pos, upd, prods):
                 dq[i], gdq[i] = u, v
         return dq, gdq, inv
-
-    def _tensor_hypers(self, hypers: list[GroupHyper]) -> tuple[torch.Tensor, ...]:
-        return (
-            self._per_tensor([h.lr for h in hypers]),
-            self._per_tensor([h.weight_decay for h in hypers]),
-            self._per_tensor([h.beta for h in hypers]),
-        )
 
     def _to_device(self, values: Any, dtype: torch.dtype) -> torch.Tensor:
         """Host values as a device tensor without a blocking copy (nothing waits on it)."""

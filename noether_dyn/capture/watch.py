@@ -28,6 +28,7 @@ def watch(
     resume: bool = False,
     overwrite: bool = False,
     snapshot: bool = False,
+    fused: bool | None = None,
 ) -> Monitor:
     """Watch ``optimizer`` training ``model``; returns the :class:`Monitor` (a context manager).
 
@@ -52,6 +53,12 @@ def watch(
             (1x parameter memory), instead of rebuilding dq from the optimizer's state (SGD,
             RMSprop, Adam, AdamW, Adagrad; no memory held). Both agree to the rounding of
             q_{n+1}; other optimizers always use snapshots.
+        fused: compute a logged step's statistics in one compiled program (``torch.compile``:
+            one pass over q, g and the optimizer's state instead of 10-25) for SGD, RMSprop,
+            Adam, AdamW and Adagrad when dq is rebuilt. The first logged step compiles it (seconds
+            to a minute, cached on disk by Inductor). None (default) turns it on for models of
+            at least 1M parameters on CPU or CUDA. If compiling fails the monitor warns once and
+            goes on with the eager path.
     """
     if run_dir is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -91,4 +98,5 @@ def watch(
         resume=resume,
         overwrite=overwrite,
         snapshot=snapshot,
+        fused=fused,
     )

@@ -8,14 +8,20 @@ from __future__ import annotations
 import torch
 
 from noether_dyn.optimizers.base import (
+    FusedStep,
     GroupHyper,
     Metric,
     OptimizerAdapter,
     Update,
+    coef_rows,
     grads_of,
     scalar,
 )
-from noether_dyn.optimizers.rmsprop import _preconditioned_step
+from noether_dyn.optimizers.rmsprop import (
+    _preconditioned_step,
+    preconditioned_rule,
+    undecayed_rule,
+)
 
 
 class AdagradAdapter(OptimizerAdapter):
@@ -56,6 +62,26 @@ class AdagradAdapter(OptimizerAdapter):
 
     def can_reconstruct(self, group: dict) -> bool:
         return not group.get("lr_decay", 0.0)
+
+    def fused_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict,
+        params: list[torch.Tensor],
+        device: torch.device,
+    ) -> FusedStep | None:
+        if not self.can_reconstruct(group):
+            return None
+        states = [optimizer.state.get(p) for p in params]
+        if not all(st and "sum" in st for st in states):
+            return None
+        lr = scalar(group["lr"])
+        wd = scalar(group.get("weight_decay", 0.0))
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        row = [-lr, sign, wd, float(group["eps"]), lr * wd]
+        tensors = [(st["sum"],) for st in states]
+        rule = preconditioned_rule if wd else undecayed_rule
+        return FusedStep(rule, tensors, coef_rows([row] * len(params), device))
 
     def update(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]

@@ -12,14 +12,41 @@ import math
 import torch
 
 from noether_dyn.optimizers.base import (
+    FusedStep,
     GroupHyper,
     Metric,
     OptimizerAdapter,
     Update,
+    coef_rows,
     scalar,
     solve_decay,
     step_count,
 )
+from noether_dyn.quantities.fused import COEF_WIDTH
+
+
+def adam_rule(q1, g, state, c):
+    """G = sqrt(v) c1 + c3 (c1 = 1 / sqrt(1 - beta2^k), c3 = eps); dq = c0 m / G + c2 q1, with
+    c0 = -lr / (1 - beta1^k) / (1 - d) and c2 = -d / (1 - d), d = lr lambda when decoupled."""
+    m, v = state
+    dt = q1.dtype
+    metric = v.sqrt() * c[1].to(dt) + c[3].to(dt)
+    inverse = metric.reciprocal()
+    return (m * inverse) * c[0].to(dt) + q1 * c[2].to(dt), metric, inverse
+
+
+def _steps(group: dict, states: list) -> list[float | torch.Tensor]:
+    """Each parameter's step count as the optimizer does its bias corrections with: a host float
+    (plain Adam), a device tensor in its own dtype (capturable: float32 arithmetic), or a
+    float64 device tensor (``fused=True``, whose kernels form the corrections in double)."""
+    fused = bool(group.get("fused"))
+    out = []
+    for st in states:
+        k = step_count(st)
+        if isinstance(k, torch.Tensor) and fused:
+            k = k.to(torch.float64)
+        out.append(k)
+    return out
 
 
 class AdamAdapter(OptimizerAdapter):
@@ -47,12 +74,12 @@ class AdamAdapter(OptimizerAdapter):
         states = [optimizer.state.get(p) for p in params]
         if not all(st and key in st for st in states):  # before the first step of some param
             return [
-                _denominator(st[key], step_count(st), beta2, eps)
+                _denominator(st[key], _steps(group, [st])[0], beta2, eps)
                 if st and key in st
                 else torch.ones_like(p)
                 for p, st in zip(params, states)
             ]
-        steps = [step_count(st) for st in states]
+        steps = _steps(group, states)
         if any(isinstance(k, torch.Tensor) for k in steps):  # capturable: counts on the device
             return [_denominator(st[key], k, beta2, eps) for st, k in zip(states, steps)]
         out = torch._foreach_sqrt([st[key] for st in states])
@@ -63,6 +90,51 @@ class AdamAdapter(OptimizerAdapter):
     def can_reconstruct(self, group: dict) -> bool:
         return True
 
+    def fused_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict,
+        params: list[torch.Tensor],
+        device: torch.device,
+    ) -> FusedStep | None:
+        hyper = self.hyper(optimizer, group)
+        beta1, beta2 = scalar(group["betas"][0]), scalar(group["betas"][1])
+        eps = float(group["eps"])
+        key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+        states = [optimizer.state.get(p) for p in params]
+        if not all(st and key in st and "exp_avg" in st for st in states):
+            return None
+        d = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
+        tensors = [(st["exp_avg"], st[key]) for st in states]
+        steps = _steps(group, states)
+        if not any(isinstance(k, torch.Tensor) for k in steps):
+            rows = [
+                [
+                    -hyper.lr / (1.0 - beta1**k) / (1.0 - d),
+                    1.0 / math.sqrt(1.0 - beta2**k),
+                    -d / (1.0 - d),
+                    eps,
+                ]
+                for k in steps
+            ]
+            return FusedStep(adam_rule, tensors, coef_rows(rows, device))
+        # capturable or fused Adam: step counts live on the device; the bias corrections are
+        # formed in the dtype the optimizer uses (see _steps), then widened
+        k = torch.stack(
+            [
+                s.to(device) if isinstance(s, torch.Tensor) else torch.tensor(s).to(device)
+                for s in steps
+            ]
+        )
+        step_size = (-hyper.lr / (1.0 - torch.pow(beta1, k))).to(torch.float64)
+        bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, k)).to(torch.float64)
+        coef = torch.zeros(len(params), COEF_WIDTH, dtype=torch.float64, device=device)
+        coef[:, 0] = step_size / (1.0 - d)
+        coef[:, 1] = bc2_sqrt.reciprocal()
+        coef[:, 2] = -d / (1.0 - d)
+        coef[:, 3] = eps
+        return FusedStep(adam_rule, tensors, coef)
+
     def update(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
     ) -> Update:
@@ -72,7 +144,7 @@ class AdamAdapter(OptimizerAdapter):
         metric = self.metric(optimizer, group, params)
         states = [optimizer.state[p] for p in params]
         exp_avgs = [st["exp_avg"] for st in states]
-        scales = [-hyper.lr / (1.0 - beta1 ** step_count(st)) for st in states]
+        scales = [-hyper.lr / (1.0 - beta1**k) for k in _steps(group, states)]
         decay = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
         if any(isinstance(c, torch.Tensor) for c in scales):  # capturable: counts on the device
             step = [torch.div(m, g).mul_(c) for m, g, c in zip(exp_avgs, metric, scales)]

@@ -15,6 +15,8 @@ from typing import ClassVar
 
 import torch
 
+from noether_dyn.quantities.fused import COEF_WIDTH, Rule
+
 Metric = list[torch.Tensor] | float | None
 """Diagonal of G per parameter (same shapes), an isotropic factor c (G = c I), or None (G = I)."""
 
@@ -61,6 +63,32 @@ def scalar(x: float | torch.Tensor) -> float:
     return float(x)
 
 
+@dataclass(frozen=True)
+class FusedStep:
+    """One param group's update in elementwise form, for the compiled statistics program
+    (:mod:`noether_dyn.quantities.fused`).
+
+    rule: ``rule(q1, g, state, c) -> (dq, G)`` for one tensor (a module-level function: it is
+    part of the compiled program's identity). states: per parameter, the state tensors the rule
+    reads. coef: (len(params), COEF_WIDTH) float64 on the parameters' device, the row c of each
+    parameter (built without a host-device sync).
+    """
+
+    rule: Rule
+    states: list[tuple[torch.Tensor, ...]]
+    coef: torch.Tensor
+
+
+def coef_rows(rows: list[list[float]], device: torch.device) -> torch.Tensor:
+    """Host coefficient rows, zero-padded to COEF_WIDTH, as a device tensor (non-blocking)."""
+    padded = [row + [0.0] * (COEF_WIDTH - len(row)) for row in rows]
+    return (
+        torch.tensor(padded, dtype=torch.float64)
+        .reshape(-1, COEF_WIDTH)
+        .to(device, non_blocking=True)
+    )
+
+
 class OptimizerAdapter:
     """Reads one optimizer family. Subclasses set ``name``, ``metric_name`` and ``optimizers``."""
 
@@ -99,6 +127,18 @@ class OptimizerAdapter:
         """|dq|^2 per parameter (float64, shape (len(params),)) straight from the optimizer's
         state when the update is a scaled state tensor (heavy-ball momentum buffers), else None
         (the caller then forms dq with :meth:`update`)."""
+        return None
+
+    def fused_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict,
+        params: list[torch.Tensor],
+        device: torch.device,
+    ) -> FusedStep | None:
+        """The step just taken as an elementwise rule over ``params`` (all with a gradient and
+        optimizer state), or None when this group's update has no such form here (the monitor
+        then uses :meth:`update`). Must agree with :meth:`update`."""
         return None
 
     def update(

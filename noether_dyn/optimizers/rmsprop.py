@@ -9,13 +9,43 @@ from __future__ import annotations
 import torch
 
 from noether_dyn.optimizers.base import (
+    FusedStep,
     GroupHyper,
     Metric,
     OptimizerAdapter,
     Update,
+    coef_rows,
     grads_of,
     scalar,
 )
+
+
+def _rms_metric(state, c):
+    v = state[0]
+    if len(state) == 2:  # centered: v - gbar^2
+        v = v - state[1] * state[1]
+    return v.sqrt() + c[3].to(v.dtype)
+
+
+def rms_momentum_rule(q1, g, state, c):
+    """dq = c0 b (c0 = -lr); G = sqrt(v [- gbar^2]) + c3; state (b, v[, gbar])."""
+    return state[0] * c[0].to(q1.dtype), _rms_metric(state[1:], c), None
+
+
+def preconditioned_rule(q1, g, state, c):
+    """dq = c0 (c1 g + c2 q1) / (G - c4) with c0 = -lr, c1 = -1 when maximizing else 1,
+    c2 = lambda, c4 = lr lambda; G = sqrt(v [- gbar^2]) + c3; state (v[, gbar])."""
+    dt = q1.dtype
+    metric = _rms_metric(state, c)
+    num = g * c[1].to(dt) + q1 * c[2].to(dt)
+    return (num / (metric - c[4].to(dt))) * c[0].to(dt), metric, None
+
+
+def undecayed_rule(q1, g, state, c):
+    """:func:`preconditioned_rule` without weight decay (one division per entry)."""
+    metric = _rms_metric(state, c)
+    inverse = metric.reciprocal()
+    return (g * inverse) * (c[0] * c[1]).to(q1.dtype), metric, inverse
 
 
 class RMSpropAdapter(OptimizerAdapter):
@@ -50,6 +80,30 @@ class RMSpropAdapter(OptimizerAdapter):
 
     def can_reconstruct(self, group: dict) -> bool:
         return True
+
+    def fused_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict,
+        params: list[torch.Tensor],
+        device: torch.device,
+    ) -> FusedStep | None:
+        lr = scalar(group["lr"])
+        wd = scalar(group.get("weight_decay", 0.0))
+        eps = float(group["eps"])
+        centered = bool(group.get("centered", False))
+        momentum = scalar(group.get("momentum", 0.0))
+        keys = ["square_avg"] + (["grad_avg"] if centered else [])
+        if momentum:
+            keys = ["momentum_buffer", *keys]
+        states = [optimizer.state.get(p) for p in params]
+        if not all(st and all(k in st for k in keys) for st in states):
+            return None
+        tensors = [tuple(st[k] for k in keys) for st in states]
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        row = [-lr, sign, wd, eps, lr * wd]
+        rule = rms_momentum_rule if momentum else preconditioned_rule if wd else undecayed_rule
+        return FusedStep(rule, tensors, coef_rows([row] * len(params), device))
 
     def update(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]

@@ -10,15 +10,32 @@ from __future__ import annotations
 import torch
 
 from noether_dyn.optimizers.base import (
+    FusedStep,
     GroupHyper,
     Metric,
     OptimizerAdapter,
     Update,
+    coef_rows,
     grads_of,
     scalar,
     solve_decay,
 )
 from noether_dyn.quantities.reductions import sq_norms
+
+
+def heavy_ball_rule(q1, g, state, c):
+    """dq = c0 b (c0 = -lr, b the momentum buffer after the step); G = c1 I."""
+    (buf,) = state
+    return buf * c[0].to(buf.dtype), c[1], None
+
+
+def direct_rule(q1, g, state, c):
+    """Plain SGD or Nesterov with the decay solved for: dq = c0 g [+ c1 b] + c2 q1; G = c3 I."""
+    dt = q1.dtype
+    step = g * c[0].to(dt)
+    if state:
+        step = step + state[0] * c[1].to(dt)
+    return step + q1 * c[2].to(dt), c[3], None
 
 
 class SGDAdapter(OptimizerAdapter):
@@ -56,6 +73,29 @@ class SGDAdapter(OptimizerAdapter):
             return None
         bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
         return sq_norms(bufs, device) * scalar(group["lr"]) ** 2  # dq = -lr b
+
+    def fused_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        group: dict,
+        params: list[torch.Tensor],
+        device: torch.device,
+    ) -> FusedStep | None:
+        lr = scalar(group["lr"])
+        momentum = scalar(group.get("momentum", 0.0))
+        wd = scalar(group.get("weight_decay", 0.0))
+        metric = self.metric(optimizer, group, params)
+        c_metric = 1.0 if metric is None else float(metric)
+        if momentum and not group.get("nesterov", False):
+            states = [(optimizer.state[p]["momentum_buffer"],) for p in params]
+            return FusedStep(
+                heavy_ball_rule, states, coef_rows([[-lr, c_metric]] * len(params), device)
+            )
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        k = 1.0 - lr * wd  # dq = (-lr (s g + momentum b) - lr wd q_{n+1}) / (1 - lr wd)
+        row = [-lr * sign / k, -lr * momentum / k, -lr * wd / k, c_metric]
+        states = [(optimizer.state[p]["momentum_buffer"],) if momentum else () for p in params]
+        return FusedStep(direct_rule, states, coef_rows([row] * len(params), device))
 
     def update(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]

@@ -1,0 +1,78 @@
+"""What a logged step stores, computed from its per-tensor statistics (all on the device).
+
+One function of the (n_tensors, len(STATS)) statistics and a (n_groups, len(HYPER_COLUMNS))
+matrix of the step's constants, so that it can run eagerly or inside the compiled statistics
+program (:mod:`noether_dyn.quantities.fused`) without a host round trip. The Lagrangian terms
+follow THEORY.md §2 (see :mod:`noether_dyn.quantities.lagrangian`), the charge rows §3
+(:meth:`ChargeMatrix.rows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from noether_dyn.optimizers.base import GroupHyper
+from noether_dyn.quantities.charges import S_, ChargeMatrix
+from noether_dyn.quantities.lagrangian import kinetic_coefficients, l2_coefficients
+
+HYPER_COLUMNS = ("kinetic", "l2", "lr", "weight_decay", "beta")
+"""Per group: T / (dq^T G dq), V_L2 / |q|^2, eta, lambda, beta."""
+
+
+def hyper_matrix(hypers: Sequence[GroupHyper], device: torch.device) -> torch.Tensor:
+    """The (n_groups, len(HYPER_COLUMNS)) float64 constants of a step, copied without a sync."""
+    values = [
+        [k, l2, h.lr, h.weight_decay, h.beta]
+        for k, l2, h in zip(kinetic_coefficients(hypers), l2_coefficients(hypers), hypers)
+    ]
+    matrix = torch.tensor(values, dtype=torch.float64).reshape(-1, len(HYPER_COLUMNS))
+    return matrix.to(device, non_blocking=True)
+
+
+class StepRows:
+    """Turns a step's statistics into its stored rows.
+
+    Args:
+        matrix: the symmetries' sign matrix over the tensors.
+        group_index: (n_tensors,) long, each tensor's param group, on the device.
+        n_groups: number of param groups.
+
+    Calling it with ``stats`` (n_tensors, len(STATS)) and ``hyper`` (n_groups, 5) returns
+    ``(summary, groups, charges, tensors)``: summary (5,) = L2 term of V, kinetic T, |q|, |g|,
+    |dq| over all tensors; groups (n_groups, 2) = kinetic, L2 per group; charges
+    (n_symmetries, 11) or None without symmetries (its ``predicted`` column is 0: the caller
+    fills it); tensors (n_tensors, 5) = |q|^2, |g|^2, |dq|^2, dq^T G dq, mean 1/G_ii.
+    """
+
+    def __init__(self, matrix: ChargeMatrix, group_index: torch.Tensor, n_groups: int) -> None:
+        self.matrix = matrix
+        self.group_index = group_index
+        self.n_groups = n_groups
+
+    def __call__(
+        self, stats: torch.Tensor, hyper: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        col = {k: stats[:, i] for k, i in S_.items()}
+        per_tensor = hyper[self.group_index]
+        zeros = torch.zeros(self.n_groups, dtype=torch.float64, device=stats.device)
+        kinetic = zeros.index_add(0, self.group_index, per_tensor[:, 0] * col["GDD"])
+        l2 = zeros.index_add(0, self.group_index, per_tensor[:, 1] * col["QQ"])
+        summary = torch.stack(
+            [
+                l2.sum(),
+                kinetic.sum(),
+                col["QQ"].sum().sqrt(),
+                col["GG"].sum().sqrt(),
+                col["DD"].sum().sqrt(),
+            ]
+        )
+        charges = None
+        if len(self.matrix):
+            eta, lam, beta = per_tensor[:, 2], per_tensor[:, 3], per_tensor[:, 4]
+            charges = self.matrix.rows(stats, eta, lam, beta, None)
+        tensors = torch.stack(
+            [col["QQ"], col["GG"], col["DD"], col["GDD"], col["IG"] / col["NUMEL"]], dim=1
+        )
+        return summary, torch.stack([kinetic, l2], dim=1), charges, tensors
