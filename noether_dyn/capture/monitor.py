@@ -3,9 +3,11 @@
 Data flow per step n (THEORY.md §1-3): the pre-hook reads the rates of step n (after schedulers)
 and, when step n is logged or a prediction needs the update, copies q_n; the post-hook forms
 dq_n = q_{n+1} - q_n, reads g_n and the metric G the optimizer used, reduces everything to
-per-tensor float64 statistics in a few stacked reductions, and keeps the resulting rows on the
-device. Nothing crosses to the host until a flush (every ``flush_every`` logged steps or
-``flush_seconds`` seconds, at ``state_dict()`` and at ``close()``).
+per-tensor float64 statistics in a few stacked reductions (or, with ``fused``, in one compiled
+program that reads q, g and the optimizer's state once: noether_dyn.quantities.fused), and keeps
+the resulting rows on the device. Nothing crosses to the host until a flush (every
+``flush_every`` logged steps or ``flush_seconds`` seconds, at ``state_dict()`` and at
+``close()``).
 """
 
 from __future__ import annotations
