@@ -3,10 +3,16 @@
 For each case, in one process: a monitored and an unmonitored copy of the same model and
 optimizer take steps in alternation (forward, backward, optimizer step), and the script prints
 - ``ratio``: median monitored step time / median unmonitored step time;
-- ``added/floor``: the monitor's added time per step against the floor, one
+- ``added/floor``: the monitor's added time per step (the median of the paired differences of
+  whole steps, monitored minus unmonitored, taken next to each other) against the floor, one
   ``torch._foreach_norm`` pass over the parameters and one over the gradients (the least a
-  per-step monitor must read), timed in the same process;
-- ``added/step``: the added time as a fraction of the unmonitored step;
+  per-step monitor must read), timed in the same process and warm (repeated back to back);
+- ``added/floor in step``: the same against the floor timed where a monitor runs, right after a
+  training step's ``opt.step()`` (the data no longer warm); the targets use the warm floor;
+- ``added/step``: the added time as a fraction of the unmonitored step, and ``+-`` its standard
+  error (1.2533 x 1.4826 x MAD / sqrt(n), the normal approximation for a median);
+- ``hook/step``: the same difference for the ``optimizer.step()`` call alone (where the hooks
+  run): less noisy, but blind to what the hooks cost the next forward pass (evicted caches);
 - ``mem/params``: bytes the monitor holds beyond the run (snapshots, caches) over parameter bytes;
 - ``peak+/params`` (CUDA only): how much higher the peak allocation of a monitored step is than
   that of an unmonitored one, over parameter bytes (transient temporaries);
@@ -122,7 +128,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, x, y, monitor=None) -> float:
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x, y, monitor=None) -> tuple[float, float]:
+    """One training step; returns its time and the time of its ``opt.step()`` (s)."""
     device = x.device
     _sync(device)
     t0 = time.perf_counter()
@@ -131,23 +138,39 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x, y, monitor=None) -> f
     loss.backward()
     if monitor is not None:
         monitor.log_loss(loss)
+    _sync(device)
+    t1 = time.perf_counter()
     opt.step()
+    _sync(device)
+    t2 = time.perf_counter()
+    return t2 - t0, t2 - t1
+
+
+def _floor_pass(model: nn.Module) -> float:
+    """One ``torch._foreach_norm`` pass over the parameters and one over the gradients (s)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    device = params[0].device
+    _sync(device)
+    t0 = time.perf_counter()
+    torch._foreach_norm(params)
+    torch._foreach_norm(grads)
     _sync(device)
     return time.perf_counter() - t0
 
 
 def _floor(model: nn.Module) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    grads = [p.grad for p in params]
-    device = params[0].device
+    """The floor timed warm: the pass repeated back to back (the data stay in cache)."""
+    return statistics.median(_floor_pass(model) for _ in range(7))
+
+
+def _floor_in_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> float:
+    """The floor where a monitor runs: the pass right after a training step's ``opt.step()``
+    (forward and backward have passed through the caches since the parameters were read)."""
     times = []
     for _ in range(7):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch._foreach_norm(params)
-        torch._foreach_norm(grads)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        _step(model, opt, x, y)
+        times.append(_floor_pass(model))
     return statistics.median(times)
 
 
@@ -203,16 +226,22 @@ def run_case(
             without.append(elapsed)
             peak_without.append(peak)
 
-    for k in range(steps):
+    for k in range(steps):  # each pair in alternating order, so that drift cancels
         arm(k % 2 == 1)
         arm(k % 2 == 0)
     floor = _floor(model_a)
+    floor_in_step = _floor_in_step(model_b, opt_b, x, y)
     param_bytes = sum(p.numel() * p.element_size() for p in model_a.parameters())
     mem = _monitor_bytes(monitor) / param_bytes
     fused = monitor.fused
     monitor.close()
-    t_with, t_without = statistics.median(with_monitor), statistics.median(without)
-    added = t_with - t_without
+    t_with = statistics.median(t for t, _ in with_monitor)
+    t_without = statistics.median(t for t, _ in without)
+    diffs = [a[0] - b[0] for a, b in zip(with_monitor, without)]
+    added = statistics.median(diffs)
+    mad = statistics.median(abs(d - added) for d in diffs)
+    stderr = 1.2533 * 1.4826 * mad / len(diffs) ** 0.5
+    hook = statistics.median(a[1] - b[1] for a, b in zip(with_monitor, without))
     target = max(2 * floor, 0.02 * t_without)
     mem_target = 0.1 if opt_name in ("sgd-momentum", "adamw", "rmsprop") else 1.0
     return {
@@ -222,7 +251,10 @@ def run_case(
         "symmetries": len(symmetries),
         "ratio": t_with / t_without,
         "added/floor": added / floor,
+        "added/floor in step": added / floor_in_step,
         "added/step": added / t_without,
+        "+-": stderr / t_without,
+        "hook/step": hook / t_without,
         "mem/params": mem,
         "peak+/params": (max(peak_with) - max(peak_without)) / param_bytes
         if device.startswith("cuda")
@@ -250,8 +282,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(torch.get_num_threads())
     rows = []
     header = (
-        "| workload | optimizer | every | symmetries | ratio | added/floor | added/step "
-        "| mem/params | peak+/params | fused | time ok | mem ok |"
+        "| workload | optimizer | every | symmetries | ratio | added/floor | added/floor in step "
+        "| added/step | +- "
+        "| hook/step | mem/params | peak+/params | fused | time ok | mem ok |"
     )
     where = (
         torch.cuda.get_device_name(args.device)
@@ -260,7 +293,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(f"torch {torch.__version__}, {where}", file=sys.stderr)
     print(header)
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 15)
     with tempfile.TemporaryDirectory() as tmp:
         for workload in workloads:
             for opt_name in OPTIMIZERS:
@@ -270,7 +303,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(
                         f"| {row['workload']} | {row['optimizer']} | {row['every']} "
                         f"| {row['symmetries']} | {row['ratio']:.3f} | {row['added/floor']:.2f} "
-                        f"| {row['added/step']:.2%} | {row['mem/params']:.2f} "
+                        f"| {row['added/floor in step']:.2f} "
+                        f"| {row['added/step']:.2%} | {row['+-']:.2%} "
+                        f"| {row['hook/step']:.2%} | {row['mem/params']:.2f} "
                         f"| {row['peak+/params']:.2f} | {row['fused']} | {row['time ok']} "
                         f"| {row['mem ok']} |",
                         flush=True,

@@ -1,6 +1,7 @@
 """Distributed training on the CPU with gloo, 2 processes: DDP (replicated parameters: rank 0
 alone computes and writes) and FSDP2 (``fully_shard``: every rank reduces its shards, rank 0
-writes). Both must give the charges of a single-process run on the same global batch.
+writes; also with the compiled statistics, ``fused=True``, on the local shards). All must give
+the charges of a single-process run on the same global batch.
 
 float64; the processes see the same arithmetic as the single run except the order of the
 gradient all-reduce and of the sums over shards, so the runs agree to rounding: relative 1e-10.
@@ -76,11 +77,13 @@ def _worker(rank: int, world: int, rendezvous: str, run_dir: str, mode: str) -> 
             net, opt = model, make_opt(model)
         x, y = global_batch()
         half = slice(rank * 16, (rank + 1) * 16)
-        with nd.watch(model, opt, run_dir, symmetries=SYMS) as mon:
-            if mode == "fsdp":
+        fused = mode == "fsdp-fused"  # the compiled statistics of the local shards
+        with nd.watch(model, opt, run_dir, symmetries=SYMS, fused=fused) as mon:
+            if mode != "ddp":
                 assert mon._sharded
             assert (mon._writer is None) == (rank != 0)  # only rank 0 writes the store
             train(net, opt, mon, x[half], y[half])
+            assert mon._compiled_ok == fused
         dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
@@ -97,9 +100,9 @@ def single_run(tmp_path_factory):
     return nd.load_run(path)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-fused"])
 def test_distributed_charges_equal_single_process(mode, tmp_path, single_run):
-    if mode == "fsdp":
+    if mode != "ddp":
         pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
     run_dir = tmp_path / "run"
     rendezvous = str(tmp_path / "rendezvous")  # a file, not a port: no clash with other jobs
@@ -111,5 +114,5 @@ def test_distributed_charges_equal_single_process(mode, tmp_path, single_run):
     b = single_run.charges.sort_values(["step", "symmetry"])[cols].to_numpy()
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(run.steps["kinetic"], single_run.steps["kinetic"], rtol=1e-10)
-    if mode == "fsdp":  # the mean of the two local losses is the global-batch loss
+    if mode != "ddp":  # the mean of the two local losses is the global-batch loss
         np.testing.assert_allclose(run.steps["loss"], single_run.steps["loss"], rtol=1e-12)

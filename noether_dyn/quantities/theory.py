@@ -58,6 +58,7 @@ class ChargePredictor:
         self.value: torch.Tensor | None = None
         self.velocity: torch.Tensor | None = None
         self._is_trans: torch.Tensor | None = None
+        self._constants: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     @property
     def needs_grad_sq(self) -> bool:
@@ -91,11 +92,7 @@ class ChargePredictor:
         device = self.value.device
         trans = self.translation
         if self.regime == "momentum":
-            coef = torch.tensor(
-                [_propagator(e, b, l, t) for e, b, l, t in zip(eta, beta, lam, trans)],
-                dtype=torch.float64,
-            ).to(device, non_blocking=True)
-            eta_t = torch.tensor(eta, dtype=torch.float64).to(device, non_blocking=True)
+            coef, eta_t = self._momentum_constants(eta, beta, lam, device)
             is_trans = self._translation_mask(device)
             force = torch.where(is_trans, torch.zeros_like(update_sq), 2.0 * update_sq / eta_t**2)
             q, v = self.value, self.velocity
@@ -110,6 +107,19 @@ class ChargePredictor:
         if self.regime == "sgd":
             is_trans = self._translation_mask(device)
             self.value = self.value + torch.where(is_trans, torch.zeros_like(grad_sq), grad_sq)
+
+    def _momentum_constants(
+        self, eta: list[float], beta: list[float], lam: list[float], device: torch.device
+    ) -> tuple[torch.Tensor, ...]:
+        """The propagator rows and rates on the device, recomputed only when the step's
+        constants change (a schedule): a matrix exponential per symmetry is host work."""
+        key = (tuple(eta), tuple(beta), tuple(lam), device)
+        if self._constants is None or self._constants[0] != key:
+            rows = [_propagator(e, b, l, t) for e, b, l, t in zip(eta, beta, lam, self.translation)]
+            coef = torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)
+            eta_t = torch.tensor(eta, dtype=torch.float64).to(device, non_blocking=True)
+            self._constants = (key, (coef, eta_t))
+        return self._constants[1]
 
     def _translation_mask(self, device: torch.device) -> torch.Tensor:
         """The (n_symmetries,) bool mask of translation symmetries, built once on the device."""
