@@ -123,6 +123,10 @@ class Monitor:
         self._symmetries = _check_symmetries(symmetries, index, model)
         self._matrix = ChargeMatrix(self._symmetries, index, self.device)
         self._group_index = self._to_device(self.group_of, torch.long)
+        self._group_params = [
+            [p for p, gi in zip(self.params, self.group_of) if gi == g]
+            for g in range(len(optimizer.param_groups))
+        ]
         self._step_rows = StepRows(self._matrix, self._group_index, len(optimizer.param_groups))
         self._numel = self._to_device([float(p.numel()) for p in self.params], torch.float64)
         self._local_numel = self._to_device(
@@ -532,8 +536,7 @@ class Monitor:
         if any(p.grad is None for p in self.params):
             return None
         steps = []
-        for g, group in enumerate(optimizer.param_groups):
-            params = [self.params[i] for i, gi in enumerate(self.group_of) if gi == g]
+        for group, params in zip(optimizer.param_groups, self._group_params):
             if not params:
                 continue
             step = self.adapter.fused_step(optimizer, group, params, self.device)
@@ -573,8 +576,6 @@ class Monitor:
             )
             return None
         self._compiled_ok = True
-        if self._sharded:  # the program counted the local entries
-            stats[:, S_["NUMEL"]] = self._numel
         return stats, rows
 
     def _advance_prediction(

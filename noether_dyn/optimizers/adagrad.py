@@ -13,15 +13,10 @@ from noether_dyn.optimizers.base import (
     Metric,
     OptimizerAdapter,
     Update,
-    coef_rows,
     grads_of,
     scalar,
 )
-from noether_dyn.optimizers.rmsprop import (
-    _preconditioned_step,
-    preconditioned_rule,
-    undecayed_rule,
-)
+from noether_dyn.optimizers.rmsprop import _preconditioned_step, preconditioned_step
 
 
 class AdagradAdapter(OptimizerAdapter):
@@ -75,13 +70,7 @@ class AdagradAdapter(OptimizerAdapter):
         states = [optimizer.state.get(p) for p in params]
         if not all(st and "sum" in st for st in states):
             return None
-        lr = scalar(group["lr"])
-        wd = scalar(group.get("weight_decay", 0.0))
-        sign = -1.0 if group.get("maximize", False) else 1.0
-        row = [-lr, sign, wd, float(group["eps"]), lr * wd]
-        tensors = [(st["sum"],) for st in states]
-        rule = preconditioned_rule if wd else undecayed_rule
-        return FusedStep(rule, tensors, coef_rows([row] * len(params), device))
+        return preconditioned_step(group, [(st["sum"],) for st in states], device)
 
     def update(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]

@@ -35,18 +35,14 @@ def adam_rule(q1, g, state, c):
     return (m * inverse) * c[0].to(dt) + q1 * c[2].to(dt), metric, inverse
 
 
-def _steps(group: dict, states: list) -> list[float | torch.Tensor]:
-    """Each parameter's step count as the optimizer does its bias corrections with: a host float
+def _step(group: dict, state: dict) -> float | torch.Tensor:
+    """A parameter's step count as the optimizer does its bias corrections with: a host float
     (plain Adam), a device tensor in its own dtype (capturable: float32 arithmetic), or a
     float64 device tensor (``fused=True``, whose kernels form the corrections in double)."""
-    fused = bool(group.get("fused"))
-    out = []
-    for st in states:
-        k = step_count(st)
-        if isinstance(k, torch.Tensor) and fused:
-            k = k.to(torch.float64)
-        out.append(k)
-    return out
+    k = step_count(state)
+    if isinstance(k, torch.Tensor) and group.get("fused"):
+        return k.to(torch.float64)
+    return k
 
 
 class AdamAdapter(OptimizerAdapter):
@@ -74,12 +70,12 @@ class AdamAdapter(OptimizerAdapter):
         states = [optimizer.state.get(p) for p in params]
         if not all(st and key in st for st in states):  # before the first step of some param
             return [
-                _denominator(st[key], _steps(group, [st])[0], beta2, eps)
+                _denominator(st[key], _step(group, st), beta2, eps)
                 if st and key in st
                 else torch.ones_like(p)
                 for p, st in zip(params, states)
             ]
-        steps = _steps(group, states)
+        steps = [_step(group, st) for st in states]
         if any(isinstance(k, torch.Tensor) for k in steps):  # capturable: counts on the device
             return [_denominator(st[key], k, beta2, eps) for st, k in zip(states, steps)]
         out = torch._foreach_sqrt([st[key] for st in states])
@@ -106,7 +102,7 @@ class AdamAdapter(OptimizerAdapter):
             return None
         d = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
         tensors = [(st["exp_avg"], st[key]) for st in states]
-        steps = _steps(group, states)
+        steps = [_step(group, st) for st in states]
         if not any(isinstance(k, torch.Tensor) for k in steps):
             rows = [
                 [
@@ -119,7 +115,7 @@ class AdamAdapter(OptimizerAdapter):
             ]
             return FusedStep(adam_rule, tensors, coef_rows(rows, device))
         # capturable or fused Adam: step counts live on the device; the bias corrections are
-        # formed in the dtype the optimizer uses (see _steps), then widened
+        # formed in the dtype the optimizer uses (see _step), then widened
         k = torch.stack(
             [
                 s.to(device) if isinstance(s, torch.Tensor) else torch.tensor(s).to(device)
@@ -144,7 +140,7 @@ class AdamAdapter(OptimizerAdapter):
         metric = self.metric(optimizer, group, params)
         states = [optimizer.state[p] for p in params]
         exp_avgs = [st["exp_avg"] for st in states]
-        scales = [-hyper.lr / (1.0 - beta1**k) for k in _steps(group, states)]
+        scales = [-hyper.lr / (1.0 - beta1**k) for k in (_step(group, st) for st in states)]
         decay = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
         if any(isinstance(c, torch.Tensor) for c in scales):  # capturable: counts on the device
             step = [torch.div(m, g).mul_(c) for m, g, c in zip(exp_avgs, metric, scales)]

@@ -89,7 +89,6 @@ class RMSpropAdapter(OptimizerAdapter):
         device: torch.device,
     ) -> FusedStep | None:
         lr = scalar(group["lr"])
-        wd = scalar(group.get("weight_decay", 0.0))
         eps = float(group["eps"])
         centered = bool(group.get("centered", False))
         momentum = scalar(group.get("momentum", 0.0))
@@ -100,10 +99,10 @@ class RMSpropAdapter(OptimizerAdapter):
         if not all(st and all(k in st for k in keys) for st in states):
             return None
         tensors = [tuple(st[k] for k in keys) for st in states]
-        sign = -1.0 if group.get("maximize", False) else 1.0
-        row = [-lr, sign, wd, eps, lr * wd]
-        rule = rms_momentum_rule if momentum else preconditioned_rule if wd else undecayed_rule
-        return FusedStep(rule, tensors, coef_rows([row] * len(params), device))
+        if momentum:
+            row = [-lr, 0.0, 0.0, eps]
+            return FusedStep(rms_momentum_rule, tensors, coef_rows([row] * len(params), device))
+        return preconditioned_step(group, tensors, device)
 
     def update(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
@@ -119,6 +118,19 @@ class RMSpropAdapter(OptimizerAdapter):
         return _preconditioned_step(
             lr, wd, grads_of(params, group.get("maximize", False)), params, metric
         ), metric
+
+
+def preconditioned_step(
+    group: dict, states: list[tuple[torch.Tensor, ...]], device: torch.device
+) -> FusedStep:
+    """The :func:`preconditioned_rule` (or :func:`undecayed_rule`) step of ``q <- q - lr (g +
+    lambda q_n) / G`` (RMSprop without momentum, Adagrad) over tensors with these states."""
+    lr = scalar(group["lr"])
+    wd = scalar(group.get("weight_decay", 0.0))
+    sign = -1.0 if group.get("maximize", False) else 1.0
+    row = [-lr, sign, wd, float(group["eps"]), lr * wd]
+    rule = preconditioned_rule if wd else undecayed_rule
+    return FusedStep(rule, states, coef_rows([row] * len(states), device))
 
 
 def _preconditioned_step(

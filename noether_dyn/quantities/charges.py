@@ -98,14 +98,12 @@ class ChargeMatrix:
         eta: torch.Tensor,
         lam: torch.Tensor,
         beta: torch.Tensor,
-        predicted: torch.Tensor | None,
     ) -> torch.Tensor:
         """The (n_symmetries, len(CHARGE_COLUMNS)) float64 rows of one logged step.
 
         Args:
             stats: (n_tensors, len(STATS)) per-tensor statistics of the step.
             eta, lam, beta: (n_tensors,) rate, weight decay and momentum of each tensor's group.
-            predicted: (n_symmetries,) the theory's Q_n (None leaves that column 0).
         """
         S, A = self.signs, self.abs
         x = {name: stats[:, i] for name, i in S_.items()}
@@ -131,8 +129,6 @@ class ChargeMatrix:
         angular = torch.where(self.scale, torch.atan2(sine, norm_sq + cross), nan)
 
         out[:, COL["charge"]] = charge
-        if predicted is not None:
-            out[:, COL["predicted"]] = predicted
         out[:, COL["decay"]] = decay
         out[:, COL["rule"]] = first - decay
         out[:, COL["ksb"]] = ksb

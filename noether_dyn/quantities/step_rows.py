@@ -71,7 +71,7 @@ class StepRows:
         charges = None
         if len(self.matrix):
             eta, lam, beta = per_tensor[:, 2], per_tensor[:, 3], per_tensor[:, 4]
-            charges = self.matrix.rows(stats, eta, lam, beta, None)
+            charges = self.matrix.rows(stats, eta, lam, beta)
         tensors = torch.stack(
             [col["QQ"], col["GG"], col["DD"], col["GDD"], col["IG"] / col["NUMEL"]], dim=1
         )
