@@ -166,16 +166,6 @@ def _floor(model: nn.Module) -> float:
     return statistics.median(_floor_pass(model) for _ in range(7))
 
 
-def _floor_in_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> float:
-    """The floor where a monitor runs: the pass right after a training step's ``opt.step()``
-    (forward and backward have passed through the caches since the parameters were read)."""
-    times = []
-    for _ in range(7):
-        _step(model, opt, x, y)
-        times.append(_floor_pass(model))
-    return statistics.median(times)
-
-
 def _monitor_bytes(monitor: nd.Monitor) -> int:
     """Bytes of the parameter-sized tensors the monitor keeps between steps (its snapshots)."""
     held = (monitor.__dict__.get("_snap") or {}).values()
@@ -194,8 +184,15 @@ def _peak_bytes(fn) -> tuple[float, int]:
 
 
 def run_case(
-    workload: str, opt_name: str, every: int, steps: int, tmp: Path, device: str = "cpu"
+    workload: str,
+    opt_name: str,
+    every: int,
+    steps: int | None,
+    tmp: Path,
+    device: str = "cpu",
+    seconds: float = 3.0,
 ) -> dict:
+    """One row of the table; ``steps`` timed steps per arm (None: about ``seconds`` of them)."""
     torch.manual_seed(0)
     model, x, y = WORKLOADS[workload]()
     model, x, y = model.to(device), x.to(device), y.to(device)
@@ -209,24 +206,28 @@ def run_case(
         symmetries=symmetries,
         flush_every=50,
     )
-    for _ in range(3):  # warm-up: allocator, optimizer state, the fused program's compile
-        _step(model, opt, x, y, monitor)
-    with_monitor, without, peak_with, peak_without = [], [], [], []
+    warm = [_step(model, opt, x, y, monitor)[0] for _ in range(3)]  # + the fused compile
+    if steps is None:  # about `seconds` of timed steps per arm, at least 20
+        steps = max(20, min(400, int(seconds / min(warm))))
+    with_monitor, without, peak_with, peak_without, floor_in_step = [], [], [], [], []
 
-    def arm(monitored: bool) -> None:
+    def arm(kind: str) -> None:
         # one model, one optimizer: the unmonitored arm is the same training with the monitor's
-        # hooks switched off, so that both arms share every tensor's memory
-        monitor._active = monitored
+        # hooks switched off, so that both arms share every tensor's memory; the floor arm is an
+        # unmonitored step followed by the floor pass, timed where the monitor's hook runs
+        monitor._active = kind == "on"
         elapsed, peak = _peak_bytes(lambda: _step(model, opt, x, y, monitor))
-        (with_monitor if monitored else without).append(elapsed)
-        (peak_with if monitored else peak_without).append(peak)
+        if kind == "floor":
+            floor_in_step.append(_floor_pass(model))
+            return
+        (with_monitor if kind == "on" else without).append(elapsed)
+        (peak_with if kind == "on" else peak_without).append(peak)
 
-    for k in range(steps):  # each pair in alternating order, so that drift cancels
-        arm(k % 2 == 1)
-        arm(k % 2 == 0)
+    for k in range(steps):  # the three arms in rotating order, so that drift cancels
+        for j in range(3):
+            arm(("off", "on", "floor")[(k + j) % 3])
     monitor._active = False
     floor = _floor(model)
-    floor_in_step = _floor_in_step(model, opt, x, y)
     monitor._active = True
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     mem = _monitor_bytes(monitor) / param_bytes
@@ -239,7 +240,8 @@ def run_case(
     mad = statistics.median(abs(d - added) for d in diffs)
     stderr = 1.2533 * 1.4826 * mad / len(diffs) ** 0.5
     hook = statistics.median(a[1] - b[1] for a, b in zip(with_monitor, without))
-    target = max(2 * floor, 0.02 * t_without)
+    floor_step = statistics.median(floor_in_step)
+    target = max(2 * floor_step, 0.02 * t_without)
     mem_target = 0.1 if opt_name in ("sgd-momentum", "adamw", "rmsprop") else 1.0
     return {
         "workload": workload,
@@ -248,7 +250,7 @@ def run_case(
         "symmetries": len(symmetries),
         "ratio": t_with / t_without,
         "added/floor": added / floor,
-        "added/floor in step": added / floor_in_step,
+        "added/floor in step": added / floor_step,
         "added/step": added / t_without,
         "+-": stderr / t_without,
         "hook/step": hook / t_without,
@@ -257,14 +259,23 @@ def run_case(
         if device.startswith("cuda")
         else float("nan"),
         "fused": "yes" if fused else "no",
-        "time ok": "yes" if every != 1 or added <= target else "NO",
+        "steps": steps,
+        "time ok": "yes" if added <= target else "NO",
         "mem ok": "yes" if mem <= mem_target else "NO",
     }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per arm")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per arm (default: about --seconds)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=3.0,
+        help="timed seconds per arm when --steps is not given (20 to 400 steps)",
+    )
     parser.add_argument("--quick", action="store_true", help="mlp only, 6 steps")
     parser.add_argument("--only", choices=sorted(WORKLOADS), action="append")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -283,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = (
         "| workload | optimizer | every | symmetries | ratio | added/floor | added/floor in step "
         "| added/step | +- "
-        "| hook/step | mem/params | peak+/params | fused | time ok | mem ok |"
+        "| hook/step | mem/params | peak+/params | fused | steps | time ok | mem ok |"
     )
     where = (
         torch.cuda.get_device_name(args.device)
@@ -292,12 +303,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(f"torch {torch.__version__}, {where}", file=sys.stderr)
     print(header)
-    print("|" + "---|" * 15)
+    print("|" + "---|" * 16)
     with tempfile.TemporaryDirectory() as tmp:
         for workload in workloads:
             for opt_name in OPTIMIZERS:
                 for every in args.every or (1, 10):
-                    row = run_case(workload, opt_name, every, steps, Path(tmp), args.device)
+                    row = run_case(
+                        workload, opt_name, every, steps, Path(tmp), args.device, args.seconds
+                    )
                     rows.append(row)
                     print(
                         f"| {row['workload']} | {row['optimizer']} | {row['every']} "
@@ -305,7 +318,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"| {row['added/floor in step']:.2f} "
                         f"| {row['added/step']:.2%} | {row['+-']:.2%} "
                         f"| {row['hook/step']:.2%} | {row['mem/params']:.2f} "
-                        f"| {row['peak+/params']:.2f} | {row['fused']} | {row['time ok']} "
+                        f"| {row['peak+/params']:.2f} | {row['fused']} | {row['steps']} "
+                        f"| {row['time ok']} "
                         f"| {row['mem ok']} |",
                         flush=True,
                     )

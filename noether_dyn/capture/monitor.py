@@ -127,7 +127,6 @@ class Monitor:
             [p for p, gi in zip(self.params, self.group_of) if gi == g]
             for g in range(len(optimizer.param_groups))
         ]
-        self._step_rows = StepRows(self._matrix, self._group_index, len(optimizer.param_groups))
         self._numel = self._to_device([float(p.numel()) for p in self.params], torch.float64)
         self._local_numel = self._to_device(
             [float(p.numel()) for p in local(self.params)], torch.float64
@@ -139,6 +138,15 @@ class Monitor:
             regime_for(self.adapter.name, [h.beta for h in hypers]),
             [s.kind == "translation" for s in self._symmetries],
         )
+        self._step_rows = StepRows(
+            self._matrix, self._group_index, self._n_groups, self._predictor.regime
+        )
+        # the predictor's stand-in before it starts: two tensors (aliased inputs would make the
+        # compiled program recompile once the predictor's own tensors replace them)
+        self._zero_charges = torch.zeros(
+            2, len(self._matrix), dtype=torch.float64, device=self.device
+        ).unbind()
+        self._hyper: tuple[list[GroupHyper], torch.Tensor] | None = None
         self._snap: dict[int, torch.Tensor] | None = None
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
         if fused is None:
@@ -407,6 +415,7 @@ class Monitor:
         loss = self._closure_loss if self._closure_loss is not None else self._pending_loss
         self._pending_loss = self._closure_loss = None
         hypers: list[GroupHyper] = ctx["hypers"]
+        ctx["loss_logged"] = loss is not None
         with torch.no_grad():
             if ctx["logged"]:
                 self._log_step(optimizer, hypers, ctx, loss)
@@ -430,8 +439,24 @@ class Monitor:
         loss: torch.Tensor | None,
     ) -> None:
         dev = self.device
-        hyper = hyper_matrix(hypers, dev)
-        fused = self._fused_stats(optimizer, hyper) if ctx["fused"] else None
+        hyper = self._hyper_matrix(hypers)
+        if loss is None:
+            loss = self._nan
+        elif loss.device != dev:
+            loss = loss.to(dev, non_blocking=True)
+        pred = self._predictor
+        prediction = None
+        if len(self._matrix):  # before the predictor starts, a stand-in (its output is unused)
+            started = pred.value is not None
+            value = pred.value if started else self._zero_charges[0]
+            velocity = pred.velocity if started else self._zero_charges[1]
+            lead = [hypers[self.group_of[i]] for i in self._matrix.lead]
+            constants = pred.constants(
+                [h.lr for h in lead], [h.beta for h in lead], [h.weight_decay for h in lead], dev
+            )
+            prediction = (value, velocity, constants)
+        inputs = (hyper, loss, prediction)
+        fused = self._fused_stats(optimizer, inputs) if ctx["fused"] else None
         if fused is None:
             stats, rows = self._eager_stats(optimizer, ctx), None
         else:
@@ -440,22 +465,22 @@ class Monitor:
             stats[:, S_["NUMEL"]] = 0.0
             torch.distributed.all_reduce(stats)
             stats[:, S_["NUMEL"]] = self._numel
-            if loss is not None:
-                loss = loss.detach().to(dtype=torch.float64).clone()
+            if ctx["loss_logged"]:
+                loss = loss.to(dtype=torch.float64).clone()
                 torch.distributed.all_reduce(loss)
                 loss = loss / torch.distributed.get_world_size()
         if rows is None:
-            rows = self._step_rows(stats, hyper)
-        summary, group_device, charge_rows, tensor_rows = rows
-
-        ctx["grad_sq"] = stats[:, S_["GG"]]  # reused by the prediction
-        ctx["update_sq"] = stats[:, S_["DD"]]
-        loss_t = (
-            loss.detach().reshape(1).to(device=dev, dtype=torch.float64, non_blocking=True)
-            if loss is not None
-            else self._nan.reshape(1)
-        )
-        device_row = torch.cat([loss_t, summary])
+            rows = self._step_rows(stats, hyper, loss, prediction)
+        device_row, group_device, charge_rows, tensor_rows, advanced = rows
+        if advanced is not None and pred.value is not None:
+            pred.value, pred.velocity = advanced
+            ctx["advanced"] = True
+        else:  # the predictor starts here, from this step's measured charge
+            ctx["grad_sq"] = stats[:, S_["GG"]]
+            ctx["update_sq"] = stats[:, S_["DD"]]
+            if charge_rows is not None:
+                pred.start(self._matrix.charges(stats[:, S_["QQ"]], stats[:, S_["QS"]]))
+                charge_rows[:, COL["predicted"]] = pred.value
         h0 = hypers[0] if hypers else GroupHyper(0.0, 0.0, 0.0, False)
         host_row = [
             float(self.step),
@@ -468,10 +493,6 @@ class Monitor:
             [float(g), h.lr, h.beta, h.weight_decay, h.mass, self._log_prefactor[g]]
             for g, h in enumerate(hypers)
         ]
-        if charge_rows is not None:
-            if self._predictor.value is None:
-                self._predictor.start(self._matrix.charges(stats[:, S_["QQ"]], stats[:, S_["QS"]]))
-            charge_rows[:, COL["predicted"]] = self._predictor.value
         self._rows.append(
             (
                 host_row,
@@ -479,10 +500,16 @@ class Monitor:
                 group_host,
                 group_device,
                 charge_rows,
-                loss is not None,
+                ctx["loss_logged"],
                 tensor_rows,
             )
         )
+
+    def _hyper_matrix(self, hypers: list[GroupHyper]) -> torch.Tensor:
+        """The step's hyperparameter matrix, rebuilt only when a constant changed (a schedule)."""
+        if self._hyper is None or self._hyper[0] != hypers:
+            self._hyper = (hypers, hyper_matrix(hypers, self.device))
+        return self._hyper[1]
 
     def _eager_stats(self, optimizer: torch.optim.Optimizer, ctx: dict[str, Any]) -> torch.Tensor:
         """The (n_tensors, len(STATS)) statistics from foreach reductions over the rebuilt (or
@@ -527,7 +554,7 @@ class Monitor:
         ctx["qs"] = self._subset(sums, self._matrix.translation_tensors, q0)
 
     def _fused_stats(
-        self, optimizer: torch.optim.Optimizer, hyper: torch.Tensor
+        self, optimizer: torch.optim.Optimizer, inputs: tuple
     ) -> tuple[torch.Tensor, tuple | None] | None:
         """The statistics (and, unless they must first be reduced over ranks, the stored rows)
         from the compiled program, or None when this step cannot use it (a tensor without
@@ -544,7 +571,12 @@ class Monitor:
                 return None
             steps.append((step, len(params)))
         rules = [s.rule for s, n in steps for _ in range(n)]
-        states = [tuple(local(list(st))) for s, _ in steps for st in s.states]
+        states = [st for s, _ in steps for st in s.states]
+        grads = [p.grad for p in self.params]
+        params = self.params
+        if self._sharded:
+            states = [tuple(local(list(st))) for st in states]
+            params, grads = local(params), local(grads)
         coef = steps[0][0].coef if len(steps) == 1 else torch.cat([s.coef for s, _ in steps])
         key = tuple(rules)
         program = self._programs.get(key)
@@ -560,9 +592,7 @@ class Monitor:
             )
             self._programs[key] = program
         try:
-            stats, rows = program(
-                local(self.params), local([p.grad for p in self.params]), states, coef, hyper
-            )
+            stats, rows = program(params, grads, states, coef, inputs)
         except Exception as exc:
             if self._compiled_ok:
                 raise
@@ -584,7 +614,7 @@ class Monitor:
         """Roll the prediction to the next step; on a logged step, from the norms it computed
         (``ctx["grad_sq"]``, ``ctx["update_sq"]``: per tensor, already reduced over ranks)."""
         pred = self._predictor
-        if pred.value is None or not len(self._matrix):
+        if pred.value is None or not len(self._matrix) or ctx.get("advanced"):
             return
         lead = [self.group_of[i] for i in self._matrix.lead]
         eta = [hypers[g].lr for g in lead]

@@ -102,7 +102,11 @@ class AdamAdapter(OptimizerAdapter):
             return None
         d = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
         tensors = [(st["exp_avg"], st[key]) for st in states]
-        steps = [_step(group, st) for st in states]
+        counts = [st["step"] for st in states]
+        if all(isinstance(k, torch.Tensor) and k.device.type == "cpu" for k in counts):
+            steps = torch.stack(counts).tolist()  # host counts in one read, not one per tensor
+        else:
+            steps = [_step(group, st) for st in states]
         if not any(isinstance(k, torch.Tensor) for k in steps):
             rows = [
                 [

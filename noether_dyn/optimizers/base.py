@@ -11,6 +11,7 @@ beta, the weight decay lambda (coupled into V, or decoupled as a friction), and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar
 
 import torch
@@ -80,8 +81,14 @@ class FusedStep:
 
 
 def coef_rows(rows: list[list[float]], device: torch.device) -> torch.Tensor:
-    """Host coefficient rows, zero-padded to COEF_WIDTH, as a device tensor (non-blocking)."""
-    padded = [row + [0.0] * (COEF_WIDTH - len(row)) for row in rows]
+    """Host coefficient rows, zero-padded to COEF_WIDTH, as a device tensor (non-blocking; the
+    same rows give the same tensor, so that constant coefficients are copied once)."""
+    return _coef_tensor(tuple(tuple(row) for row in rows), device)
+
+
+@lru_cache(maxsize=64)
+def _coef_tensor(rows: tuple[tuple[float, ...], ...], device: torch.device) -> torch.Tensor:
+    padded = [list(row) + [0.0] * (COEF_WIDTH - len(row)) for row in rows]
     return (
         torch.tensor(padded, dtype=torch.float64)
         .reshape(-1, COEF_WIDTH)

@@ -110,9 +110,9 @@ def _program(
     return torch.stack(rows)
 
 
-def _entry(params, grads, states, coef, hyper, rules=(), translation=(), symmetric=(), rows=None):
+def _entry(params, grads, states, coef, inputs, rules=(), translation=(), symmetric=(), rows=None):
     stats = _program(rules, translation, symmetric, params, grads, states, coef)
-    return stats, (None if rows is None else rows(stats, hyper))
+    return stats, (None if rows is None else rows(stats, *inputs))
 
 
 class StatsProgram:
@@ -127,8 +127,9 @@ class StatsProgram:
         compile: compile with ``torch.compile`` (False runs the same program eagerly, for tests).
 
     Calling it with the parameters, gradients, state tuples, the (n_tensors, COEF_WIDTH)
-    coefficient matrix and the step's (n_groups, 5) hyperparameter matrix returns the
-    (n_tensors, len(STATS)) float64 statistics and the rows ``rows`` makes of them (or None).
+    coefficient matrix and a tuple of further inputs for ``rows`` returns the
+    (n_tensors, len(STATS)) float64 statistics and ``rows(stats, *inputs)`` (or None without
+    ``rows``).
     Each program gets its own copy of the traced function, so that many monitors in one process
     never share (and never exhaust) one compile cache.
     """
@@ -142,6 +143,7 @@ class StatsProgram:
         compile: bool = True,
     ) -> None:
         self.key = (tuple(rules), tuple(translation), tuple(symmetric))
+        self._traced = False
         code = _entry.__code__.replace(co_name="noether_dyn_fused_stats")
         entry = types.FunctionType(code, _entry.__globals__, code.co_name, (*self.key, rows))
         self._fn = (
@@ -156,8 +158,12 @@ class StatsProgram:
         grads: list[torch.Tensor],
         states: list[tuple[torch.Tensor, ...]],
         coef: torch.Tensor,
-        hyper: torch.Tensor,
+        inputs: tuple = (),
     ) -> tuple[torch.Tensor, tuple | None]:
-        with warnings.catch_warnings():
+        if self._traced:
+            return self._fn(params, grads, states, coef, inputs)
+        with warnings.catch_warnings():  # tracing reads the TF32 setting, which warns
             warnings.filterwarnings("ignore", message=".*TensorFloat32.*")
-            return self._fn(params, grads, states, coef, hyper)
+            out = self._fn(params, grads, states, coef, inputs)
+        self._traced = True
+        return out

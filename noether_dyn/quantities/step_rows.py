@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import torch
 
 from noether_dyn.optimizers.base import GroupHyper
-from noether_dyn.quantities.charges import S_, ChargeMatrix
+from noether_dyn.quantities.charges import COL, S_, ChargeMatrix
 from noether_dyn.quantities.lagrangian import kinetic_coefficients, l2_coefficients
+from noether_dyn.quantities.theory import advance_charge
 
 HYPER_COLUMNS = ("kinetic", "l2", "lr", "weight_decay", "beta")
 """Per group: T / (dq^T G dq), V_L2 / |q|^2, eta, lambda, beta."""
@@ -32,35 +33,57 @@ def hyper_matrix(hypers: Sequence[GroupHyper], device: torch.device) -> torch.Te
 
 
 class StepRows:
-    """Turns a step's statistics into its stored rows.
+    """Turns a step's statistics into its stored rows, and rolls the charge prediction forward.
 
     Args:
         matrix: the symmetries' sign matrix over the tensors.
         group_index: (n_tensors,) long, each tensor's param group, on the device.
         n_groups: number of param groups.
+        regime: the prediction regime (:data:`~noether_dyn.quantities.theory.REGIMES`).
 
-    Calling it with ``stats`` (n_tensors, len(STATS)) and ``hyper`` (n_groups, 5) returns
-    ``(summary, groups, charges, tensors)``: summary (5,) = L2 term of V, kinetic T, |q|, |g|,
-    |dq| over all tensors; groups (n_groups, 2) = kinetic, L2 per group; charges
-    (n_symmetries, 11) or None without symmetries (its ``predicted`` column is 0: the caller
-    fills it); tensors (n_tensors, 5) = |q|^2, |g|^2, |dq|^2, dq^T G dq, mean 1/G_ii.
+    Calling it with ``stats`` (n_tensors, len(STATS)), ``hyper`` (n_groups, 5), the step's
+    ``loss`` (a 0-d tensor of any float dtype, NaN when not logged) and ``prediction`` (the
+    predictor's (value, velocity, constants) before the step, or None) returns
+    ``(row, groups, charges, tensors, advanced)``: row (6,) = loss, L2 term of V, kinetic T,
+    |q|, |g|, |dq| over all tensors; groups (n_groups, 2) = kinetic, L2 per group; charges
+    (n_symmetries, 11) with the prediction in its ``predicted`` column (0 without one), or None
+    without symmetries; tensors (n_tensors, 5) = |q|^2, |g|^2, |dq|^2, dq^T G dq, mean 1/G_ii;
+    advanced: the predictor's (value, velocity) after the step, or None.
     """
 
-    def __init__(self, matrix: ChargeMatrix, group_index: torch.Tensor, n_groups: int) -> None:
+    def __init__(
+        self,
+        matrix: ChargeMatrix,
+        group_index: torch.Tensor,
+        n_groups: int,
+        regime: str = "flow",
+    ) -> None:
         self.matrix = matrix
         self.group_index = group_index
         self.n_groups = n_groups
+        self.regime = regime
 
     def __call__(
-        self, stats: torch.Tensor, hyper: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        self,
+        stats: torch.Tensor,
+        hyper: torch.Tensor,
+        loss: torch.Tensor,
+        prediction: tuple | None = None,
+    ) -> tuple[
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor | None,
+        torch.Tensor,
+        tuple[torch.Tensor, torch.Tensor] | None,
+    ]:
         col = {k: stats[:, i] for k, i in S_.items()}
         per_tensor = hyper[self.group_index]
         zeros = torch.zeros(self.n_groups, dtype=torch.float64, device=stats.device)
         kinetic = zeros.index_add(0, self.group_index, per_tensor[:, 0] * col["GDD"])
         l2 = zeros.index_add(0, self.group_index, per_tensor[:, 1] * col["QQ"])
-        summary = torch.stack(
+        row = torch.stack(
             [
+                loss.to(torch.float64),
                 l2.sum(),
                 kinetic.sum(),
                 col["QQ"].sum().sqrt(),
@@ -68,11 +91,24 @@ class StepRows:
                 col["DD"].sum().sqrt(),
             ]
         )
-        charges = None
+        charges = advanced = None
         if len(self.matrix):
             eta, lam, beta = per_tensor[:, 2], per_tensor[:, 3], per_tensor[:, 4]
             charges = self.matrix.rows(stats, eta, lam, beta)
+            if prediction is not None:
+                value, velocity, constants = prediction
+                charges[:, COL["predicted"]] = value
+                signs = self.matrix.signs
+                advanced = advance_charge(
+                    self.regime,
+                    self.matrix.translation,
+                    value,
+                    velocity,
+                    constants,
+                    grad_sq=signs @ (eta.square() * col["GG"]),
+                    update_sq=signs @ col["DD"],
+                )
         tensors = torch.stack(
             [col["QQ"], col["GG"], col["DD"], col["GDD"], col["IG"] / col["NUMEL"]], dim=1
         )
-        return summary, torch.stack([kinetic, l2], dim=1), charges, tensors
+        return row, torch.stack([kinetic, l2], dim=1), charges, tensors, advanced

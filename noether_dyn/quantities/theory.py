@@ -43,6 +43,34 @@ def _propagator(eta: float, beta: float, lam: float, translation: bool) -> tuple
     return tuple(float(v) for v in (e[0, 0], e[0, 1], e[1, 0], e[1, 1], e[0, 2], e[1, 2]))
 
 
+def advance_charge(
+    regime: str,
+    is_trans: torch.Tensor,
+    value: torch.Tensor,
+    velocity: torch.Tensor,
+    constants: tuple[torch.Tensor, ...],
+    grad_sq: torch.Tensor | None,
+    update_sq: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q_{n+1}, Q'_{n+1}) from (Q_n, Q'_n), all (n_symmetries,) float64: the arithmetic of
+    :meth:`ChargePredictor.advance`, a pure function so that it can also run inside the compiled
+    statistics program. ``is_trans`` marks translation symmetries; ``constants`` come from
+    :meth:`ChargePredictor.constants`; ``grad_sq`` ("sgd") and ``update_sq`` ("momentum") as in
+    :meth:`ChargePredictor.advance`."""
+    if regime == "momentum":
+        coef, eta = constants
+        force = torch.where(is_trans, torch.zeros_like(update_sq), 2.0 * update_sq / eta**2)
+        return (
+            coef[:, 0] * value + coef[:, 1] * velocity + coef[:, 4] * force,
+            coef[:, 2] * value + coef[:, 3] * velocity + coef[:, 5] * force,
+        )
+    (factor,) = constants
+    value = factor * value
+    if regime == "sgd":
+        value = value + torch.where(is_trans, torch.zeros_like(grad_sq), grad_sq)
+    return value, velocity
+
+
 class ChargePredictor:
     """Per-symmetry predicted charge (and its time derivative in the momentum regime).
 
@@ -90,35 +118,39 @@ class ChargePredictor:
         if self.value is None or not len(eta):
             return
         device = self.value.device
-        trans = self.translation
-        if self.regime == "momentum":
-            coef, eta_t = self._momentum_constants(eta, beta, lam, device)
-            is_trans = self._translation_mask(device)
-            force = torch.where(is_trans, torch.zeros_like(update_sq), 2.0 * update_sq / eta_t**2)
-            q, v = self.value, self.velocity
-            self.value = coef[:, 0] * q + coef[:, 1] * v + coef[:, 4] * force
-            self.velocity = coef[:, 2] * q + coef[:, 3] * v + coef[:, 5] * force
-            return
-        factor = torch.tensor(
-            [(1.0 - e * l) ** (1 if t else 2) for e, l, t in zip(eta, lam, trans)],
-            dtype=torch.float64,
-        ).to(device, non_blocking=True)
-        self.value = factor * self.value
-        if self.regime == "sgd":
-            is_trans = self._translation_mask(device)
-            self.value = self.value + torch.where(is_trans, torch.zeros_like(grad_sq), grad_sq)
+        self.value, self.velocity = advance_charge(
+            self.regime,
+            self._translation_mask(device),
+            self.value,
+            self.velocity,
+            self.constants(eta, beta, lam, device),
+            grad_sq,
+            update_sq,
+        )
 
-    def _momentum_constants(
+    def constants(
         self, eta: list[float], beta: list[float], lam: list[float], device: torch.device
     ) -> tuple[torch.Tensor, ...]:
-        """The propagator rows and rates on the device, recomputed only when the step's
-        constants change (a schedule): a matrix exponential per symmetry is host work."""
+        """The step's constants for :func:`advance_charge`, as device tensors, rebuilt only when
+        eta, beta or lambda change (a schedule): the momentum propagator is a matrix
+        exponential per symmetry, host work. "momentum": (propagator rows (n, 6), eta (n,));
+        the other regimes: (decay factor (n,),)."""
         key = (tuple(eta), tuple(beta), tuple(lam), device)
         if self._constants is None or self._constants[0] != key:
-            rows = [_propagator(e, b, l, t) for e, b, l, t in zip(eta, beta, lam, self.translation)]
-            coef = torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)
-            eta_t = torch.tensor(eta, dtype=torch.float64).to(device, non_blocking=True)
-            self._constants = (key, (coef, eta_t))
+            if self.regime == "momentum":
+                rows = [
+                    _propagator(e, b, l, t) for e, b, l, t in zip(eta, beta, lam, self.translation)
+                ]
+                values: tuple[torch.Tensor, ...] = (
+                    torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True),
+                    torch.tensor(eta, dtype=torch.float64).to(device, non_blocking=True),
+                )
+            else:
+                factor = [
+                    (1.0 - e * l) ** (1 if t else 2) for e, l, t in zip(eta, lam, self.translation)
+                ]
+                values = (torch.tensor(factor, dtype=torch.float64).to(device, non_blocking=True),)
+            self._constants = (key, values)
         return self._constants[1]
 
     def _translation_mask(self, device: torch.device) -> torch.Tensor:
