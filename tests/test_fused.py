@@ -221,6 +221,7 @@ def test_fused_adam_step_counts_on_the_device(tmp_path, monkeypatch):
     import noether_dyn.optimizers.adam as adam
 
     monkeypatch.setattr(adam, "step_count", lambda state: state["step"])
+    monkeypatch.setattr(adam, "_counts_in_program", lambda group, counts, device: False)
     OPTIMIZERS_DEVICE = {
         "adamw-fused-kernel": lambda m: torch.optim.AdamW(
             m.parameters(), lr=1e-2, weight_decay=0.1, fused=True
@@ -231,3 +232,19 @@ def test_fused_adam_step_counts_on_the_device(tmp_path, monkeypatch):
     assert fused[1]._compiled_ok
     assert isinstance(fused[1].optimizer.state[fused[1].params[0]]["step"], torch.Tensor)
     _compare(fused, _run(tmp_path, "adamw-fused-kernel", fused=False))
+
+
+def test_fused_adam_on_the_cpu_reads_no_step_count_on_the_host(tmp_path, monkeypatch):
+    """Plain Adam's step counts are CPU tensors: they enter the compiled program as they are (its
+    rule forms the bias corrections), so a logged step reads none of them on the host."""
+    import noether_dyn.optimizers.adam as adam
+
+    eager = _run(tmp_path, "adamw-two-groups", fused=False)
+
+    def host_read(group, state):
+        raise AssertionError("the fused path read a step count on the host")
+
+    monkeypatch.setattr(adam, "_step", host_read)
+    fused = _run(tmp_path, "adamw-two-groups", fused=True)
+    assert fused[1]._compiled_ok and fused[1].fused
+    _compare(fused, eager)

@@ -35,6 +35,28 @@ def adam_rule(q1, g, state, c):
     return (m * inverse) * c[0].to(dt) + q1 * c[2].to(dt), metric, inverse
 
 
+def adam_count_rule(q1, g, state, c):
+    """:func:`adam_rule` with the bias corrections formed inside the program from the step count
+    k (a 0-d CPU tensor of the optimizer's state, so that no host read is needed), in float64 as
+    plain Adam forms them on the host; state (m, v, k), c = (-lr, beta1, beta2, eps, 1 - d,
+    -d / (1 - d))."""
+    m, v, k = state
+    k = k.to(torch.float64)
+    step_size = c[0] / (1.0 - c[1] ** k) / c[4]
+    bc2_sqrt_inv = 1.0 / torch.sqrt(1.0 - c[2] ** k)
+    return adam_rule(q1, g, (m, v), torch.stack([step_size, bc2_sqrt_inv, c[5], c[3]]))
+
+
+def _counts_in_program(group: dict, counts: list, device: torch.device) -> bool:
+    """Whether the step counts can go into the compiled program as they are (CPU tensors beside
+    CPU parameters, bias corrections in float64): then no count is read on the host per step."""
+    return (
+        device.type == "cpu"
+        and not group.get("capturable", False)
+        and all(isinstance(k, torch.Tensor) and k.device.type == "cpu" for k in counts)
+    )
+
+
 def _step(group: dict, state: dict) -> float | torch.Tensor:
     """A parameter's step count as the optimizer does its bias corrections with: a host float
     (plain Adam), a device tensor in its own dtype (capturable: float32 arithmetic), or a
@@ -103,10 +125,11 @@ class AdamAdapter(OptimizerAdapter):
         d = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
         tensors = [(st["exp_avg"], st[key]) for st in states]
         counts = [st["step"] for st in states]
-        if all(isinstance(k, torch.Tensor) and k.device.type == "cpu" for k in counts):
-            steps = torch.stack(counts).tolist()  # host counts in one read, not one per tensor
-        else:
-            steps = [_step(group, st) for st in states]
+        if _counts_in_program(group, counts, device):
+            row = [-hyper.lr, beta1, beta2, eps, 1.0 - d, -d / (1.0 - d)]
+            tensors = [(m, v, k) for (m, v), k in zip(tensors, counts)]
+            return FusedStep(adam_count_rule, tensors, coef_rows([row] * len(params), device))
+        steps = [_step(group, st) for st in states]
         if not any(isinstance(k, torch.Tensor) for k in steps):
             rows = [
                 [

@@ -1,0 +1,52 @@
+"""The overhead benchmark's wiring (``benchmarks/overhead.py``), on a tiny model: its rows are
+measurements and judgements, not timings this test checks (speed belongs to the script)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_overhead():
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny():
+    model = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    return model, torch.randn(8, 12), torch.randint(0, 3, (8,))
+
+
+def test_overhead_case_row(tmp_path, monkeypatch):
+    bench = load_overhead()
+    monkeypatch.setitem(bench.WORKLOADS, "tiny", tiny)
+    row = bench.run_case("tiny", "sgd-momentum", 1, 4, tmp_path)
+    assert row["steps"] == 4 and row["symmetries"] >= 2
+    for key in ("ratio", "added/floor", "added/floor in step", "added/step", "+-", "hook/step"):
+        assert math.isfinite(row[key]), key
+    assert row["ratio"] > 0 and row["+-"] >= 0
+    assert row["mem/params"] == 0.0, "SGD's update is rebuilt from its buffers: nothing held"
+    assert row["fused"] == "no", "a model under 1M parameters stays on the eager path"
+    assert row["time ok"] in ("yes", "NO") and row["mem ok"] == "yes"
+    assert math.isnan(row["peak+/params"]), "peak memory is measured on CUDA only"
+
+
+def test_overhead_judges_every_row_and_sizes_steps_by_time(tmp_path, monkeypatch):
+    bench = load_overhead()
+    monkeypatch.setitem(bench.WORKLOADS, "tiny", tiny)
+    monkeypatch.setattr(bench, "_floor_pass", lambda model: 1.0)  # a 1 s floor: the rows pass
+    row = bench.run_case("tiny", "adamw", 10, None, tmp_path, seconds=0.0)
+    assert row["steps"] == 20, "the fewest steps per arm when the time budget is spent"
+    assert row["time ok"] == "yes", "every=10 is judged like every=1 (here against a 1 s floor)"
+    monkeypatch.setattr(bench, "_floor_pass", lambda model: 1e-12)  # only 2% of the step counts
+    row = bench.run_case("tiny", "adamw", 10, 4, tmp_path / "b")
+    added = row["added/step"]
+    assert row["time ok"] == ("yes" if added <= 0.02 else "NO")
