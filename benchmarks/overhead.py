@@ -1,9 +1,9 @@
 """Overhead of a noether-dyn Monitor on three workloads x three optimizers x every in {1, 10}.
 
 For each case, in one process, one model and optimizer take training steps (forward, backward,
-optimizer step) in three interleaved arms, in rotating order so that drift cancels: the
+optimizer step) in four interleaved arms, in rotating order so that drift cancels: the
 monitor's hooks on, the hooks off (the same tensors in the same memory for both), and hooks off
-followed by the floor pass. The script prints
+followed by the floor pass, or by the state floor pass. The script prints
 - ``ratio``: median monitored step time / median unmonitored step time;
 - ``added/floor``: the monitor's added time per step (the median of the paired differences of
   whole steps, monitored minus unmonitored, taken next to each other) against the floor, one
@@ -12,6 +12,9 @@ followed by the floor pass. The script prints
 - ``added/floor in step``: the same against the floor pass timed where a monitor runs, right
   after a training step's ``opt.step()`` (the third arm: the data and the code no longer in
   cache). The targets use this floor;
+- ``added/state floor``: the same against a pass over the parameters, the gradients and the
+  optimizer's parameter-sized state (momentum buffers, moments), timed in step in a fourth arm:
+  the least that statistics rebuilt from the optimizer's state must read;
 - ``added/step``: the added time as a fraction of the unmonitored step, and ``+-`` its standard
   error (1.2533 x 1.4826 x MAD / sqrt(n), the normal approximation for a median);
 - ``hook/step``: the same difference for the ``optimizer.step()`` call alone (where the hooks
@@ -152,15 +155,27 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x, y, monitor=None) -> t
     return t2 - t0, t2 - t1
 
 
-def _floor_pass(model: nn.Module) -> float:
-    """One ``torch._foreach_norm`` pass over the parameters and one over the gradients (s)."""
+def _floor_pass(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> float:
+    """One ``torch._foreach_norm`` pass over the parameters and one over the gradients (s); with
+    ``opt``, also one over its parameter-sized state (momentum buffers, moments): what the
+    statistics of a step rebuilt from that state must read at the least."""
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
+    state = []
+    if opt is not None:
+        for p in params:
+            state += [
+                t
+                for t in opt.state.get(p, {}).values()
+                if isinstance(t, torch.Tensor) and t.shape == p.shape
+            ]
     device = params[0].device
     _sync(device)
     t0 = time.perf_counter()
     torch._foreach_norm(params)
     torch._foreach_norm(grads)
+    if state:
+        torch._foreach_norm(state)
     _sync(device)
     return time.perf_counter() - t0
 
@@ -213,23 +228,26 @@ def run_case(
     warm = [_step(model, opt, x, y, monitor)[0] for _ in range(3)]  # + the fused compile
     if steps is None:  # about `seconds` of timed steps per arm, at least 20
         steps = max(20, min(400, int(seconds / min(warm))))
-    with_monitor, without, peak_with, peak_without, floor_in_step = [], [], [], [], []
+    with_monitor, without, peak_with, peak_without = [], [], [], []
+    floor_in_step: dict[str, list[float]] = {"floor": [], "state floor": []}
 
     def arm(kind: str) -> None:
         # one model, one optimizer: the unmonitored arm is the same training with the monitor's
         # hooks switched off, so that both arms share every tensor's memory; the floor arm is an
-        # unmonitored step followed by the floor pass, timed where the monitor's hook runs
+        # unmonitored step followed by the floor pass, timed where the monitor's hook runs (the
+        # state floor adds the optimizer's state to the pass)
         monitor._active = kind == "on"
         elapsed, peak = _peak_bytes(lambda: _step(model, opt, x, y, monitor))
-        if kind == "floor":
-            floor_in_step.append(_floor_pass(model))
+        if kind in floor_in_step:
+            floor_in_step[kind].append(_floor_pass(model, opt if kind == "state floor" else None))
             return
         (with_monitor if kind == "on" else without).append(elapsed)
         (peak_with if kind == "on" else peak_without).append(peak)
 
-    for k in range(steps):  # the three arms in rotating order, so that drift cancels
-        for j in range(3):
-            arm(("off", "on", "floor")[(k + j) % 3])
+    kinds = ("off", "on", "floor", "state floor")
+    for k in range(steps):  # the arms in rotating order, so that drift cancels
+        for j in range(len(kinds)):
+            arm(kinds[(k + j) % len(kinds)])
     monitor._active = False
     floor = _floor(model)
     monitor._active = True
@@ -244,7 +262,8 @@ def run_case(
     mad = statistics.median(abs(d - added) for d in diffs)
     stderr = 1.2533 * 1.4826 * mad / len(diffs) ** 0.5
     hook = statistics.median(a[1] - b[1] for a, b in zip(with_monitor, without))
-    floor_step = statistics.median(floor_in_step)
+    floor_step = statistics.median(floor_in_step["floor"])
+    state_floor = statistics.median(floor_in_step["state floor"])
     target = max(2 * floor_step, 0.02 * t_without)
     mem_target = 0.1 if opt_name in ("sgd-momentum", "adamw", "rmsprop") else 1.0
     return {
@@ -255,6 +274,7 @@ def run_case(
         "ratio": t_with / t_without,
         "added/floor": added / floor,
         "added/floor in step": added / floor_step,
+        "added/state floor": added / state_floor,
         "added/step": added / t_without,
         "+-": stderr / t_without,
         "hook/step": hook / t_without,
@@ -297,7 +317,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     header = (
         "| workload | optimizer | every | symmetries | ratio | added/floor | added/floor in step "
-        "| added/step | +- "
+        "| added/state floor | added/step | +- "
         "| hook/step | mem/params | peak+/params | fused | steps | time ok | mem ok |"
     )
     where = (
@@ -307,7 +327,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(f"torch {torch.__version__}, {where}", file=sys.stderr)
     print(header)
-    print("|" + "---|" * 16)
+    print("|" + "---|" * 17)
     with tempfile.TemporaryDirectory() as tmp:
         for workload in workloads:
             for opt_name in OPTIMIZERS:
@@ -319,7 +339,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(
                         f"| {row['workload']} | {row['optimizer']} | {row['every']} "
                         f"| {row['symmetries']} | {row['ratio']:.3f} | {row['added/floor']:.2f} "
-                        f"| {row['added/floor in step']:.2f} "
+                        f"| {row['added/floor in step']:.2f} | {row['added/state floor']:.2f} "
                         f"| {row['added/step']:.2%} | {row['+-']:.2%} "
                         f"| {row['hook/step']:.2%} | {row['mem/params']:.2f} "
                         f"| {row['peak+/params']:.2f} | {row['fused']} | {row['steps']} "
