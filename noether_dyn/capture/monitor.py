@@ -450,11 +450,7 @@ class Monitor:
             started = pred.value is not None
             value = pred.value if started else self._zero_charges[0]
             velocity = pred.velocity if started else self._zero_charges[1]
-            lead = [hypers[self.group_of[i]] for i in self._matrix.lead]
-            constants = pred.constants(
-                [h.lr for h in lead], [h.beta for h in lead], [h.weight_decay for h in lead], dev
-            )
-            prediction = (value, velocity, constants)
+            prediction = (value, velocity, pred.constants(*self._lead_rates(hypers), dev))
         inputs = (hyper, loss, prediction)
         fused = self._fused_stats(optimizer, inputs) if ctx["fused"] else None
         if fused is None:
@@ -616,10 +612,6 @@ class Monitor:
         pred = self._predictor
         if pred.value is None or not len(self._matrix) or ctx.get("advanced"):
             return
-        lead = [self.group_of[i] for i in self._matrix.lead]
-        eta = [hypers[g].lr for g in lead]
-        beta = [hypers[g].beta for g in lead]
-        lam = [hypers[g].weight_decay for g in lead]
         grad_sq = update_sq = None
         active = [i for i in self._matrix.tensors if self.params[i].grad is not None]
         if pred.needs_grad_sq:
@@ -634,7 +626,12 @@ class Monitor:
             if per_tensor is None:
                 per_tensor = self._reduced(self._update_sq(optimizer, ctx["rebuild"], active))
             update_sq = self._matrix.signs @ per_tensor
-        pred.advance(eta, beta, lam, grad_sq=grad_sq, update_sq=update_sq)
+        pred.advance(*self._lead_rates(hypers), grad_sq=grad_sq, update_sq=update_sq)
+
+    def _lead_rates(self, hypers: list[GroupHyper]) -> tuple[list[float], ...]:
+        """Per symmetry, eta, beta and lambda of the group of its first parameter."""
+        lead = [hypers[self.group_of[i]] for i in self._matrix.lead]
+        return [h.lr for h in lead], [h.beta for h in lead], [h.weight_decay for h in lead]
 
     def _update_sq(
         self, optimizer: torch.optim.Optimizer, rebuild: list[bool], idx: list[int]
