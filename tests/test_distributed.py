@@ -9,6 +9,9 @@ gradient all-reduce and of the sums over shards, so the runs agree to rounding: 
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +90,13 @@ def _worker(rank: int, world: int, rendezvous: str, run_dir: str, mode: str) -> 
         dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
+    # Past this point the test's work is done. torch 2.13's FSDP2 on gloo sometimes aborts in
+    # its interpreter-exit teardown ("terminate called without an active exception"; 7 of 80
+    # runs of plain FSDP2 training, without noether-dyn, on this project's machine): leave
+    # without that teardown, so that only the work above can fail the test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
