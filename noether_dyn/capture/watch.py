@@ -53,7 +53,7 @@ def watch(
             (1x parameter memory), instead of rebuilding dq from the optimizer's state (SGD,
             RMSprop, Adam, AdamW, Adagrad; no memory held). Both agree to the rounding of
             q_{n+1}; other optimizers always use snapshots.
-        fused: compute a logged step's statistics in one compiled program (``torch.compile``:
+        fused: compute a logged step's statistics in one compiled program (Inductor:
             one pass over q, g and the optimizer's state instead of 10-25) for SGD, RMSprop,
             Adam, AdamW and Adagrad when dq is rebuilt. The first logged step compiles it (seconds
             to a minute, cached on disk by Inductor). None (default) turns it on for models of

@@ -1,4 +1,4 @@
-"""All per-tensor statistics of a logged step in one compiled program (``torch.compile``).
+"""All per-tensor statistics of a logged step in one compiled program (Inductor).
 
 The eager path (:mod:`noether_dyn.quantities.reductions`) forms the update dq and the metric G as
 tensors and then reads them again for every statistic: 10 to 25 passes over parameter-sized
