@@ -248,9 +248,7 @@ def run_case(
     for k in range(steps):  # the arms in rotating order, so that drift cancels
         for j in range(len(kinds)):
             arm(kinds[(k + j) % len(kinds)])
-    monitor._active = False
     floor = _floor(model)
-    monitor._active = True
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     mem = _monitor_bytes(monitor) / param_bytes
     fused = monitor.fused

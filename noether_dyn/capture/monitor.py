@@ -141,8 +141,8 @@ class Monitor:
         self._step_rows = StepRows(
             self._matrix, self._group_index, self._n_groups, self._predictor.regime
         )
-        # the predictor's stand-in before it starts: two tensors (aliased inputs would make the
-        # compiled program recompile once the predictor's own tensors replace them)
+        # the predictor's stand-in before it starts: two tensors, not one view twice (under the
+        # torch.compile fallback, aliased inputs recompile once the predictor's own replace them)
         self._zero_charges = torch.zeros(
             2, len(self._matrix), dtype=torch.float64, device=self.device
         ).unbind()

@@ -122,7 +122,7 @@ def _entry(params, grads, states, coef, inputs, rules=(), translation=(), symmet
 
 MAX_VARIANTS = 8
 """Compiled variants one program keeps (a new dtype, shape or layout of an input compiles one
-more); past this many the program runs eagerly."""
+more); a call that matches none of them once this many exist runs eagerly."""
 
 
 class _Variant(NamedTuple):
@@ -188,7 +188,7 @@ class StatsProgram:
         coef: torch.Tensor,
         inputs: tuple = (),
     ) -> tuple[torch.Tensor, tuple | None]:
-        if not self._compile or len(self._variants) >= MAX_VARIANTS:
+        if not self._compile:
             return self._entry(params, grads, states, coef, inputs)
         if self._dynamo is not None:
             with _quiet_tf32():
@@ -197,26 +197,23 @@ class StatsProgram:
         spec = _flatten(inputs, leaves)
         flat = [*params, *grads, *itertools.chain.from_iterable(states), coef, *leaves]
         layout = (len(params), tuple(map(len, states)), spec)
-        for variant in self._variants:
-            if variant.layout == layout and variant.check(flat):
-                return _unflatten(variant.out_spec, iter(variant.fn(*flat)))
-        variant = self._build(flat, layout)
-        self._variants.append(variant)
+        variant = next((v for v in self._variants if v.layout == layout and v.check(flat)), None)
+        if variant is None:
+            if len(self._variants) >= MAX_VARIANTS:
+                return self._entry(params, grads, states, coef, inputs)
+            variant = self._build(flat, layout, (params, grads, states, coef, inputs))
+            self._variants.append(variant)
         return _unflatten(variant.out_spec, iter(variant.fn(*flat)))
 
-    def _build(self, flat: list[torch.Tensor], layout: tuple) -> _Variant:
-        n_params, state_lengths, spec = layout
-        out_spec = []
+    def _build(self, flat: list[torch.Tensor], layout: tuple, args: tuple) -> _Variant:
+        """Trace and compile the program for the signature of ``flat`` (``args`` flattened)."""
+        arg_spec = _flatten(args, [])
+        out_spec = None
 
         def flat_entry(*leaves: torch.Tensor) -> list[torch.Tensor]:
-            params, grads = list(leaves[:n_params]), list(leaves[n_params : 2 * n_params])
-            at, states = 2 * n_params, []
-            for n in state_lengths:
-                states.append(tuple(leaves[at : at + n]))
-                at += n
-            inputs = _unflatten(spec, iter(leaves[at + 1 :]))
+            nonlocal out_spec
             out: list[torch.Tensor] = []
-            out_spec.append(_flatten(self._entry(params, grads, states, leaves[at], inputs), out))
+            out_spec = _flatten(self._entry(*_unflatten(arg_spec, iter(leaves))), out)
             return out
 
         with torch.no_grad(), _quiet_tf32():
@@ -227,7 +224,7 @@ class StatsProgram:
                 dynamic_shapes="from_example_inputs",
                 options={"config_patches": _OPTIONS},
             )
-        return _Variant(layout, _input_check(flat), fn, out_spec[-1])
+        return _Variant(layout, _input_check(flat), fn, out_spec)
 
 
 _OPTIONS = {"cpp_wrapper": True}
