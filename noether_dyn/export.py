@@ -1,0 +1,67 @@
+"""Export a saved run as long-format tables (CSV or Parquet) for pandas, R, DuckDB or a
+spreadsheet: one file per table, one row per (step[, symmetry | param group | tensor | layer]).
+
+The schema is documented in ``docs/guide.md`` ("Export"). Charges and per-tensor statistics,
+stored as binary blocks, come out as ordinary numeric columns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from noether_dyn.store import Run, load_run
+
+FORMATS = ("csv", "parquet")
+TABLES = ("steps", "groups", "charges", "tensors", "symmetries", "events", "depth_profile")
+
+
+def _frames(run: Run) -> dict:
+    frames = {name: getattr(run, name) for name in TABLES}
+    sym = frames["symmetries"].copy()
+    # tuples have no CSV/Parquet type: a JSON list keeps them readable and unambiguous
+    sym["params"] = sym["params"].map(lambda p: json.dumps(list(p)))
+    sym["signs"] = sym["signs"].map(lambda s: json.dumps(list(s)))
+    sym["verified"] = sym["verified"].astype("boolean")
+    frames["symmetries"] = sym
+    return frames
+
+
+def export_run(run: Run | str | Path, out_dir: str | Path, format: str = "csv") -> list[Path]:
+    """Write every table of ``run`` into ``out_dir`` (created) as ``<table>.csv`` or
+    ``<table>.parquet``, plus ``meta.json`` (the run's metadata). Returns the written paths.
+
+    Args:
+        run: a :class:`~noether_dyn.store.Run` or the path of a run directory (or its
+            ``run.sqlite``).
+        out_dir: the output directory; existing files of the same names are replaced.
+        format: ``"csv"`` or ``"parquet"`` (needs ``pyarrow``).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "format='parquet' needs pyarrow: pip install pyarrow "
+                "(or 'noether-dyn[export]'), or use format='csv'"
+            ) from None
+    run = run if isinstance(run, Run) else load_run(run)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create output directory '{out}': {exc.strerror or exc}") from None
+    written = []
+    for name, frame in _frames(run).items():
+        path = out / f"{name}.{format}"
+        if format == "csv":
+            frame.to_csv(path, index=False)
+        else:
+            frame.to_parquet(path, index=False)
+        written.append(path)
+    meta = out / "meta.json"
+    meta.write_text(json.dumps(run.meta, indent=1, sort_keys=True), encoding="utf-8")
+    written.append(meta)
+    return written
