@@ -69,6 +69,24 @@ class _Parser(argparse.ArgumentParser):
         )
 
 
+def _port(text: str) -> int:
+    """argparse type of ``--port``: an integer in 0..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..65535, got {inert(text)!r}")
+    return port
+
+
+def _seconds(text: str) -> int:
+    """argparse type of ``--refresh``: a non-negative integer."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {inert(text)!r}")
+    return int(text)
+
+
 def _version() -> str:
     from noether_dyn import __version__
 
@@ -195,11 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", metavar="RUN")
     p.add_argument(
-        "--port", type=int, default=8765, metavar="N", help="port (default: 8765; 0: any free)"
+        "--port", type=_port, default=8765, metavar="N", help="port (default: 8765; 0: any free)"
     )
     p.add_argument(
         "--refresh",
-        type=int,
+        type=_seconds,
         default=30,
         metavar="S",
         help="seconds between automatic reloads (default: 30; 0: never)",
