@@ -5,8 +5,8 @@ Conventions (each one checked in ``tests/test_cli.py``):
 
 - Exit status 0 on success, 1 for bad input (a missing or corrupted run, an unknown symmetry, an
   output path that cannot be written), 2 for bad usage (an unknown command, flag or choice, a
-  missing argument), 130 when interrupted. No arguments at all prints the help on stdout and
-  exits with 2 (nothing was done).
+  missing argument), 130 when interrupted, 141 (quietly) when stdout is closed early (``| head``).
+  No arguments at all prints the help on stdout and exits with 2 (nothing was done).
 - Every error is one line on stderr, ``noether-dyn: error: ...``, never a traceback (set
   ``NOETHER_DYN_DEBUG=1`` to get one for an unexpected error). An unknown choice names the
   closest valid ones ("did you mean ...").
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import io
 import json
 import math
 import os
@@ -504,6 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as shell tools do
+        try:  # the interpreter flushes stdout again at exit: point it at /dev/null first
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+        return 141
     except Exception as exc:
         if isinstance(exc, _bad_input_errors()):
             print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)

@@ -430,3 +430,12 @@ def test_serve_refuses_a_missing_run_before_listening(capsys, tmp_path):
     code, out, err = run_cli(capsys, "serve", str(tmp_path / "nope"), "--port", "0")
     assert_one_line_error(code, err, "does not exist")
     assert code == 1 and out == ""
+
+
+def test_closed_stdout_stops_quietly(capsys, monkeypatch, run_dir):
+    def head_closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", head_closed)
+    code, _, err = run_cli(capsys, "inspect", str(run_dir))
+    assert code == 141 and err == ""
