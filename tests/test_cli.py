@@ -439,3 +439,27 @@ def test_closed_stdout_stops_quietly(capsys, monkeypatch, run_dir):
     monkeypatch.setitem(cli.COMMANDS, "inspect", head_closed)
     code, _, err = run_cli(capsys, "inspect", str(run_dir))
     assert code == 141 and err == ""
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE meta SET value = '{not json' WHERE key = 'optimizer'",
+        "UPDATE symmetries SET params = '5'",  # tuple(5): a TypeError inside the reader
+        "UPDATE charge_blocks SET data = x'0000'",  # a charge block cut short
+    ],
+)
+def test_crafted_store_never_gives_a_traceback(capsys, run_dir, tmp_path, sql):
+    import sqlite3
+
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    shutil.copy(run_dir / "run.sqlite", crafted / "run.sqlite")
+    con = sqlite3.connect(crafted / "run.sqlite")
+    con.execute(sql)
+    con.commit()
+    con.close()
+    for argv in (["inspect", str(crafted)], ["report", str(crafted)], ["export", str(crafted)]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err)
+        assert code == 1
