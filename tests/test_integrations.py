@@ -354,3 +354,61 @@ def test_hf_trainer_warns_when_no_output_loss_is_backpropagated(tmp_path):
         trainer.train()
     run = nd.load_run(tmp_path / "run")
     assert len(run.steps) == 2 and run.steps["loss"].isna().all()
+
+
+# ---------------------------------------------------------------------- DDP, 2 processes (gloo)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step_sums(per_batch: torch.Tensor, steps: int, accumulate: int) -> np.ndarray:
+    return per_batch.double().reshape(steps, accumulate).sum(dim=1).numpy()
+
+
+def test_lightning_ddp_logs_the_step_loss_averaged_over_ranks(tmp_path):
+    """Every rank watches, rank 0 writes; the stored loss is the mean over ranks of each rank's
+    accumulated step loss (the loss whose gradient DDP's averaged gradient is)."""
+    from _ddp_workers import ACCUMULATE, STEPS, LitRecorder, random_batches
+
+    x, y = random_batches()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    callback = NoetherCallback(tmp_path / "run", symmetries=[])
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        accumulate_grad_batches=ACCUMULATE,
+        callbacks=[callback],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(LitRecorder(str(tmp_path)), loader)
+
+    ranks = [_step_sums(torch.load(tmp_path / f"rank{r}.pt"), STEPS, ACCUMULATE) for r in (0, 1)]
+    assert not np.allclose(ranks[0], ranks[1])  # the ranks saw different batches
+    run = nd.load_run(tmp_path / "run")
+    assert run.steps["step"].tolist() == list(range(STEPS))
+    np.testing.assert_allclose(run.steps["loss"], (ranks[0] + ranks[1]) / 2, rtol=RTOL, atol=0)
+
+
+def test_hf_trainer_ddp_logs_the_loss_the_trainer_logs(tmp_path):
+    """The Trainer logs the mean over ranks of each rank's accumulated loss; so does the run."""
+    import json
+
+    import torch.multiprocessing as mp
+    from _ddp_workers import STEPS, hf_worker
+
+    mp.spawn(hf_worker, args=(str(tmp_path), _free_port()), nprocs=2)
+    logged = json.loads((tmp_path / "logged.json").read_text())
+    run = nd.load_run(tmp_path / "run")
+    assert run.steps["step"].tolist() == list(range(STEPS))
+    np.testing.assert_allclose(run.steps["loss"], logged, rtol=RTOL, atol=0)
