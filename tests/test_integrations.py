@@ -37,6 +37,15 @@ def _assert_closed(model: nn.Module, optimizer, tmp_path: Path) -> None:
     again.close()
 
 
+def _assert_charge_conserved(run, symmetry: str, steps: int) -> None:
+    """The logits translation of a cross-entropy head: sum(bias) has zero gradient, so plain SGD
+    (with momentum, no weight decay) keeps it constant. float32 bias of a few entries of order
+    0.3: each stored sum rounds at ~1e-7, hence absolute 1e-6."""
+    charge = run.charge(symmetry)["charge"].to_numpy()
+    assert len(charge) == steps
+    np.testing.assert_allclose(charge, charge[0], rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- import cost
 
 
@@ -175,7 +184,8 @@ def _lit_trainer(callback: pl.Callback, steps: int, accumulate: int) -> pl.Train
 def test_lightning_logs_the_accumulated_step_loss(tmp_path, accumulate):
     steps = 4
     module = _LitMLP()
-    callback = NoetherCallback(tmp_path / "run", symmetries=[])
+    head = nd.Symmetry("translation:head", "translation", ("net.2.bias",))
+    callback = NoetherCallback(tmp_path / "run", symmetries=[head])
     _lit_trainer(callback, steps, accumulate).fit(module, _loader())
 
     run = nd.load_run(tmp_path / "run")
@@ -191,6 +201,7 @@ def test_lightning_logs_the_accumulated_step_loss(tmp_path, accumulate):
         last = raw[:, -1] / accumulate
         assert np.all(np.abs(stored - last) > 1e-3 * np.abs(stored))
     assert callback.monitor.optimizer is module.trainer.optimizers[0]
+    _assert_charge_conserved(run, "translation:head", steps)
     _assert_closed(module, module.trainer.optimizers[0], tmp_path)
 
 
@@ -277,6 +288,9 @@ def _bert(g: torch.Generator, divided: bool):
     return model, data
 
 
+head_translation = nd.Symmetry("translation:classifier", "translation", ("classifier.bias",))
+
+
 @pytest.mark.parametrize(
     "kind, accumulate, factor",
     [("gpt2", 2, 1.0), ("bert-divided", 2, 0.5), ("bert-divided", 1, 1.0)],
@@ -301,10 +315,13 @@ def test_hf_trainer_logs_the_trainers_step_loss(tmp_path, kind, accumulate, fact
         use_cpu=True,
         disable_tqdm=True,
         learning_rate=1e-2,
+        optim="sgd",  # plain SGD keeps the translation charge (AdamW's metric breaks it)
         eval_strategy="steps" if accumulate == 1 else "no",  # eval forwards must not count
         eval_steps=1,
     )
-    callback = NoetherTrainerCallback(tmp_path / "run", symmetries=[])
+    # BERT's classifier feeds a cross-entropy: its bias has the logits translation
+    symmetries = [] if kind == "gpt2" else [head_translation]
+    callback = NoetherTrainerCallback(tmp_path / "run", symmetries=symmetries)
     trainer = transformers.Trainer(
         model=model,
         args=args,
@@ -325,6 +342,8 @@ def test_hf_trainer_logs_the_trainers_step_loss(tmp_path, kind, accumulate, fact
     # the factor the Trainer applied to output.loss, seen through autograd
     per_step = torch.stack(raw).double().reshape(steps, accumulate).sum(dim=1).numpy()
     np.testing.assert_allclose(stored, factor * per_step, rtol=RTOL, atol=0)
+    if symmetries:
+        _assert_charge_conserved(run, head_translation.name, steps)
     _assert_closed(model, trainer.optimizer, tmp_path)  # watch on the wrapper itself works
 
 
