@@ -59,6 +59,17 @@ def test_import_noether_dyn_imports_no_framework():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_package_names_both_callbacks_lazily():
+    import noether_dyn.integrations as integrations
+    from noether_dyn.integrations.hf import NoetherTrainerCallback
+    from noether_dyn.integrations.lightning import NoetherCallback
+
+    assert integrations.NoetherCallback is NoetherCallback
+    assert integrations.NoetherTrainerCallback is NoetherTrainerCallback
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        integrations.Nope  # noqa: B018
+
+
 # ---------------------------------------------------------------------- unwrap_optimizer
 
 
