@@ -1,10 +1,17 @@
 """What the 2-process DDP tests of test_integrations.py run in each spawned process (kept out
-of the test module, which the children would otherwise import with all its frameworks)."""
+of the test module, which the children would otherwise import with all its frameworks).
+
+Each process is started as torchrun would start it (environment variables; the frameworks then
+join that process group instead of launching their own processes), saves what the test checks,
+and leaves with ``os._exit(0)`` after a barrier: under torch 2.13, freeing a DDP model's gloo
+process group at interpreter exit can wait forever (seen in about 1 of 2 runs here).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -44,15 +51,52 @@ class LitRecorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def hf_worker(rank: int, out_dir: str, port: int) -> None:
-    """One rank of an HF Trainer run under DDP (gloo on the CPU), as torchrun would start it."""
+def _torchrun_env(rank: int, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
+        GROUP_RANK="0",
+        NODE_RANK="0",
         WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
     )
+
+
+def _leave() -> None:
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def lightning_worker(rank: int, out_dir: str, port: int) -> None:
+    """One rank of a Lightning fit with strategy="ddp" (gloo on the CPU)."""
+    _torchrun_env(rank, port)
+    from noether_dyn.integrations.lightning import NoetherCallback
+
+    x, y = random_batches()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        accumulate_grad_batches=ACCUMULATE,
+        callbacks=[NoetherCallback(f"{out_dir}/run", symmetries=[])],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(LitRecorder(out_dir), loader)
+    _leave()
+
+
+def hf_worker(rank: int, out_dir: str, port: int) -> None:
+    """One rank of an HF Trainer run under DDP (gloo on the CPU)."""
+    _torchrun_env(rank, port)
     import transformers
 
     from noether_dyn.integrations.hf import NoetherTrainerCallback
@@ -92,4 +136,4 @@ def hf_worker(rank: int, out_dir: str, port: int) -> None:
     if rank == 0:
         logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         Path(f"{out_dir}/logged.json").write_text(json.dumps(logged))
-    torch.distributed.destroy_process_group()
+    _leave()

@@ -397,6 +397,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn_two(worker, out_dir: Path, timeout: float = 300.0) -> None:
+    """Run ``worker(rank, out_dir, port)`` in 2 processes; fail instead of hanging."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=(str(out_dir), _free_port()), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the DDP workers were still running after {timeout:.0f} s")
+
+
 def _step_sums(per_batch: torch.Tensor, steps: int, accumulate: int) -> np.ndarray:
     return per_batch.double().reshape(steps, accumulate).sum(dim=1).numpy()
 
@@ -404,25 +419,9 @@ def _step_sums(per_batch: torch.Tensor, steps: int, accumulate: int) -> np.ndarr
 def test_lightning_ddp_logs_the_step_loss_averaged_over_ranks(tmp_path):
     """Every rank watches, rank 0 writes; the stored loss is the mean over ranks of each rank's
     accumulated step loss (the loss whose gradient DDP's averaged gradient is)."""
-    from _ddp_workers import ACCUMULATE, STEPS, LitRecorder, random_batches
+    from _ddp_workers import ACCUMULATE, STEPS, lightning_worker
 
-    x, y = random_batches()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    callback = NoetherCallback(tmp_path / "run", symmetries=[])
-    trainer = pl.Trainer(
-        max_steps=STEPS,
-        accumulate_grad_batches=ACCUMULATE,
-        callbacks=[callback],
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(LitRecorder(str(tmp_path)), loader)
-
+    _spawn_two(lightning_worker, tmp_path)
     ranks = [_step_sums(torch.load(tmp_path / f"rank{r}.pt"), STEPS, ACCUMULATE) for r in (0, 1)]
     assert not np.allclose(ranks[0], ranks[1])  # the ranks saw different batches
     run = nd.load_run(tmp_path / "run")
@@ -434,10 +433,9 @@ def test_hf_trainer_ddp_logs_the_loss_the_trainer_logs(tmp_path):
     """The Trainer logs the mean over ranks of each rank's accumulated loss; so does the run."""
     import json
 
-    import torch.multiprocessing as mp
     from _ddp_workers import STEPS, hf_worker
 
-    mp.spawn(hf_worker, args=(str(tmp_path), _free_port()), nprocs=2)
+    _spawn_two(hf_worker, tmp_path)
     logged = json.loads((tmp_path / "logged.json").read_text())
     run = nd.load_run(tmp_path / "run")
     assert run.steps["step"].tolist() == list(range(STEPS))
