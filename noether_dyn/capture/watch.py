@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from noether_dyn.capture.monitor import Monitor
+from noether_dyn.capture.wrappers import unwrap_optimizer
 from noether_dyn.symmetries.symmetry import Symmetry
 
 
@@ -60,6 +61,7 @@ def watch(
             at least 1M parameters on CPU or CUDA. If compiling fails the monitor warns once and
             goes on with the eager path.
     """
+    optimizer = unwrap_optimizer(optimizer)
     if run_dir is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"noether-{stamp}"
