@@ -17,13 +17,14 @@ symplectic Euler (order 1) and Stormer-Verlet (order 2).
 What is measured. The state y = 0 is an equilibrium, so a tangent (signal or gradient
 perturbation) dy pushed through the layers there obeys the layers' linearization, the same steps
 with the linear force q -> S q, S = Hessian of V at 0 = K^T K (checked against the layer's
-jvp in tests/test_depth_stability.py). Its size is the energy norm |dy|_E = sqrt(dq^T S dq + |dp|^2),
-which the exact flow conserves. The stiffness is rho = sqrt(lambda_max(S)) = sigma_max(K), the
-largest frequency (~ 2 sqrt(n) = sqrt(2 w) for Gaussian K). A net is *stable* when every layer's
-tangent stays in the band |dy_j|_E / |dy_0|_E in [1/c, c] (default c = 10), for a batch of
-tangents: the stiffest mode and three random unit-energy tangents in S's positive eigenspace.
-The *smallest stable depth* L* is found by bisection over integer depths (stable runs at L*,
-unstable at L* - 1; stability is monotone in L for these methods on a linear field).
+jvp in tests/test_depth_studies.py). Its size is the energy norm
+|dy|_E = sqrt(dq^T S dq + |dp|^2), which the exact flow conserves. The stiffness is
+rho = sqrt(lambda_max(S)) = sigma_max(K), the largest frequency (~ 2 sqrt(n) = sqrt(2 w) for
+Gaussian K). A net is *stable* when every layer's tangent stays in the band
+|dy_j|_E / |dy_0|_E in [1/c, c] (default c = 10), for a batch of tangents: the stiffest mode and
+three random unit-energy tangents in S's positive eigenspace. The *smallest stable depth* L* is
+found by bisection over integer depths (stable at L*, unstable at L* - 1; stability is monotone
+in L for these methods on a linear field).
 
 Theory (one mode of frequency omega = rho). Forward Euler multiplies the energy norm by
 sqrt(1 + h^2 rho^2) per layer, so the band holds iff (L/2) ln(1 + (rho T/L)^2) <= ln c,
