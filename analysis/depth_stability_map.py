@@ -454,7 +454,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     else:
         defaults = {
             "seeds": 8,
-            "widths": [32, 64, 128, 256, 512, 1024],
+            "widths": [16, 32, 64, 128, 256, 512],
             "trained_widths": [16, 64, 256],
             "trained_seeds": 3,
             "trained_horizons": [4.0, 8.0, 16.0, 32.0],
