@@ -94,3 +94,32 @@ def test_tanh_stack_reads_each_layer_at_its_state() -> None:
 def test_rejects_a_stack_without_vector_fields() -> None:
     with pytest.raises(TypeError, match="ResidualStack"):
         stability_profile(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2))
+
+
+def test_stability_along_training_reaches_the_report(tmp_path) -> None:
+    """The diagnostic travels through Monitor.log_depth_profile into the store, and the report's
+    depth section lists per step the largest factor, equal to stability_profile's."""
+    import noether_dyn as nd
+    from noether_dyn.report.document import Table
+    from noether_dyn.report.sections import depth_section
+
+    torch.manual_seed(0)
+    net = EulerResNet(4, 6, h=0.5, init_std=1.0)
+    x = torch.randn(8, 4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    expected = {}
+    with nd.watch(net, opt, tmp_path / "run", fused=False) as monitor:
+        for step in range(6):
+            if step in (0, 5):
+                monitor.log_depth_profile(profile(net, x))
+                expected[monitor.step] = stability_profile(net, x)["stability"].max()
+            opt.zero_grad()
+            loss = (net(x) ** 2).mean()
+            monitor.log_loss(loss)
+            loss.backward()
+            opt.step()
+    section = depth_section(nd.load_run(tmp_path / "run"))
+    trace = [b.frame for b in section.blocks if isinstance(b, Table)][-1]
+    assert list(trace["step"]) == sorted(expected)
+    # The same float32 computation at the same weights, stored as float64: equal exactly.
+    assert list(trace["max stability"]) == [expected[s] for s in sorted(expected)]
