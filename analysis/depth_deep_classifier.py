@@ -201,9 +201,19 @@ def plot(final: pd.DataFrame, layers: pd.DataFrame, path: Path) -> None:
     """Left: test accuracy over the (depth, h) sweep. Middle and right: per-layer sigma_max and
     sigma_min of M_j at the end of training for the deepest body at the largest h."""
     sns.set_theme(style="whitegrid")
+    colors = dict(zip(MODELS, ["gray", *sns.color_palette("deep", 2)], strict=True))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     res = final[final["model"] != "tanh_mlp"]
-    sns.lineplot(res, x="h", y="test_acc", hue="model", style="depth", markers=True, ax=axes[0])
+    sns.lineplot(
+        res,
+        x="h",
+        y="test_acc",
+        hue="model",
+        style="depth",
+        markers=True,
+        palette=colors,
+        ax=axes[0],
+    )
     for depth, sub in final[final["model"] == "tanh_mlp"].groupby("depth"):
         axes[0].axhline(float(sub["test_acc"].iloc[0]), color="gray", ls=":", lw=1)
         axes[0].text(
@@ -221,7 +231,7 @@ def plot(final: pd.DataFrame, layers: pd.DataFrame, path: Path) -> None:
     for ax, col in ((axes[1], "sigma_max"), (axes[2], "sigma_min")):
         for model, sub in last.groupby("model", sort=False):
             vals = sub[col].to_numpy(float)
-            ax.plot(sub["layer"], np.clip(vals, 1e-300, None), label=model)
+            ax.plot(sub["layer"], np.clip(vals, 1e-300, None), color=colors[model], label=model)
         ax.set_yscale("log")
         ax.set_xlabel("layer j")
         ax.set_title(f"{col} of dy_L/dy_j, L={deepest}, h={h_big:g}, end", loc="left")
@@ -282,7 +292,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     final.to_csv(args.out / "table.csv", index=False)
     curves.to_csv(args.out / "curves.csv", index=False)
-    layer_table.to_csv(args.out / "layers.csv", index=False)
+    layer_table.to_csv(args.out / "layers.csv", index=False, float_format="%.6g")
     tol.to_csv(args.out / "tolerated.csv", index=False)
     plot(final, layer_table, args.out / "deep_classifier.png")
     init = curves[curves["step"] == 0][
