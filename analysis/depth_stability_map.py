@@ -444,12 +444,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         defaults = {
-            "seeds": 4,
-            "widths": [16, 32, 64, 128],
-            "trained_widths": [16, 64],
+            "seeds": 3,
+            "widths": [16, 32, 64],
+            "trained_widths": [16],
             "trained_seeds": 2,
-            "trained_horizons": [4.0, 8.0, 16.0],
-            "train_steps": 100,
+            "trained_horizons": [4.0, 8.0],
+            "train_steps": 50,
         }
     else:
         defaults = {

@@ -95,9 +95,14 @@ def test_stability_map_quick(tmp_path: Path) -> None:
             assert abs(rho_t.loc[(weights, method), "exponent"] - 1) < 0.1
     width = fits[fits["against"] == "width"].set_index("method")
     assert np.isfinite(width[["ci95_low", "ci95_high"]].to_numpy()).all()
-    # Quick widths 16-128 sit where sigma_max(K)^2 is still below 4n: the exponent is that of
-    # the exact one-mode theory at the measured rho, not yet the asymptotic 1 and 1/2.
-    np.testing.assert_allclose(width["exponent"], width["theory_exponent"], atol=0.05)
+    # Quick widths 16-64 sit where sigma_max(K)^2 is still below 4n: the exponent is that of
+    # the exact one-mode theory at the measured rho, not yet the asymptotic 1 and 1/2. Forward
+    # Euler matches it exactly (L* = theory); the symplectic L* of 10-22 layers are integers,
+    # and one layer more or less moves a slope over a 4x width range by up to
+    # ln(1.1)/ln(4) = 0.07, hence 0.1.
+    fe_w = width.loc["forward_euler"]
+    assert fe_w["exponent"] == pytest.approx(fe_w["theory_exponent"], abs=1e-12)
+    np.testing.assert_allclose(width["exponent"], width["theory_exponent"], atol=0.1)
     assert "| method | width |" in stdout
 
 
