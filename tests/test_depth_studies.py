@@ -93,7 +93,7 @@ def test_stability_map_quick(tmp_path: Path) -> None:
         assert abs(rho_t.loc[(weights, "forward_euler"), "exponent"] - 2) < 0.1
         for method in ("symplectic_euler", "stormer_verlet"):
             assert abs(rho_t.loc[(weights, method), "exponent"] - 1) < 0.1
-    width = fits[fits["against"] == "width"].set_index("method")
+    width = fits[fits["against"] == "width"].set_index("method").loc[list(sm.METHODS)]
     assert np.isfinite(width[["ci95_low", "ci95_high"]].to_numpy()).all()
     # Quick widths 16-64 sit where sigma_max(K)^2 is still below 4n: the exponent is that of
     # the exact one-mode theory at the measured rho, not yet the asymptotic 1 and 1/2. Forward
@@ -103,6 +103,10 @@ def test_stability_map_quick(tmp_path: Path) -> None:
     fe_w = width.loc["forward_euler"]
     assert fe_w["exponent"] == pytest.approx(fe_w["theory_exponent"], abs=1e-12)
     np.testing.assert_allclose(width["exponent"], width["theory_exponent"], atol=0.1)
+    # ... and the width law enters through the stiffness: L*_FE ~ rho^2 exactly, so the two
+    # width exponents agree (same seeds, same rho).
+    stiff = fits[fits["method"] == "stiffness rho^2"].iloc[0]
+    assert stiff["exponent"] == pytest.approx(fe_w["exponent"], abs=0.05)
     assert "| method | width |" in stdout
 
 
