@@ -16,7 +16,7 @@ and from q0 = 2.5 rad (an energy never seen: the training orbit stays below |q| 
 the one-step RMSE and the energy error max |H(y_n) - H(y_0)| relative to the energy above the
 well's bottom, H(y_0) + 1 (0.93 and 1.80).
 
-Run: ``python examples/pendulum_symplectic.py`` (about 15 s on one CPU core).
+Run: ``python examples/pendulum_symplectic.py`` (about 20 s on one CPU core).
 """
 
 from __future__ import annotations
