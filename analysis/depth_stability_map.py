@@ -38,8 +38,12 @@ match the force of a chain of coupled pendulums, V*(q) = sum (1 - cos q_i) + (k/
 (q_{i+1} - q_i)^2, k = 4; rho is measured on the trained S and the horizon is swept, so rho T
 varies through T. Exponents fitted against rho T.
 
-Exponents: per seed, the least-squares slope of log L* against log w (random weights) or log
-rho T (both panels); the table gives the mean over seeds with a 95% Student-t interval.
+Exponents: per seed, the least-squares slope of log L* against log w (random weights; over all
+widths and over widths >= --large-width) or log rho T (both panels); the table gives the mean
+over seeds with a 95% Student-t interval, the slope of the exact one-mode theory at the measured
+rho (``theory_exponent``), and the slope of rho^2 itself against w. sigma_max(K)^2 / (4n) rises
+towards 1 only as n grows (the finite-size edge of the Marchenko-Pastur law), so at finite
+widths the width exponents carry that bias; the rho T exponents do not.
 
 Run: ``python analysis/depth_stability_map.py [--quick] [--out DIR]``.
 """
