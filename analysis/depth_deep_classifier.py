@@ -1,13 +1,31 @@
-"""Deep classifiers on two spirals: a plain tanh MLP's gradients vanish, a symplectic net trains.
+"""Deep classifiers on two spirals: what a plain tanh MLP, a forward-Euler ResNet and a symplectic
+net each tolerate, read through gradient transmission and sigma_min / sigma_max per layer.
 
-THEORY.md §5. Each model is embed (Linear 2 -> dim) -> body of ``depth`` layers -> head
-(Linear dim -> 2); the bodies are TanhMLP (default nn.Linear init), EulerResNet and SymplecticNet
-(default Stormer-Verlet, learned T and V), same width and depth, h = t_final / depth for both
-residual nets. Reported per model: the gradient norm reaching the first body layer's parameters
-at initialisation (|dL/dtheta_1|, and the same for the last body layer; float64, since the tanh
-MLP's underflows float32), sigma_max of the body's input-output Jacobian at init (worst case
-over the batch, from :func:`noether_dyn.depth.profile`), and train/test accuracy after
-full-batch Adam (float32). The data are generated here with numpy (seeded), no download.
+THEORY.md §5; Haber & Ruthotto, "Stable architectures for deep neural networks" (2018).
+Each model is embed (Linear 2 -> dim) -> body of ``depth`` layers -> head (Linear dim -> 2):
+
+* ``tanh_mlp``: TanhMLP (y <- tanh(W y + b), default nn.Linear init); no step size.
+* ``euler_resnet``: EulerResNet, y <- y + h tanh(W y + b), W ~ N(0, 1/dim).
+* ``symplectic``: SymplecticNet of order 1 (symplectic Euler, the same cost and order as the
+  Euler layer), T = |p|^2/2 and a learned log-cosh potential per layer.
+
+The step h is the same for both residual nets and is *not* tied to the depth: the sweep crosses
+depth (16 to 256) with h (0.1 to 1), so the horizon T = h L grows with both. Every run trains
+with full-batch Adam (float32) on the same data; diagnostics are taken in float64 on 32 training
+points at initialisation, halfway and at the end (:func:`noether_dyn.depth.profile` and, for the
+Euler ResNet, :func:`noether_dyn.depth.stability_profile`):
+
+* ``transmission_0``: |dL/dy_0| / |dL/dy_L|, the cross-entropy gradient reaching the body's
+  input relative to its output (1 = lossless);
+* ``sigma_max_0``, ``sigma_min_0``: extreme singular values of M_0 = dy_L/dy_0 (worst case over
+  the 32 points). A symplectic body certifies sigma_max >= 1, and its singular values come in
+  pairs (s, 1/s), so sigma_min = 1/sigma_max: gradients cannot vanish in *every* direction, but
+  they do vanish along contracting ones when sigma_max is large;
+* ``stability_max``, ``h_max_min`` (Euler only): the largest factor max|1 + h lambda| over the
+  layers and the smallest largest-stable-step over the layers.
+
+The ``tolerated`` table gives, per model and depth, the largest h of the sweep at which the
+test accuracy stays >= 0.9. Data: two interleaved spirals generated here with numpy (seeded).
 
 Run: ``python analysis/depth_deep_classifier.py [--quick] [--out DIR]``.
 """
@@ -15,6 +33,8 @@ Run: ``python analysis/depth_deep_classifier.py [--quick] [--out DIR]``.
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import time
 from pathlib import Path
 
@@ -29,10 +49,17 @@ import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from noether_dyn.depth import EulerResNet, SymplecticNet, TanhMLP, profile  # noqa: E402
+from noether_dyn.depth import (  # noqa: E402
+    EulerResNet,
+    SymplecticNet,
+    TanhMLP,
+    profile,
+    stability_profile,
+)
 from noether_dyn.depth.tables import markdown_table  # noqa: E402
 
 MODELS = ("tanh_mlp", "euler_resnet", "symplectic")
+PASS_ACC = 0.9
 
 
 def two_spirals(n: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,83 +82,160 @@ class Classifier(nn.Module):
         self.head = nn.Linear(dim, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 2) -> logits (batch, 2)."""
         return self.head(self.body(self.embed(x)))
 
 
-def build(model: str, depth: int, args: argparse.Namespace) -> Classifier:
-    h = args.t_final / depth
+def build(model: str, depth: int, h: float, dim: int) -> Classifier:
+    """The classifier for ``model`` with a body of ``depth`` layers (step h for residual nets)."""
     if model == "tanh_mlp":
-        body: nn.Module = TanhMLP(args.dim, depth)
+        body: nn.Module = TanhMLP(dim, depth)
     elif model == "euler_resnet":
-        body = EulerResNet(args.dim, depth, h=h)
+        body = EulerResNet(dim, depth, h=h)
     else:
-        body = SymplecticNet(args.dim, depth, args.order, h=h, kinetic=args.kinetic)
-    return Classifier(body, args.dim)
+        body = SymplecticNet(dim, depth, 1, h=h)
+    return Classifier(body, dim)
 
 
-def layer_grad_norms(clf: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """|dL/dtheta| of the first and of the last body layer (all their parameters)."""
-    clf.zero_grad()
-    nn.functional.cross_entropy(clf(x), y).backward()
+def diagnose(clf: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, pd.DataFrame]:
+    """Float64 per-layer profile of the body on (x, y) under the cross-entropy loss; returns the
+    layer-0 summary and the per-layer table."""
+    c64 = copy.deepcopy(clf).double()
+    with torch.no_grad():
+        y0 = c64.embed(x.double())
 
-    def norm(layer: nn.Module) -> float:
-        return float(torch.sqrt(sum((p.grad**2).sum() for p in layer.parameters())))
+    def loss(out: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(c64.head(out), y)
 
-    out = norm(clf.body.layers[0]), norm(clf.body.layers[-1])
-    clf.zero_grad()
-    return out
+    with torch.no_grad():
+        prof = profile(c64.body, y0, loss)
+    summary = {
+        "transmission_0": float(prof["transmission"].iloc[0]),
+        "sigma_max_0": float(prof["sigma_max"].iloc[0]),
+        "sigma_min_0": float(prof["sigma_min"].iloc[0]),
+        "stability_max": float("nan"),
+        "h_max_min": float("nan"),
+    }
+    if isinstance(c64.body, EulerResNet):
+        stab = stability_profile(c64.body, y0)
+        summary["stability_max"] = float(stab["stability"].max())
+        summary["h_max_min"] = float(stab["h_max"].min())
+    return summary, prof
 
 
 def accuracy(clf: Classifier, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
-        return float((clf(x).argmax(-1) == y).float().mean())
+        out = clf(x)
+        return float((out.argmax(-1) == y).float().mean()) if torch.isfinite(out).all() else 0.5
 
 
 def train_one(
-    model: str, depth: int, args: argparse.Namespace, data: tuple[torch.Tensor, ...]
-) -> tuple[dict[str, float | int | str], list[float]]:
-    """Train one model; returns its result row and loss curve."""
+    model: str, depth: int, h: float, args: argparse.Namespace, data: tuple[torch.Tensor, ...]
+) -> tuple[list[dict], list[dict]]:
+    """Train one configuration; rows at each diagnosed step, and per-layer profile rows."""
     x_tr, y_tr, x_te, y_te = data
     torch.manual_seed(args.seed)
-    clf = build(model, depth, args)
-    clf.double()  # init diagnostics in float64: the tanh MLP's gradient underflows float32
-    g_first, g_last = layer_grad_norms(clf, x_tr.double(), y_tr)
-    with torch.no_grad():
-        prof = profile(clf.body, clf.embed(x_tr[:64].double()))
-    clf.float()
+    clf = build(model, depth, h, args.dim)
     opt = torch.optim.Adam(clf.parameters(), lr=args.lr)
-    losses = []
-    start = time.perf_counter()
-    for _ in range(args.steps):
+    probe = (x_tr[:32], y_tr[:32])
+    checks = {0, args.steps // 2, args.steps}
+    rows, layers = [], []
+    key = {"model": model, "depth": depth, "h": h if model != "tanh_mlp" else float("nan")}
+    loss = torch.tensor(float("nan"))
+    for step in range(args.steps + 1):
+        if step in checks:
+            summary, prof = diagnose(clf, *probe)
+            rows.append(
+                {
+                    **key,
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    **summary,
+                    "train_acc": accuracy(clf, x_tr, y_tr),
+                    "test_acc": accuracy(clf, x_te, y_te),
+                }
+            )
+            layers += [{**key, "step": step, **r} for r in prof.to_dict("records")]
+        if step == args.steps:
+            break
         opt.zero_grad()
         loss = nn.functional.cross_entropy(clf(x_tr), y_tr)
+        if not torch.isfinite(loss):
+            rows.append(
+                {
+                    **key,
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "train_acc": 0.5,
+                    "test_acc": 0.5,
+                }
+            )
+            break
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    row = {
-        "model": model,
-        "depth": depth,
-        "grad_first_layer": g_first,
-        "grad_last_layer": g_last,
-        "sigma_max_body": float(prof["sigma_max"].iloc[0]),
-        "train_acc": accuracy(clf, x_tr, y_tr),
-        "test_acc": accuracy(clf, x_te, y_te),
-        "final_loss": losses[-1],
-        "train_s": time.perf_counter() - start,
-    }
-    return row, losses
+    return rows, layers
 
 
-def plot(curves: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
-    """Loss curves per model and depth, and first-layer gradient norms at init."""
+def tolerated(final: pd.DataFrame) -> pd.DataFrame:
+    """Per model and depth: the largest h of the sweep with test accuracy >= PASS_ACC (0 when
+    none passes; nan for the tanh MLP, which has no step)."""
+    out = []
+    for (model, depth), sub in final.groupby(["model", "depth"], sort=False):
+        if model == "tanh_mlp":
+            ok = bool((sub["test_acc"] >= PASS_ACC).any())
+            out.append({"model": model, "depth": depth, "tolerated_h": float("nan"), "trains": ok})
+            continue
+        passing = sub[sub["test_acc"] >= PASS_ACC]["h"]
+        out.append(
+            {
+                "model": model,
+                "depth": depth,
+                "tolerated_h": float(passing.max()) if len(passing) else 0.0,
+                "trains": bool(len(passing)),
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def plot(final: pd.DataFrame, layers: pd.DataFrame, path: Path) -> None:
+    """Left: test accuracy over the (depth, h) sweep. Middle and right: per-layer sigma_max and
+    sigma_min of M_j at the end of training for the deepest body at the largest h."""
     sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    sns.lineplot(curves, x="step", y="loss", hue="model", style="depth", ax=axes[0])
-    axes[0].set_yscale("log")
-    axes[0].set_title("training loss (cross entropy)")
-    sns.barplot(table, x="model", y="grad_first_layer", hue="depth", ax=axes[1])
-    axes[1].set_yscale("log")
-    axes[1].set_title("|dL/dtheta| of the first body layer at init")
+    colors = dict(zip(MODELS, ["gray", *sns.color_palette("deep", 2)], strict=True))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    res = final[final["model"] != "tanh_mlp"]
+    sns.lineplot(
+        res,
+        x="h",
+        y="test_acc",
+        hue="model",
+        style="depth",
+        markers=True,
+        palette=colors,
+        ax=axes[0],
+    )
+    for depth, sub in final[final["model"] == "tanh_mlp"].groupby("depth"):
+        axes[0].axhline(float(sub["test_acc"].iloc[0]), color="gray", ls=":", lw=1)
+        axes[0].text(
+            res["h"].min(),
+            float(sub["test_acc"].iloc[0]),
+            f"tanh MLP, L={depth}",
+            fontsize=7,
+            va="bottom",
+        )
+    axes[0].set_xscale("log")
+    axes[0].set_title("test accuracy after training", loc="left")
+    deepest, h_big = layers["depth"].max(), layers["h"].max()
+    last = layers[(layers["depth"] == deepest) & (layers["step"] == layers["step"].max())]
+    last = last[(last["h"] == h_big) | last["h"].isna()]
+    for ax, col in ((axes[1], "sigma_max"), (axes[2], "sigma_min")):
+        for model, sub in last.groupby("model", sort=False):
+            vals = sub[col].to_numpy(float)
+            ax.plot(sub["layer"], np.clip(vals, 1e-300, None), color=colors[model], label=model)
+        ax.set_yscale("log")
+        ax.set_xlabel("layer j")
+        ax.set_title(f"{col} of dy_L/dy_j, L={deepest}, h={h_big:g}, end", loc="left")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -142,51 +246,73 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="CI-sized run (seconds)")
     parser.add_argument("--out", type=Path, default=Path("analysis/results/depth_deep_classifier"))
     parser.add_argument("--depths", type=int, nargs="+", default=None)
+    parser.add_argument("--hs", type=float, nargs="+", default=None, help="step sizes h")
     parser.add_argument("--steps", type=int, default=None, help="full-batch Adam steps")
     parser.add_argument("--dim", type=int, default=8, help="state size (even)")
-    parser.add_argument("--t-final", type=float, default=4.0, help="total time depth * h")
-    parser.add_argument("--order", type=int, default=2, help="SymplecticNet order (1, 2, 4)")
-    parser.add_argument("--kinetic", default="learned", help="SymplecticNet kinetic energy")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--n", type=int, default=1000, help="training points")
+    parser.add_argument("--n", type=int, default=500, help="training points")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    defaults = {"depths": [64], "steps": 60} if args.quick else {"depths": [64, 256], "steps": 150}
+    if args.quick:
+        defaults = {"depths": [32], "hs": [0.1, 1.0], "steps": 40}
+    else:
+        defaults = {"depths": [16, 64, 256], "hs": [0.1, 0.3, 1.0], "steps": 120}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.dim % 2:
+        parser.error("--dim must be even (symplectic state = (q, p) halves)")
     return args
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    """Run the study, write figure + CSVs under --out, print the markdown table; returns it."""
+    """Run the sweep, write figure + CSVs + markdown under --out; returns the final-step table."""
     args = parse(argv)
-    # Tiny per-layer ops: one thread is fastest, and it avoids OpenMP oversubscription (10-50x
-    # slowdowns) when the two cores are shared with other jobs.
+    # Tiny per-layer ops: one thread is fastest and avoids oversubscribing shared cores.
     torch.set_num_threads(1)
-    # A vanishing tanh MLP drives activations into subnormal floats, which are ~100x slower on
-    # CPUs; flushing them to zero changes no reported number above 1e-38.
+    # A vanishing tanh MLP drives activations into subnormal floats, ~100x slower on CPUs;
+    # flushing them to zero changes no reported number above 1e-38.
     torch.set_flush_denormal(True)
     start = time.perf_counter()
     x_tr, y_tr = two_spirals(args.n, 0.02, args.seed)
     x_te, y_te = two_spirals(args.n, 0.02, args.seed + 1)
-    rows, curves = [], []
+    data = (x_tr, y_tr, x_te, y_te)
+    rows, layers = [], []
     for depth in args.depths:
         for model in MODELS:
-            row, losses = train_one(model, depth, args, (x_tr, y_tr, x_te, y_te))
-            rows.append(row)
-            curves += [
-                {"model": model, "depth": depth, "step": i, "loss": v} for i, v in enumerate(losses)
-            ]
-    table = pd.DataFrame(rows)
+            for h in args.hs if model != "tanh_mlp" else [math.nan]:
+                r, lay = train_one(model, depth, h, args, data)
+                rows += r
+                layers += lay
+    curves = pd.DataFrame(rows)
+    layer_table = pd.DataFrame(layers)
+    final = curves.groupby(["model", "depth", "h"], dropna=False, sort=False).tail(1)
+    final = final.reset_index(drop=True)
+    tol = tolerated(final)
     args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "table.csv", index=False)
-    pd.DataFrame(curves).to_csv(args.out / "curves.csv", index=False)
-    plot(pd.DataFrame(curves), table, args.out / "deep_classifier.png")
-    print(f"## deep classifier on two spirals (dim={args.dim}, steps={args.steps})\n")
-    print(markdown_table(table))
+    final.to_csv(args.out / "table.csv", index=False)
+    curves.to_csv(args.out / "curves.csv", index=False)
+    layer_table.to_csv(args.out / "layers.csv", index=False, float_format="%.6g")
+    tol.to_csv(args.out / "tolerated.csv", index=False)
+    plot(final, layer_table, args.out / "deep_classifier.png")
+    init = curves[curves["step"] == 0][
+        ["model", "depth", "h", "transmission_0", "sigma_max_0", "sigma_min_0"]
+    ]
+    text = "\n\n".join(
+        [
+            f"## deep classifiers on two spirals (dim={args.dim}, {args.steps} Adam steps)",
+            "### end of training",
+            markdown_table(final.drop(columns=["step"])),
+            "### at initialisation",
+            markdown_table(init),
+            f"### largest h of the sweep with test accuracy >= {PASS_ACC}",
+            markdown_table(tol),
+        ]
+    )
+    (args.out / "table.md").write_text(text + "\n")
+    print(text)
     print(f"\nwrote {args.out} in {time.perf_counter() - start:.1f} s")
-    return table
+    return final
 
 
 if __name__ == "__main__":

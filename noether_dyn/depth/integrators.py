@@ -63,7 +63,7 @@ def symplectic_step(
     p: torch.Tensor,
     grad_t: Gradient,
     grad_v: Gradient,
-    h: float,
+    h: float | torch.Tensor,
     order: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One explicit symplectic step of size ``h`` for H = T(p) + V(q).
@@ -73,7 +73,8 @@ def symplectic_step(
         p: momenta, shape (..., n).
         grad_t: p -> dT/dp, shape (..., n) -> (..., n).
         grad_v: q -> dV/dq, shape (..., n) -> (..., n).
-        h: step size (time units of the Hamiltonian flow).
+        h: step size (time units of the Hamiltonian flow); a tensor broadcasting against q
+            steps a batch of systems with their own step sizes.
         order: 1, 2 or 4 (see the module table).
 
     Returns:
@@ -86,6 +87,24 @@ def symplectic_step(
         else:
             q = q + (coef * h) * grad_t(p)
     return q, p
+
+
+def euler_step(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    grad_t: Gradient,
+    grad_v: Gradient,
+    h: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward-Euler step of the same Hamiltonian flow, the non-symplectic baseline.
+
+    ``q <- q + h grad T(p)``, ``p <- p - h grad V(q)``, both from the old state: a residual layer
+    y <- y + h f(y) with f(q, p) = (grad T(p), -grad V(q)). On a linear oscillator of frequency
+    omega it multiplies the energy norm by sqrt(1 + h^2 omega^2) per step (Hairer, Lubich, Wanner,
+    §I.1), so no h > 0 is stable in the sense |1 + h lambda| <= 1 for lambda = +-i omega.
+    Shapes as in :func:`symplectic_step`.
+    """
+    return q + h * grad_t(p), p - h * grad_v(q)
 
 
 def integrate(

@@ -13,6 +13,7 @@ All three map a state of shape (batch, dim) to (batch, dim) through ``depth`` la
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -192,6 +193,27 @@ class SymplecticNet(_LayeredNet):
         kin, pot = FixedGradient(grad_t), FixedGradient(grad_v)
         net.layers = nn.ModuleList(
             SymplecticLayer(dim, order, net.h, pot, kin) for _ in range(depth)
+        )
+        return net
+
+    @classmethod
+    def from_potentials(
+        cls,
+        dim: int,
+        order: int,
+        h: float,
+        potentials: Sequence[nn.Module],
+        kinetic: nn.Module | None = None,
+    ) -> SymplecticNet:
+        """One layer per entry of ``potentials`` (modules with ``grad``), T = |p|^2/2 unless
+        ``kinetic`` is given. Passing the same module several times shares one vector field
+        across those layers (one Hamiltonian integrated for len(potentials) steps of size h)."""
+        if not potentials:
+            raise ValueError("potentials is empty; pass one module per layer")
+        net = cls(dim, len(potentials), order, h)
+        kin = QuadraticKinetic() if kinetic is None else kinetic
+        net.layers = nn.ModuleList(
+            SymplecticLayer(dim, order, net.h, pot, kin) for pot in potentials
         )
         return net
 

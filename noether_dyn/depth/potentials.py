@@ -46,6 +46,89 @@ class LogCoshPotential(nn.Module):
         return (self.a * torch.tanh(x @ self.K.T + self.b)) @ self.K
 
 
+class PolynomialPotential(nn.Module):
+    """V(x) = sum_i sum_{k=1..degree} c_ik x_i^k, a sum of one-coordinate polynomials.
+
+    Contains every uniform force field (degree 1, e.g. gravity g q) and every uncoupled harmonic
+    one (degree 2) exactly, so a net built on it can extrapolate beyond its training states when
+    the physics is of that form. ``c`` (n, degree) starts at 0.
+    """
+
+    def __init__(self, n: int, degree: int) -> None:
+        super().__init__()
+        if degree < 1:
+            raise ValueError(f"degree={degree} must be >= 1")
+        self.c = nn.Parameter(torch.zeros(n, degree))
+
+    def _powers(self, x: torch.Tensor) -> torch.Tensor:
+        k = torch.arange(self.c.shape[1], device=x.device, dtype=x.dtype)
+        return x[..., None] ** k  # x^0 .. x^(degree-1), shape (..., n, degree)
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """V(x), shape (..., n) -> (...)."""
+        return (self.c * self._powers(x) * x[..., None]).sum((-1, -2))
+
+    def grad(self, x: torch.Tensor) -> torch.Tensor:
+        """dV/dx_i = sum_k k c_ik x_i^(k-1), shape-preserving."""
+        k = torch.arange(1, self.c.shape[1] + 1, device=x.device, dtype=x.dtype)
+        return (k * self.c * self._powers(x)).sum(-1)
+
+
+class FourierPotential(nn.Module):
+    """V(x) = sum_i sum_{k=1..modes} (a_ik cos(k x_i) + b_ik sin(k x_i)), 2 pi-periodic in each
+    coordinate: the family of an angle (a pendulum's V = -cos q is a_11 = -1). ``a``, ``b``
+    (n, modes) start at 0."""
+
+    def __init__(self, n: int, modes: int) -> None:
+        super().__init__()
+        if modes < 1:
+            raise ValueError(f"modes={modes} must be >= 1")
+        self.a = nn.Parameter(torch.zeros(n, modes))
+        self.b = nn.Parameter(torch.zeros(n, modes))
+
+    def _angles(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.arange(1, self.a.shape[1] + 1, device=x.device, dtype=x.dtype)
+        return k, x[..., None] * k
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """V(x), shape (..., n) -> (...)."""
+        _, kx = self._angles(x)
+        return (self.a * torch.cos(kx) + self.b * torch.sin(kx)).sum((-1, -2))
+
+    def grad(self, x: torch.Tensor) -> torch.Tensor:
+        """dV/dx_i = sum_k k (b_ik cos(k x_i) - a_ik sin(k x_i)), shape-preserving."""
+        k, kx = self._angles(x)
+        return (k * (self.b * torch.cos(kx) - self.a * torch.sin(kx))).sum(-1)
+
+
+class CentralPotential(nn.Module):
+    """V(x) = sum_{k=1..order} c_k |x|^(-k), a central field (Kepler's V = -mu/|x| is c_1 = -mu).
+
+    Its force is parallel to x, so symplectic steps on it also conserve the angular momentum
+    x ^ p exactly (the kick and the drift each do). ``c`` starts at (-1, 0, ..., 0).
+    """
+
+    def __init__(self, order: int = 2) -> None:
+        super().__init__()
+        if order < 1:
+            raise ValueError(f"order={order} must be >= 1")
+        self.c = nn.Parameter(torch.zeros(order))
+        with torch.no_grad():
+            self.c[0] = -1.0
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """V(x), shape (..., d) -> (...)."""
+        r = x.norm(dim=-1, keepdim=True)
+        k = torch.arange(1, self.c.shape[0] + 1, device=x.device, dtype=x.dtype)
+        return (self.c * r ** (-k)).sum(-1)
+
+    def grad(self, x: torch.Tensor) -> torch.Tensor:
+        """grad V = -sum_k k c_k |x|^(-k-2) x, shape-preserving."""
+        r = x.norm(dim=-1, keepdim=True)
+        k = torch.arange(1, self.c.shape[0] + 1, device=x.device, dtype=x.dtype)
+        return -(k * self.c * r ** (-k - 2)).sum(-1, keepdim=True) * x
+
+
 class QuadraticKinetic(nn.Module):
     """T(p) = |p|^2 / 2 (unit mass), grad T(p) = p; no parameters."""
 

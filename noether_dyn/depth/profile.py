@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.func import jacrev, jvp, vmap
 
+from noether_dyn.depth.stability import amplification, branch_eigvals
+
 Loss = Callable[[torch.Tensor], torch.Tensor]
 """y_L of shape (batch, dim) -> scalar loss."""
 
@@ -87,10 +89,7 @@ def _stability(layer: nn.Module, y: torch.Tensor) -> float:
     field = getattr(layer, "vector_field", None)
     if field is None:
         return float("nan")
-    with torch.no_grad():
-        jac = vmap(jacrev(field))(y)
-        lam = torch.linalg.eigvals(jac)
-    return float((1 + layer.h * lam).abs().amax())
+    return float(amplification(branch_eigvals(field, y), layer.h).amax())
 
 
 def profile(model: nn.Module, x: torch.Tensor, loss_fn: Loss | None = None) -> pd.DataFrame:

@@ -377,7 +377,33 @@ def depth_section(run: Run) -> Section | None:
         plot_or_note("depth", "Depth profile per layer.", lambda: figures.depth_figure(run)),
         Table(last, f"Depth profile at step {int(d['step'].max())}."),
     ]
+    if np.isfinite(d["stability"]).any():
+        blocks.append(Table(_stability_trace(d), _STABILITY_CAPTION))
     return Section("depth", "Depth dynamics", blocks)
+
+
+_STABILITY_CAPTION = (
+    "Forward-Euler stability along training: per recorded step, the largest factor "
+    "max|1 + h lambda| over the residual layers, the layer holding it and how many layers exceed "
+    "1 (a direction that grows through the layer; noether_dyn.depth.stability_profile also gives "
+    "each layer's largest stable step h_max)."
+)
+
+
+def _stability_trace(d: pd.DataFrame) -> pd.DataFrame:
+    """Per step: the worst stability factor, its layer, and the count of layers above 1."""
+    rows = []
+    for step, sub in d[np.isfinite(d["stability"])].groupby("step"):
+        worst = sub.loc[sub["stability"].idxmax()]
+        rows.append(
+            {
+                "step": int(step),
+                "max stability": float(worst["stability"]),
+                "at layer": int(worst["layer"]),
+                "layers > 1": int((sub["stability"] > 1).sum()),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def events_section(run: Run) -> Section | None:
