@@ -1,0 +1,652 @@
+"""Symmetry detection on any model that runs: candidates from one recorded forward pass, each one
+verified numerically from a few gradients, exact told apart from eps-approximate.
+
+How (docs/symmetries.md has the long form):
+
+1. One forward pass under :func:`noether_dyn.symmetries._trace.trace_flow` records units (modules
+   owning parameters), who reads whose output, which outputs meet in attention scores, and which
+   outputs are summed into streams (residual streams, embeddings summed into a norm).
+2. Candidates, each a signed set of parameter tensors (generator ``sign * q`` for scale/rescale,
+   ``sign * 1`` for translation): every unit alone (scale; its bias or weight alone and all its
+   parameters as translation), every producer with each consumer and with all its consumers
+   (rescale, fan-out), every pair that meets (q/k), every stream's writers (the residual-stream
+   scale), alone and with the last norm or the stream's non-norm readers compensating.
+3. Verification: the gradient of the loss at the real parameters and at ``n_perturb`` seeded
+   random perturbations (one forward+backward each) gives per tensor <g, q>, |g|^2, |q|^2, sum g
+   and numel; the defect |<g, xi>| / (|g_A| |xi|) of every candidate is then a few sums (THEORY.md
+   §3; Kunin et al., "Neural Mechanics", ICLR 2021: a symmetry's generator is orthogonal to the
+   gradient at every point). Candidates above the rounding tolerance are measured again with every
+   normalization's eps shrunk by :data:`EPS_SHRINK` (same points, one more pass each); those
+   within it once more, at the real point only, with eps grown by :data:`EPS_GROW`.
+4. The rule (one, per dtype): *exact* when defect <= tol (float rounding, :data:`DEFAULT_TOL`)
+   both at the model's eps and with eps grown;
+   *approximate* when the defect is at most ``eps_tol`` and falls to <= tol with eps shrunk (eps is
+   its only cause); dropped otherwise, with the defect and the rule. Among verified candidates, one
+   that is a linear combination of simpler ones already kept is dropped as redundant, so the
+   result is a basis of the symmetries found, simplest first.
+
+Without a loss (no ``loss_fn`` and no ``output.loss``) the check uses a fixed random linear
+function of the outputs: a symmetry of the model's function is one of every loss on it. Logits
+translation is a symmetry of the softmax cross-entropy only, so it comes back unverified
+(``verified=None``), for :func:`gradient_defects` on the first real training steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from noether_dyn.symmetries._calls import Inputs, as_call, call_model
+from noether_dyn.symmetries._trace import (
+    NORM_EPS_ATTRIBUTES,
+    Flow,
+    is_norm,
+    model_loss,
+    output_tensors,
+    trace_flow,
+)
+from noether_dyn.symmetries.symmetry import Symmetry
+from noether_dyn.symmetries.verify import DEFAULT_TOL, EPS_SHRINK, default_tol, perturbed
+
+EPS_GROW = 1e4
+"""Factor on every normalization eps for the exactness check: a symmetry within rounding at the
+model's eps whose defect exceeds the tolerance once eps is this much larger depends on eps, so it
+is approximate (exact symmetries do not involve eps at all)."""
+
+EPS_TOL = 1e-2
+"""Largest defect accepted for an eps-approximate symmetry (eps breaks it by ~eps/(var + eps))."""
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A candidate that is not reported: its ``defect`` (None when the gradient vanished) and
+    the ``rule`` that dropped it."""
+
+    name: str
+    kind: str
+    params: tuple[str, ...]
+    signs: tuple[float, ...]
+    defect: float | None
+    rule: str
+
+
+@dataclass
+class Detection:
+    """What :func:`detect` found.
+
+    Args:
+        symmetries: the verified symmetries (``verified=True``, ``exactness`` set), then the
+            unverified candidates that need the training loss (``verified=None``).
+        dropped: every candidate not reported, with its defect and the rule.
+        notes: one line per thing the detection could not see (a module never called, a
+            dataflow it could not record).
+        passes: forward+backward passes of the sample batch spent (a forward alone counts 1/2).
+        cached: True when the result came from the cache of a same-structure model.
+    """
+
+    symmetries: list[Symmetry]
+    dropped: list[Dropped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    passes: float = 0.0
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    name: str
+    kind: str
+    params: tuple[str, ...]
+    signs: tuple[float, ...]
+    why: str
+
+
+_CACHE: dict[Any, Detection] = {}
+_CACHE_SIZE = 32
+
+
+def clear_cache() -> None:
+    """Forget every cached detection."""
+    _CACHE.clear()
+
+
+def detect(
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Any = None,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    *,
+    tol: float | None = None,
+    eps_tol: float = EPS_TOL,
+    n_perturb: int = 2,
+    seed: int = 0,
+    cache: bool = True,
+) -> Detection:
+    """Find and verify the scale, rescale and translation symmetries of the model's loss.
+
+    The loss is ``loss_fn(model(inputs), targets)`` when ``loss_fn`` is given, else the
+    ``loss`` the model returns (HF models given ``labels``), else none (see the module
+    docstring). Costs one forward pass plus ``1 + n_perturb`` forward+backward passes, and as many
+    again when some candidate is above the rounding tolerance (norm eps), plus one for the
+    exactness check of a model with normalizations: 7.5 with the defaults; a second call on a
+    model of the same structure (class, parameter names, shapes, dtypes, train/eval mode, inputs'
+    shapes, loss) costs one forward pass (the loss is still checked).
+
+    Args:
+        model: any ``nn.Module``; its parameters, buffers and the global RNG state are unchanged.
+        inputs: one batch: a tensor (``model(x)``), a tuple (``model(*args)``), or a mapping of
+            keyword arguments (a dict, an HF ``BatchEncoding``).
+        targets: second argument of ``loss_fn``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``; optional.
+        tol: the rounding tolerance; default :func:`default_tol` of the parameters' dtype.
+        eps_tol: largest defect of an eps-approximate symmetry.
+        n_perturb: perturbed points besides the real parameters (>= 1).
+        seed: seeds the perturbations and every forward's RNG (dropout).
+        cache: use and fill the per-structure cache.
+
+    Raises:
+        ValueError: the inputs do not run through the model, ``targets`` come without
+            ``loss_fn``, or ``loss_fn`` fails or does not return a scalar (checked on every call,
+            also when there is no candidate).
+    """
+    if targets is not None and loss_fn is None:
+        raise ValueError(
+            "loss_fn: targets were given without a loss; pass loss_fn=nn.CrossEntropyLoss() "
+            "(or your loss), or drop targets to use the model's own output.loss."
+        )
+    if n_perturb < 1:
+        raise ValueError(f"n_perturb: must be at least 1, got {n_perturb}.")
+    if tol is None:
+        tol = default_tol(model)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    key = _structure_key(model, inputs, loss_fn, tol, eps_tol) if cache else None
+    if key is not None and key in _CACHE:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            _loss_of(model, inputs, targets, loss_fn, call_model(model, params, inputs))
+        hit = _CACHE[key]
+        return dataclasses.replace(hit, passes=0.5, cached=True)
+
+    notes: list[str] = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        try:
+            flow, out = trace_flow(model, lambda: call_model(model, params, inputs))
+        except Exception as err:  # a model that runs but not under the recorder
+            flow = None
+            notes.append(
+                f"{type(model).__name__}: the dataflow could not be recorded ({type(err).__name__}"
+                f": {str(err)[:120]}); only per-module candidates were tried"
+            )
+            out = _run(model, params, inputs)
+        loss, mode = _loss_of(model, inputs, targets, loss_fn, out)
+    if flow is None:
+        flow = _flat_flow(model)
+    notes += [
+        f"{path}: never called on this batch, so no symmetry acts on its parameters"
+        for path in flow.units
+        if flow.calls.get(path, 0) == 0 and not _is_loose(flow, path)
+    ]
+    candidates = _candidates(flow)
+    head_translations = {c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)}
+    names = list(params)
+    loss_at = _loss_function(model, inputs, targets, loss_fn, mode, out)
+    generator = torch.Generator().manual_seed(seed)
+    points = [params] + [perturbed(params, 0.1, generator) for _ in range(n_perturb)]
+    stats = _stats(loss_at, points, names, seed)
+    passes = 0.5 + len(points)
+    real = _defects(candidates, stats, names)
+    above = [i for i, d in enumerate(real) if d is not None and d > tol]
+    shrunk: dict[int, float | None] = {}
+    if above and any(is_norm(m) for m in model.modules()):
+        with _shrunk_eps(model):
+            stats0 = _stats(loss_at, points, names, seed)
+        passes += len(points)
+        sub = _defects([candidates[i] for i in above], stats0, names)
+        shrunk = dict(zip(above, sub))
+    grown: dict[int, float | None] = {}
+    small = [i for i, d in enumerate(real) if d is not None and d <= tol]
+    if small and any(is_norm(m) for m in model.modules()):
+        with _shrunk_eps(model, EPS_GROW):
+            stats1 = _stats(loss_at, points[:1], names, seed)
+        passes += 1
+        grown = dict(zip(small, _defects([candidates[i] for i in small], stats1, names)))
+    kept: list[tuple[_Candidate, float, str]] = []
+    dropped: list[Dropped] = []
+    unverified: list[Symmetry] = []
+    for i, c in enumerate(candidates):
+        d = real[i]
+        if d is None:
+            dropped.append(_drop(c, None, "zero gradient on its parameters at every point"))
+        elif d <= tol:
+            g = grown.get(i)
+            kept.append((c, d, "exact" if g is None or g <= tol else "approximate"))
+        elif mode == "function" and c.name in head_translations:
+            unverified.append(
+                Symmetry(
+                    c.name, c.kind, c.params, c.signs,
+                    note=f"{c.why}; needs the training loss: check with gradient_defects",
+                )
+            )  # fmt: skip
+        elif d <= eps_tol and shrunk.get(i) is not None and shrunk[i] <= tol:
+            kept.append((c, d, "approximate"))
+        else:
+            d0 = shrunk.get(i)
+            rule = (
+                f"defect {d:.1e} > tol {tol:.0e} (float rounding)"
+                + (f" and {d0:.1e} > tol with norm eps x{EPS_SHRINK:.0e}" if d0 is not None else "")
+                + (f", or > eps_tol {eps_tol:.0e}" if d0 is not None and d0 <= tol else "")
+            )
+            dropped.append(_drop(c, d, rule))
+    symmetries, redundant = _basis(kept, names, tol, eps_tol)
+    dropped += redundant
+    result = Detection(symmetries + unverified, dropped, notes, passes)
+    if key is not None:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = result
+    return result
+
+
+def _drop(c: _Candidate, d: float | None, rule: str) -> Dropped:
+    return Dropped(c.name, c.kind, c.params, c.signs, d, rule)
+
+
+def _run(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inputs) -> Any:
+    try:
+        return call_model(model, params, inputs)
+    except Exception as err:
+        raise ValueError(
+            f"inputs: the model failed on the given inputs with {type(err).__name__}: {err}. "
+            "Pass one batch the model accepts: a tensor, a tuple of positional arguments or a "
+            "dict / BatchEncoding of keyword arguments."
+        ) from err
+
+
+def _loss_of(
+    model: nn.Module, inputs: Inputs, targets: Any, loss_fn: Callable | None, out: Any
+) -> tuple[torch.Tensor | None, str]:
+    """The loss on ``out`` and where it comes from ("fn", "model" or "function")."""
+    if loss_fn is not None:
+        try:
+            value = loss_fn(out, targets)
+        except Exception as err:
+            raise ValueError(
+                f"loss_fn: loss_fn(outputs, targets) raised {type(err).__name__}: {err}. The model "
+                f"returns {type(out).__name__}; pass a loss that takes it and the targets "
+                "(e.g. lambda out, y: F.cross_entropy(out.logits, y)), or no loss_fn to use the "
+                "model's own output.loss."
+            ) from err
+        if not isinstance(value, torch.Tensor) or value.ndim != 0:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"loss_fn: must return a scalar tensor, got {got}; use reduction='mean' or 'sum'."
+            )
+        return value, "fn"
+    value = model_loss(out)
+    if value is not None:
+        return value, "model"
+    return None, "function"
+
+
+def _loss_function(
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Any,
+    loss_fn: Callable | None,
+    mode: str,
+    out: Any,
+) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """The scalar whose gradients verify the candidates, as a function of the parameters."""
+    if mode == "fn":
+        return lambda q: loss_fn(call_model(model, q, inputs), targets)
+    if mode == "model":
+        return lambda q: model_loss(call_model(model, q, inputs))
+    g = torch.Generator().manual_seed(12345)
+    weights = [
+        torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) / math.sqrt(max(t.numel(), 1))
+        for t in output_tensors(out)
+    ]
+    if not weights:
+        raise ValueError(
+            "inputs: the model returns no floating tensor, so nothing can be checked; pass "
+            "loss_fn= (and targets=) or inputs that make it return its logits or loss."
+        )
+
+    def projected(q: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        outs = output_tensors(call_model(model, q, inputs))
+        return sum((w * t).sum() for w, t in zip(weights, outs))
+
+    return projected
+
+
+_STATS = 5  # <g, q>, |g|^2, |q|^2, sum g, numel
+
+
+def _stats(
+    loss_at: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+    points: Sequence[Mapping[str, torch.Tensor]],
+    names: list[str],
+    seed: int,
+) -> torch.Tensor:
+    """(points, tensors, 5) float64: per tensor <g, q>, |g|^2, |q|^2, sum(g), numel."""
+    out = torch.zeros(len(points), len(names), _STATS, dtype=torch.float64)
+    for k, point in enumerate(points):
+        leaves = {
+            n: (t.detach().requires_grad_() if t.is_floating_point() else t)
+            for n, t in point.items()
+        }
+        wanted = [n for n in names if leaves[n].requires_grad]
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(seed)
+            loss = loss_at(leaves)
+            grads = torch.autograd.grad(loss, [leaves[n] for n in wanted], allow_unused=True)
+        index = {n: i for i, n in enumerate(names)}
+        with torch.no_grad():
+            for n, g in zip(wanted, grads):
+                q = leaves[n].detach().double()
+                g = torch.zeros_like(q) if g is None else g.double()
+                out[k, index[n]] = torch.stack(
+                    [(g * q).sum(), (g * g).sum(), (q * q).sum(), g.sum(), q.new_tensor(q.numel())]
+                )
+    return out
+
+
+def _defects(
+    candidates: Sequence[_Candidate], stats: torch.Tensor, names: list[str]
+) -> list[float | None]:
+    """The largest defect of each candidate over the points with a nonzero gradient on it."""
+    if not candidates:
+        return []
+    index = {n: i for i, n in enumerate(names)}
+    coef = torch.zeros(len(candidates), len(names), dtype=torch.float64)
+    for j, c in enumerate(candidates):
+        for n, s in zip(c.params, c.signs):
+            coef[j, index[n]] = s
+    support = coef.abs()
+    translation = torch.tensor([c.kind == "translation" for c in candidates])
+    dot = torch.where(translation[:, None], coef @ stats[..., 3].T, coef @ stats[..., 0].T)
+    gg = support @ stats[..., 1].T
+    xx = torch.where(translation[:, None], support @ stats[..., 4].T, support @ stats[..., 2].T)
+    ratio = dot.abs() / (gg * xx).sqrt()
+    ratio = torch.where((gg > 0) & (xx > 0), ratio, torch.nan)
+    out: list[float | None] = []
+    for row in ratio:
+        valid = row[~row.isnan()]
+        out.append(float(valid.max()) if valid.numel() else None)
+    return out
+
+
+@contextmanager
+def _shrunk_eps(model: nn.Module, factor: float = EPS_SHRINK) -> Iterator[None]:
+    """Every normalization's eps multiplied by ``factor`` for the duration (restored after)."""
+    saved = []
+    try:
+        for m in model.modules():
+            if not is_norm(m):
+                continue
+            for attr in NORM_EPS_ATTRIBUTES:
+                if hasattr(m, attr) and (attr == "eps" or isinstance(getattr(m, attr), float)):
+                    old = getattr(m, attr)
+                    if old is None:
+                        dtype = next((p.dtype for p in m.parameters()), torch.float32)
+                        new = torch.finfo(dtype).eps * factor
+                    elif isinstance(old, float | int):
+                        new = float(old) * factor
+                    else:
+                        continue
+                    saved.append((m, attr, old))
+                    setattr(m, attr, new)
+        yield
+    finally:
+        for m, attr, old in saved:
+            setattr(m, attr, old)
+
+
+def _basis(
+    kept: list[tuple[_Candidate, float, str]], names: list[str], tol: float, eps_tol: float
+) -> tuple[list[Symmetry], list[Dropped]]:
+    """Keep the verified candidates that are linearly independent of the simpler ones kept
+    before them (fewest tensors first, exact before approximate); the others are redundant."""
+    index = {n: i for i, n in enumerate(names)}
+    order = sorted(
+        range(len(kept)),
+        key=lambda j: (len(kept[j][0].params), kept[j][2] != "exact", j),
+    )
+    bases: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    chosen: list[int] = []
+    dropped: list[Dropped] = []
+    for j in order:
+        c, d, exactness = kept[j]
+        v = torch.zeros(len(names), dtype=torch.float64)
+        for n, s in zip(c.params, c.signs):
+            v[index[n]] = s
+        basis = bases[c.kind == "translation"]
+        r = v.clone()
+        for b in basis:
+            r -= (r @ b) * b
+        if r.norm() <= 1e-9 * v.norm():
+            dropped.append(
+                _drop(c, d, "redundant: a linear combination of simpler symmetries reported")
+            )
+            continue
+        basis.append(r / r.norm())
+        chosen.append(j)
+    out = []
+    for j in sorted(chosen):
+        c, d, exactness = kept[j]
+        bound = f"<= tol {tol:.0e}" if exactness == "exact" else f"<= eps_tol {eps_tol:.0e}"
+        note = f"{c.why}; verified {exactness}: defect {d:.1e} {bound}"
+        out.append(
+            Symmetry(c.name, c.kind, c.params, c.signs, True, d, note=note, exactness=exactness)
+        )
+    return out, dropped
+
+
+def _is_loose(flow: Flow, path: str) -> bool:
+    return flow.units[path].params == (path,)
+
+
+def _is_head(flow: Flow, c: _Candidate) -> bool:
+    return flow.head is not None and set(c.params) <= set(flow.units[flow.head].params)
+
+
+def _flat_flow(model: nn.Module) -> Flow:
+    from noether_dyn.symmetries._trace import _units
+
+    units, _, _ = _units(model)
+    calls = {p: 1 for p in units}
+    return Flow(units, {}, set(), [], None, [], calls)
+
+
+def _candidates(flow: Flow) -> list[_Candidate]:
+    """Every candidate the flow suggests (see the module docstring), unique by generator."""
+    found: dict[tuple, _Candidate] = {}
+    units = flow.units
+
+    def add(name: str, kind: str, plus: Sequence[str], minus: Sequence[str], why: str) -> None:
+        coef: dict[str, int] = {}
+        for n in plus:
+            coef[n] = coef.get(n, 0) + 1
+        for n in minus:
+            coef[n] = coef.get(n, 0) - 1
+        if any(abs(v) > 1 for v in coef.values()):
+            return
+        coef = {n: v for n, v in coef.items() if v}
+        if not coef:
+            return
+        params = tuple(coef)
+        signs = tuple(float(coef[n]) for n in params)
+        if kind != "translation":
+            kind = "scale" if all(s > 0 for s in signs) else "rescale"
+        key = (kind == "translation", tuple(sorted(coef.items())))
+        if key in found or any(c.name == name for c in found.values()):
+            return
+        found[key] = _Candidate(name, kind, params, signs, why)
+
+    for path, u in units.items():
+        add(f"scale:{path}", "scale", u.params, (), f"{path} alone")
+        if u.gains != u.params and u.gains:
+            add(f"scale:{path}:weight", "scale", u.gains, (), f"the weight of {path} alone")
+        for n in u.params:
+            add(f"translation:{n}", "translation", (n,), (), f"{n} shifted alone")
+        if len(u.params) > 1:
+            add(f"translation:{path}", "translation", u.params, (), f"all of {path} shifted")
+    for src, readers in flow.consumers.items():
+        if src.startswith("stream:") or src not in units:
+            continue
+        for dst in readers:
+            add(
+                f"rescale:{src}>{dst}", "rescale", units[src].params, units[dst].gains,
+                f"{dst} reads the output of {src}",
+            )  # fmt: skip
+        if len(readers) > 1:
+            gains = [n for r in readers for n in units[r].gains]
+            add(
+                f"rescale:{src}>*", "rescale", units[src].params, gains,
+                f"the output of {src} feeds {', '.join(readers)}",
+            )  # fmt: skip
+    for a, b in sorted(flow.meets):
+        if a in units and b in units:
+            why = f"the outputs of {a} and {b} meet in a product"
+            add(f"rescale:{a}~{b}", "rescale", units[a].params, units[b].params, why)
+            add(f"rescale:{a}~{b}:weight", "rescale", units[a].gains, units[b].gains, why)
+    last_norm = flow.norms[-1] if flow.norms else None
+    for stream in flow.streams:
+        writers = [w for w in stream.writers if w in units]
+        if len(writers) < 2:
+            continue
+        plus = [n for w in writers for n in units[w].params]
+        name = f"scale:stream@{writers[0]}"
+        why = f"the sum of {', '.join(writers)}"
+        add(name, "scale", plus, (), why)
+        if last_norm is not None and last_norm not in writers:
+            add(
+                f"rescale:stream@{writers[0]}>{last_norm}", "rescale", plus,
+                units[last_norm].params, f"{why}, with {last_norm} compensating",
+            )  # fmt: skip
+        others = [r for r in dict.fromkeys(stream.readers) if r in units and not units[r].norm]
+        if others:
+            add(
+                f"rescale:stream@{writers[0]}>*", "rescale", plus,
+                [n for r in others for n in units[r].gains],
+                f"{why}, with its readers {', '.join(others)} compensating",
+            )  # fmt: skip
+    return list(found.values())
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("t", tuple(value.shape), value.dtype, str(value.device))
+    if isinstance(value, tuple | list):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    return type(value).__name__
+
+
+def _structure_key(
+    model: nn.Module, inputs: Inputs, loss_fn: Any, tol: float, eps_tol: float
+) -> Any:
+    args, kwargs = as_call(inputs)
+    return (
+        type(model).__module__,
+        type(model).__qualname__,
+        tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in model.named_parameters()),
+        tuple(m.training for m in model.modules()),
+        _signature(args),
+        _signature(kwargs),
+        None if loss_fn is None else (type(loss_fn).__qualname__, getattr(loss_fn, "__name__", "")),
+        tol,
+        eps_tol,
+    )
+
+
+def gradient_defects(
+    symmetries: Sequence[Symmetry],
+    params: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor | None],
+) -> dict[str, float | None]:
+    """The defect |<g, xi(q)>| / (|g_A| |xi_A|) of each symmetry at one training step.
+
+    For the capture layer: call it with the parameters and the real gradients of the first steps
+    (before the optimizer's update) and drop what :func:`judge_defects` rejects. Accumulated in
+    float64. None for a symmetry whose gradient (or generator) is zero or missing at this step.
+
+    Args:
+        symmetries: the symmetries to check.
+        params: ``{name: tensor}`` as in ``model.named_parameters()``.
+        grads: ``{name: gradient}`` (``p.grad``), same names; None entries count as zero.
+    """
+    out: dict[str, float | None] = {}
+    for s in symmetries:
+        missing = [n for n in s.params if n not in params]
+        if missing:
+            raise KeyError(f"params: no tensor for {missing} of symmetry {s.name!r}.")
+        xi = s.generator(params)
+        dot = gg = xx = 0.0
+        for n in s.params:
+            g = grads.get(n)
+            x = xi[n].detach().double()
+            xx += float((x * x).sum())
+            if g is None:
+                continue
+            g = g.detach().double()
+            dot += float((g * x).sum())
+            gg += float((g * g).sum())
+        out[s.name] = abs(dot) / math.sqrt(gg * xx) if gg > 0 and xx > 0 else None
+    return out
+
+
+def judge_defects(
+    symmetries: Sequence[Symmetry],
+    defects: Sequence[Mapping[str, float | None]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    eps_tol: float = EPS_TOL,
+) -> tuple[list[Symmetry], list[Dropped]]:
+    """Apply the drop rule to defects measured on real training steps (:func:`gradient_defects`).
+
+    A symmetry is kept as exact when its largest defect is <= the rounding tolerance of ``dtype``
+    (:data:`DEFAULT_TOL`); kept as approximate when it is <= ``eps_tol`` and the symmetry was
+    already known as eps-approximate (``exactness="approximate"`` from :func:`detect`: the eps
+    check needs the shrunk-eps model, which training steps do not have); dropped otherwise.
+    Symmetries with no defect measured (zero gradient at every step) are returned unchanged.
+
+    Returns:
+        (kept symmetries with ``verified``, ``defect`` and ``exactness`` set, dropped ones).
+    """
+    tol = DEFAULT_TOL.get(dtype, 1e-4)
+    kept: list[Symmetry] = []
+    dropped: list[Dropped] = []
+    for s in symmetries:
+        values = [d[s.name] for d in defects if d.get(s.name) is not None]
+        if not values:
+            kept.append(s)
+            continue
+        d = max(values)
+        steps = f"over {len(values)} training steps"
+        if d <= tol:
+            note = f"verified exact on training gradients: defect {d:.1e} <= tol {tol:.0e} {steps}"
+            kept.append(_verified(s, d, "exact", note))
+        elif s.exactness == "approximate" and d <= eps_tol:
+            note = f"verified approximate on training gradients: defect {d:.1e} {steps}"
+            kept.append(_verified(s, d, "approximate", note))
+        else:
+            rule = (
+                f"defect {d:.1e} > tol {tol:.0e} (float rounding) on training gradients {steps}"
+                + ("" if s.exactness != "approximate" else f" and > eps_tol {eps_tol:.0e}")
+            )
+            dropped.append(Dropped(s.name, s.kind, s.params, s.signs, d, rule))
+    return kept, dropped
+
+
+def _verified(s: Symmetry, d: float, exactness: str, note: str) -> Symmetry:
+    joined = "; ".join(x for x in (s.note, note) if x)
+    return dataclasses.replace(s, verified=True, defect=d, exactness=exactness, note=joined)
