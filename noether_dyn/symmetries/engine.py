@@ -17,7 +17,7 @@ How (docs/symmetries.md has the long form):
    §3; Kunin et al., "Neural Mechanics", ICLR 2021: a symmetry's generator is orthogonal to the
    gradient at every point). Candidates above the rounding tolerance are measured again with every
    normalization's eps shrunk by :data:`EPS_SHRINK` (same points, one more pass each); those
-   within it once more, at the real point only, with eps grown by :data:`EPS_GROW`.
+   within it once more, at the real point only, with eps grown to :data:`EPS_GROWN`.
 4. The rule (one, per dtype): *exact* when defect <= tol (float rounding, :data:`DEFAULT_TOL`)
    both at the model's eps and with eps grown;
    *approximate* when the defect is at most ``eps_tol`` and falls to <= tol with eps shrunk (eps is
@@ -55,10 +55,11 @@ from noether_dyn.symmetries._trace import (
 from noether_dyn.symmetries.symmetry import Symmetry
 from noether_dyn.symmetries.verify import DEFAULT_TOL, EPS_SHRINK, default_tol, perturbed
 
-EPS_GROW = 1e4
-"""Factor on every normalization eps for the exactness check: a symmetry within rounding at the
-model's eps whose defect exceeds the tolerance once eps is this much larger depends on eps, so it
-is approximate (exact symmetries do not involve eps at all)."""
+EPS_GROWN = 1.0
+"""Every normalization's eps for the exactness check (or 1e4 times its own, if larger): an eps of
+the order of unit-scale activations. A symmetry within rounding at the model's eps whose defect
+exceeds the tolerance at this eps depends on eps, so it is approximate (exact symmetries do not
+involve eps at all; ViT's eps of 1e-12 hides the dependence at the model's own eps)."""
 
 EPS_TOL = 1e-2
 """Largest defect accepted for an eps-approximate symmetry (eps breaks it by ~eps/(var + eps))."""
@@ -177,7 +178,8 @@ def detect(
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         try:
-            flow, out = trace_flow(model, lambda: call_model(model, params, inputs))
+            real = dict(model.named_parameters())  # the recorder knows parameters by identity
+            flow, out = trace_flow(model, lambda: call_model(model, real, inputs))
         except Exception as err:  # a model that runs but not under the recorder
             flow = None
             notes.append(
@@ -213,7 +215,7 @@ def detect(
     grown: dict[int, float | None] = {}
     small = [i for i, d in enumerate(real) if d is not None and d <= tol]
     if small and any(is_norm(m) for m in model.modules()):
-        with _shrunk_eps(model, EPS_GROW):
+        with _shrunk_eps(model, grown=EPS_GROWN):
             stats1 = _stats(loss_at, points[:1], names, seed)
         passes += 1
         grown = dict(zip(small, _defects([candidates[i] for i in small], stats1, names)))
@@ -384,8 +386,11 @@ def _defects(
 
 
 @contextmanager
-def _shrunk_eps(model: nn.Module, factor: float = EPS_SHRINK) -> Iterator[None]:
-    """Every normalization's eps multiplied by ``factor`` for the duration (restored after)."""
+def _shrunk_eps(
+    model: nn.Module, factor: float = EPS_SHRINK, grown: float | None = None
+) -> Iterator[None]:
+    """Every normalization's eps multiplied by ``factor``, or with ``grown`` set to
+    max(grown, 1e4 eps), for the duration (restored after)."""
     saved = []
     try:
         for m in model.modules():
@@ -394,13 +399,14 @@ def _shrunk_eps(model: nn.Module, factor: float = EPS_SHRINK) -> Iterator[None]:
             for attr in NORM_EPS_ATTRIBUTES:
                 if hasattr(m, attr) and (attr == "eps" or isinstance(getattr(m, attr), float)):
                     old = getattr(m, attr)
-                    if old is None:
+                    if old is None:  # nn.RMSNorm: the dtype's machine eps
                         dtype = next((p.dtype for p in m.parameters()), torch.float32)
-                        new = torch.finfo(dtype).eps * factor
+                        base = torch.finfo(dtype).eps
                     elif isinstance(old, float | int):
-                        new = float(old) * factor
+                        base = float(old)
                     else:
                         continue
+                    new = base * factor if grown is None else max(grown, 1e4 * base)
                     saved.append((m, attr, old))
                     setattr(m, attr, new)
         yield
