@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -41,6 +42,7 @@ from noether_dyn.symmetries._graph import (
     source_ref,
     trace_regions,
 )
+from noether_dyn.symmetries.engine import detect, evaluate_loss
 from noether_dyn.symmetries.symmetry import Symmetry
 from noether_dyn.symmetries.verify import verify
 
@@ -96,7 +98,16 @@ def find_symmetries(
             "loss_fn: targets were given without a loss; pass loss_fn=nn.CrossEntropyLoss() "
             "(or your loss) to verify the symmetries, or drop targets for detection only."
         )
-    calls = probe(model, inputs)
+    calls, out = probe(model, inputs)
+    if not isinstance(out, torch.Tensor):
+        found = detect(model, inputs, targets, loss_fn, tol=tol, n_perturb=n_perturb, seed=seed)
+        if found.notes:
+            warnings.warn("find_symmetries: " + "; ".join(found.notes), stacklevel=2)
+        return [s for s in found.symmetries if s.verified or targets is None]
+    if targets is not None:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            evaluate_loss(model, inputs, targets, loss_fn, out)
     regions, skipped = trace_regions(model)
     found = _Finder(model, calls, skipped, numeric=targets is not None)
     for region in regions:

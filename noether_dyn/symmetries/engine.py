@@ -33,6 +33,7 @@ translation is a symmetry of the softmax cross-entropy only, so it comes back un
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,7 +54,7 @@ from noether_dyn.symmetries._trace import (
     trace_flow,
 )
 from noether_dyn.symmetries.symmetry import Symmetry
-from noether_dyn.symmetries.verify import DEFAULT_TOL, EPS_SHRINK, default_tol, perturbed
+from noether_dyn.symmetries.verify import DEFAULT_TOL, EPS_SHRINK, perturbed
 
 EPS_GROWN = 1.0
 """Every normalization's eps for the exactness check (or 1e4 times its own, if larger): an eps of
@@ -128,6 +129,8 @@ def detect(
     n_perturb: int = 2,
     seed: int = 0,
     cache: bool = True,
+    check_dtype: torch.dtype | None = torch.float64,
+    max_examples: int | None = 4,
 ) -> Detection:
     """Find and verify the scale, rescale and translation symmetries of the model's loss.
 
@@ -145,11 +148,19 @@ def detect(
             keyword arguments (a dict, an HF ``BatchEncoding``).
         targets: second argument of ``loss_fn``.
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``; optional.
-        tol: the rounding tolerance; default :func:`default_tol` of the parameters' dtype.
+        tol: the rounding tolerance; default :data:`DEFAULT_TOL` of ``check_dtype``.
         eps_tol: largest defect of an eps-approximate symmetry.
         n_perturb: perturbed points besides the real parameters (>= 1).
         seed: seeds the perturbations and every forward's RNG (dropout).
         cache: use and fill the per-structure cache.
+        check_dtype: dtype of the copy of the model the gradients are taken on (float64 by
+            default: in float32 an attention-mixing candidate can be broken by as little as
+            1e-5 at initialization, as small as the rounding of exact ones); None for the
+            model's own dtype, without a copy.
+        max_examples: the gradients are taken on the first ``max_examples`` examples of the
+            batch (every input tensor, and targets, whose first dimension is the batch size),
+            which keeps the float64 check cheaper than one float32 pass of a large batch; None
+            for the whole batch.
 
     Raises:
         ValueError: the inputs do not run through the model, ``targets`` come without
@@ -163,14 +174,15 @@ def detect(
         )
     if n_perturb < 1:
         raise ValueError(f"n_perturb: must be at least 1, got {n_perturb}.")
+    dtype = _param_dtype(model) if check_dtype is None else check_dtype
     if tol is None:
-        tol = default_tol(model)
+        tol = DEFAULT_TOL.get(dtype, 1e-4)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    key = _structure_key(model, inputs, loss_fn, tol, eps_tol) if cache else None
+    key = _structure_key(model, inputs, loss_fn, tol, eps_tol, dtype) if cache else None
     if key is not None and key in _CACHE:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
-            _loss_of(model, inputs, targets, loss_fn, call_model(model, params, inputs))
+            evaluate_loss(model, inputs, targets, loss_fn, call_model(model, params, inputs))
         hit = _CACHE[key]
         return dataclasses.replace(hit, passes=0.5, cached=True)
 
@@ -187,7 +199,7 @@ def detect(
                 f": {str(err)[:120]}); only per-module candidates were tried"
             )
             out = _run(model, params, inputs)
-        loss, mode = _loss_of(model, inputs, targets, loss_fn, out)
+        loss, mode = evaluate_loss(model, inputs, targets, loss_fn, out)
     if flow is None:
         flow = _flat_flow(model)
     notes += [
@@ -198,26 +210,33 @@ def detect(
     candidates = _candidates(flow)
     head_translations = {c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)}
     names = list(params)
-    loss_at = _loss_function(model, inputs, targets, loss_fn, mode, out)
+    checked, sub_inputs, sub_targets, share = _check_setup(
+        model, inputs, targets, loss_fn, mode, dtype, max_examples, seed
+    )
+    params = {n: p.detach() for n, p in checked.named_parameters()}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        sub_out = call_model(checked, params, sub_inputs)
+    loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, sub_out)
     generator = torch.Generator().manual_seed(seed)
     points = [params] + [perturbed(params, 0.1, generator) for _ in range(n_perturb)]
     stats = _stats(loss_at, points, names, seed)
-    passes = 0.5 + len(points)
+    passes = 0.5 + share * len(points)
     real = _defects(candidates, stats, names)
     above = [i for i, d in enumerate(real) if d is not None and d > tol]
     shrunk: dict[int, float | None] = {}
     if above and any(is_norm(m) for m in model.modules()):
-        with _shrunk_eps(model):
+        with _shrunk_eps(checked):
             stats0 = _stats(loss_at, points, names, seed)
-        passes += len(points)
+        passes += share * len(points)
         sub = _defects([candidates[i] for i in above], stats0, names)
         shrunk = dict(zip(above, sub))
     grown: dict[int, float | None] = {}
     small = [i for i, d in enumerate(real) if d is not None and d <= tol]
     if small and any(is_norm(m) for m in model.modules()):
-        with _shrunk_eps(model, grown=EPS_GROWN):
+        with _shrunk_eps(checked, grown=EPS_GROWN):
             stats1 = _stats(loss_at, points[:1], names, seed)
-        passes += 1
+        passes += share
         grown = dict(zip(small, _defects([candidates[i] for i in small], stats1, names)))
     kept: list[tuple[_Candidate, float, str]] = []
     dropped: list[Dropped] = []
@@ -256,6 +275,61 @@ def detect(
     return result
 
 
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _check_setup(
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Any,
+    loss_fn: Callable | None,
+    mode: str,
+    dtype: torch.dtype,
+    max_examples: int | None,
+    seed: int,
+) -> tuple[nn.Module, Inputs, Any, float]:
+    """The model, inputs and targets the gradients are taken on, and their cost as a share of
+    one pass of the model on the whole batch (float64 counted twice)."""
+    checked = model
+    if dtype != _param_dtype(model):
+        checked = copy.deepcopy(model).to(dtype)
+    args, kwargs = as_call(inputs)
+    first = next((t for t in _flat(args, kwargs) if t.ndim > 0), None)
+    size = first.shape[0] if first is not None else 0
+    keep = size if max_examples is None or size <= max_examples else max_examples
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            if v.ndim > 0 and v.shape[0] == size:
+                v = v[:keep]
+            return v.to(dtype) if v.is_floating_point() else v
+        if isinstance(v, tuple | list):
+            return type(v)(cut(x) for x in v)
+        if isinstance(v, Mapping):
+            return {k: cut(x) for k, x in v.items()}
+        return v
+
+    sub = cut(inputs) if not isinstance(inputs, Mapping) else cut(dict(inputs))
+    sub_targets = cut(targets)
+    if keep < size:
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                out = call_model(checked, dict(checked.named_parameters()), sub)
+                evaluate_loss(checked, sub, sub_targets, loss_fn, out)
+        except Exception:  # the batch does not split along its first dimension
+            keep = size
+            sub = cut(inputs) if not isinstance(inputs, Mapping) else cut(dict(inputs))
+            sub_targets = cut(targets)
+    ratio = 2.0 if torch.finfo(dtype).bits > torch.finfo(_param_dtype(model)).bits else 1.0
+    return checked, sub, sub_targets, ratio * (keep / size if size else 1.0)
+
+
+def _flat(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+
+
 def _drop(c: _Candidate, d: float | None, rule: str) -> Dropped:
     return Dropped(c.name, c.kind, c.params, c.signs, d, rule)
 
@@ -271,10 +345,15 @@ def _run(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inputs) -
         ) from err
 
 
-def _loss_of(
+def evaluate_loss(
     model: nn.Module, inputs: Inputs, targets: Any, loss_fn: Callable | None, out: Any
 ) -> tuple[torch.Tensor | None, str]:
-    """The loss on ``out`` and where it comes from ("fn", "model" or "function")."""
+    """The loss on the model's output ``out`` and where it comes from: ``"fn"`` (``loss_fn``),
+    ``"model"`` (the ``loss`` the model returned) or ``"function"`` (none: the value is None).
+
+    Raises:
+        ValueError: naming ``loss_fn`` when it fails or does not return a scalar tensor.
+    """
     if loss_fn is not None:
         try:
             value = loss_fn(out, targets)
@@ -558,7 +637,7 @@ def _signature(value: Any) -> Any:
 
 
 def _structure_key(
-    model: nn.Module, inputs: Inputs, loss_fn: Any, tol: float, eps_tol: float
+    model: nn.Module, inputs: Inputs, loss_fn: Any, tol: float, eps_tol: float, dtype: Any
 ) -> Any:
     args, kwargs = as_call(inputs)
     return (
@@ -571,6 +650,7 @@ def _structure_key(
         None if loss_fn is None else (type(loss_fn).__qualname__, getattr(loss_fn, "__name__", "")),
         tol,
         eps_tol,
+        dtype,
     )
 
 
