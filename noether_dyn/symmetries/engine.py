@@ -126,11 +126,11 @@ def detect(
     *,
     tol: float | None = None,
     eps_tol: float = EPS_TOL,
-    n_perturb: int = 2,
+    n_perturb: int = 1,
     seed: int = 0,
     cache: bool = True,
     check_dtype: torch.dtype | None = torch.float64,
-    max_examples: int | None = 4,
+    max_examples: int | None = 2,
 ) -> Detection:
     """Find and verify the scale, rescale and translation symmetries of the model's loss.
 
