@@ -81,7 +81,9 @@ def builders(size: str, batch: int) -> dict[str, Callable[[], tuple[torch.nn.Mod
             tr.ResNetConfig(num_labels=10)  # ResNet-50
             if base
             else tr.ResNetConfig(
-                depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic",
+                depths=[2, 2, 2, 2],
+                hidden_sizes=[64, 128, 256, 512],
+                layer_type="basic",
                 num_labels=10,
             )  # fmt: skip  (ResNet-18)
         )

@@ -119,7 +119,9 @@ def llama_truth(tied: bool) -> tuple[dict[Key, str], list[Key]]:
         truth[key("translation", w("lm_head"))] = "exact"
         truth[key("scale", writers)] = "approximate"
     broken = [
-        key("rescale", w("model.layers.0.post_attention_layernorm"), w("model.layers.0.mlp.up_proj")),
+        key(
+            "rescale", w("model.layers.0.post_attention_layernorm"), w("model.layers.0.mlp.up_proj")
+        ),
         key("rescale", w("model.layers.0.mlp.gate_proj"), w("model.layers.0.mlp.down_proj")),
         key("translation", w("model.embed_tokens")),
     ]
@@ -235,7 +237,9 @@ def vit_truth() -> tuple[dict[Key, str], list[Key]]:
     - classifier weight and bias shifts: exact under cross-entropy.
     """
     e = "vit.embeddings"
-    writers = [f"{e}.cls_token", f"{e}.position_embeddings"] + wb(f"{e}.patch_embeddings.projection")
+    writers = [f"{e}.cls_token", f"{e}.position_embeddings"] + wb(
+        f"{e}.patch_embeddings.projection"
+    )
     for i in range(L):
         writers += wb(f"vit.layers.{i}.attention.o_proj", f"vit.layers.{i}.mlp.fc2")
     truth = {key("translation", [n]): "exact" for n in writers + wb("classifier")}
@@ -394,7 +398,9 @@ def test_padding_row_breaks_the_embedding_scale() -> None:
     clear_cache()
     found = detect(model, inputs)
     e = "bert.embeddings"
-    k = key("scale", w(f"{e}.word_embeddings", f"{e}.position_embeddings", f"{e}.token_type_embeddings"))
+    k = key(
+        "scale", w(f"{e}.word_embeddings", f"{e}.position_embeddings", f"{e}.token_type_embeddings")
+    )
     assert loss_change(copy.deepcopy(model).double(), inputs, k) <= REL_EXACT
     (dropped,) = [d for d in found.dropped if key(d.kind, *_split(d.params, d.signs)) == k]
     assert dropped.defect > 1e-6 and "tol" in dropped.rule

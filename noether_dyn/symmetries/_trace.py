@@ -136,9 +136,7 @@ def _units(model: nn.Module) -> tuple[dict[str, Unit], dict[int, str], dict[int,
         own = [(n, p) for n, p in module.named_parameters(recurse=False)]
         if not own:
             continue
-        has_param_child = any(
-            next(c.parameters(), None) is not None for c in module.children()
-        )
+        has_param_child = any(next(c.parameters(), None) is not None for c in module.children())
         keep = [(n, p) for n, p in own if id(p) in trainable]
         if has_param_child:
             for _, p in keep:
@@ -149,9 +147,7 @@ def _units(model: nn.Module) -> tuple[dict[str, Unit], dict[int, str], dict[int,
         if not keep:
             continue
         params = tuple(dict.fromkeys(names[id(p)] for _, p in keep))
-        gains = tuple(
-            dict.fromkeys(names[id(p)] for n, p in keep if not n.startswith("bias"))
-        )
+        gains = tuple(dict.fromkeys(names[id(p)] for n, p in keep if not n.startswith("bias")))
         units[path] = Unit(path, params, gains, norm=is_norm(module))
         module_units[id(module)] = path
     return units, module_units, loose

@@ -54,7 +54,7 @@ from noether_dyn.symmetries._trace import (
     trace_flow,
 )
 from noether_dyn.symmetries.symmetry import Symmetry
-from noether_dyn.symmetries.verify import DEFAULT_TOL, EPS_SHRINK, perturbed
+from noether_dyn.symmetries.verify import DEFAULT_TOL, EPS_SHRINK
 
 EPS_GROWN = 1.0
 """Every normalization's eps for the exactness check (or 1e4 times its own, if larger): an eps of
@@ -89,7 +89,9 @@ class Detection:
         dropped: every candidate not reported, with its defect and the rule.
         notes: one line per thing the detection could not see (a module never called, a
             dataflow it could not record).
-        passes: forward+backward passes of the sample batch spent (a forward alone counts 1/2).
+        passes: forward+backward passes spent (a forward alone counts 1/2): the trace on the
+            whole batch, the rest on the checked examples in ``check_dtype``. Time ratios
+            against one pass of the batch are measured by ``benchmarks/detection.py``.
         cached: True when the result came from the cache of a same-structure model.
     """
 
@@ -136,9 +138,11 @@ def detect(
 
     The loss is ``loss_fn(model(inputs), targets)`` when ``loss_fn`` is given, else the
     ``loss`` the model returns (HF models given ``labels``), else none (see the module
-    docstring). Costs one forward pass plus ``1 + n_perturb`` forward+backward passes, and as many
-    again when some candidate is above the rounding tolerance (norm eps), plus one for the
-    exactness check of a model with normalizations: 7.5 with the defaults; a second call on a
+    docstring). Costs one forward pass of the batch, then on its first ``max_examples``
+    examples in ``check_dtype``: one forward (the cut batch is tried), ``1 + n_perturb``
+    forward+backward passes, as many again when some candidate is above the rounding tolerance
+    (norm eps), and one for the exactness check of a model with normalizations: 6 with the
+    defaults; a second call on a
     model of the same structure (class, parameter names, shapes, dtypes, train/eval mode, inputs'
     shapes, loss) costs one forward pass (the loss is still checked).
 
@@ -208,27 +212,31 @@ def detect(
         if flow.calls.get(path, 0) == 0 and not _is_loose(flow, path)
     ]
     candidates = _candidates(flow)
-    head_translations = {c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)}
+    head_translations = {
+        c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)
+    }
     names = list(params)
-    checked, sub_inputs, sub_targets, share = _check_setup(
+    checked, sub_inputs, sub_targets, sub_run = _check_setup(
         model, inputs, targets, loss_fn, mode, dtype, max_examples, seed
     )
     params = {n: p.detach() for n, p in checked.named_parameters()}
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        sub_out = call_model(checked, params, sub_inputs)
+    sub_out = None
+    if mode == "function":  # the projection needs the outputs' shapes on the checked batch
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            sub_out = call_model(checked, params, sub_inputs)
     loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, sub_out)
     generator = torch.Generator().manual_seed(seed)
-    points = [params] + [perturbed(params, 0.1, generator) for _ in range(n_perturb)]
+    points = [params] + [_perturbed(params, 0.1, generator) for _ in range(n_perturb)]
     stats = _stats(loss_at, points, names, seed)
-    passes = 0.5 + share * len(points)
+    passes = 0.5 + (0.5 if sub_run else 0.0) + len(points)
     real = _defects(candidates, stats, names)
     above = [i for i, d in enumerate(real) if d is not None and d > tol]
     shrunk: dict[int, float | None] = {}
     if above and any(is_norm(m) for m in model.modules()):
         with _shrunk_eps(checked):
             stats0 = _stats(loss_at, points, names, seed)
-        passes += share * len(points)
+        passes += len(points)
         sub = _defects([candidates[i] for i in above], stats0, names)
         shrunk = dict(zip(above, sub))
     grown: dict[int, float | None] = {}
@@ -236,7 +244,7 @@ def detect(
     if small and any(is_norm(m) for m in model.modules()):
         with _shrunk_eps(checked, grown=EPS_GROWN):
             stats1 = _stats(loss_at, points[:1], names, seed)
-        passes += share
+        passes += 1
         grown = dict(zip(small, _defects([candidates[i] for i in small], stats1, names)))
     kept: list[tuple[_Candidate, float, str]] = []
     dropped: list[Dropped] = []
@@ -288,9 +296,9 @@ def _check_setup(
     dtype: torch.dtype,
     max_examples: int | None,
     seed: int,
-) -> tuple[nn.Module, Inputs, Any, float]:
-    """The model, inputs and targets the gradients are taken on, and their cost as a share of
-    one pass of the model on the whole batch (float64 counted twice)."""
+) -> tuple[nn.Module, Inputs, Any, bool]:
+    """The model, inputs and targets the gradients are taken on, and whether a trial forward
+    pass on the cut batch was run."""
     checked = model
     if dtype != _param_dtype(model):
         checked = copy.deepcopy(model).to(dtype)
@@ -298,6 +306,7 @@ def _check_setup(
     first = next((t for t in _flat(args, kwargs) if t.ndim > 0), None)
     size = first.shape[0] if first is not None else 0
     keep = size if max_examples is None or size <= max_examples else max_examples
+    keep_first = keep
 
     def cut(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
@@ -322,8 +331,7 @@ def _check_setup(
             keep = size
             sub = cut(inputs) if not isinstance(inputs, Mapping) else cut(dict(inputs))
             sub_targets = cut(targets)
-    ratio = 2.0 if torch.finfo(dtype).bits > torch.finfo(_param_dtype(model)).bits else 1.0
-    return checked, sub, sub_targets, ratio * (keep / size if size else 1.0)
+    return checked, sub, sub_targets, size > keep_first
 
 
 def _flat(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -418,6 +426,7 @@ def _stats(
 ) -> torch.Tensor:
     """(points, tensors, 5) float64: per tensor <g, q>, |g|^2, |q|^2, sum(g), numel."""
     out = torch.zeros(len(points), len(names), _STATS, dtype=torch.float64)
+    index = {n: i for i, n in enumerate(names)}
     for k, point in enumerate(points):
         leaves = {
             n: (t.detach().requires_grad_() if t.is_floating_point() else t)
@@ -428,14 +437,32 @@ def _stats(
             torch.manual_seed(seed)
             loss = loss_at(leaves)
             grads = torch.autograd.grad(loss, [leaves[n] for n in wanted], allow_unused=True)
-        index = {n: i for i, n in enumerate(names)}
         with torch.no_grad():
+            rows = []
             for n, g in zip(wanted, grads):
-                q = leaves[n].detach().double()
-                g = torch.zeros_like(q) if g is None else g.double()
-                out[k, index[n]] = torch.stack(
-                    [(g * q).sum(), (g * g).sum(), (q * q).sum(), g.sum(), q.new_tensor(q.numel())]
+                q = leaves[n].detach().reshape(-1).double()
+                g = torch.zeros_like(q) if g is None else g.reshape(-1).double()
+                rows.append(
+                    torch.stack([g @ q, g @ g, q @ q, g.sum(), q.new_tensor(float(q.numel()))])
                 )
+            if rows:
+                out[k, [index[n] for n in wanted]] = torch.stack(rows).cpu()
+    return out
+
+
+def _perturbed(
+    params: Mapping[str, torch.Tensor], scale: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """q + scale * rms(q) * N(0, 1) per floating tensor (absolute ``scale`` for an all-zero
+    tensor), the noise drawn on the CPU from ``generator`` in the tensor's dtype."""
+    out = {}
+    for name, q in params.items():
+        if not q.is_floating_point() or q.numel() == 0:
+            out[name] = q
+            continue
+        rms = float(torch.linalg.vector_norm(q)) / math.sqrt(q.numel())
+        noise = torch.randn(q.shape, generator=generator, dtype=q.dtype).to(q.device)
+        out[name] = q + scale * (rms if rms > 0 else 1.0) * noise
     return out
 
 
