@@ -59,7 +59,12 @@ def find_symmetries(
 ) -> list[Symmetry]:
     """Find the scale, rescale and translation symmetries of ``loss_fn(model(inputs), targets)``.
 
-    Detection reads the model's dataflow with a torch.fx symbolic trace (see
+    A model that returns anything but a tensor (a tuple, a dict, an HF ``ModelOutput``, whose
+    ``loss`` is then used when no ``loss_fn`` is given) goes to :func:`~noether_dyn.symmetries.
+    engine.detect` (one recorded forward pass, candidates checked in float64; see
+    docs/symmetries.md), and its verified symmetries are returned (without ``targets``, also
+    the logits translations it leaves unverified). For a model returning a tensor, detection
+    reads the model's dataflow with a torch.fx symbolic trace (see
     :mod:`noether_dyn.symmetries._graph` for why fx and what each op counts as). It depends on
     the mode the model is in: a BatchNorm/InstanceNorm in train mode normalizes with batch
     statistics and makes the layer feeding it scale symmetric; in eval mode with running
@@ -86,8 +91,9 @@ def find_symmetries(
         The symmetries, uniquely named ``"<kind>:<module path>"``; ``[]`` if there are none.
 
     Raises:
-        ValueError: ``inputs`` do not run through the model, or ``targets`` come without a
-            ``loss_fn``.
+        ValueError: ``inputs`` do not run through the model, ``targets`` come without a
+            ``loss_fn``, or ``loss_fn`` fails on the outputs and targets or does not return a
+            scalar (it is run once whenever targets are given, candidates or not).
 
     Modules that fx cannot trace (control flow on tensor values) have their own forward code
     skipped: a warning names them, their children are analysed alone, and the ``note`` of each
