@@ -306,6 +306,8 @@ def _check_setup(
     first = next((t for t in _flat(args, kwargs) if t.ndim > 0), None)
     size = first.shape[0] if first is not None else 0
     keep = size if max_examples is None or size <= max_examples else max_examples
+    if any(_batch_coupled(m) for m in model.modules()):
+        keep = size  # batch statistics: a cut batch is another function (degenerate at 2 rows)
     keep_first = keep
 
     def cut(v: Any) -> Any:
@@ -332,6 +334,12 @@ def _check_setup(
             sub = cut(inputs) if not isinstance(inputs, Mapping) else cut(dict(inputs))
             sub_targets = cut(targets)
     return checked, sub, sub_targets, size > keep_first
+
+
+def _batch_coupled(module: nn.Module) -> bool:
+    """A BatchNorm1d normalizing with batch statistics: over (N,) or (N, L) values per
+    channel, which a cut batch of 2 examples makes degenerate (outputs +-1)."""
+    return isinstance(module, nn.BatchNorm1d) and (module.training or module.running_mean is None)
 
 
 def _flat(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -606,6 +614,9 @@ def _candidates(flow: Flow) -> list[_Candidate]:
         add(f"scale:{path}", "scale", u.params, (), f"{path} alone")
         if u.gains != u.params and u.gains:
             add(f"scale:{path}:weight", "scale", u.gains, (), f"the weight of {path} alone")
+        if len(u.params) > 1:  # e.g. the direction of a weight-normalized layer
+            for n in u.params:
+                add(f"scale:{n}", "scale", (n,), (), f"{n} alone")
         for n in u.params:
             add(f"translation:{n}", "translation", (n,), (), f"{n} shifted alone")
         if len(u.params) > 1:
