@@ -513,8 +513,73 @@ def test_module_never_called_gets_a_note() -> None:
             return self.used(x)
 
     found = detect(Net(), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]), nn.CrossEntropyLoss())
-    assert any(n.startswith("spare:") and "never called" in n for n in found.notes)
+    assert any(n.startswith("spare:") and "no gradient" in n for n in found.notes)
     assert all("spare" not in p for s in found.symmetries for p in s.params)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """timm/torchvision-style LayerNorm over channels of (N, C, H, W), via F.layer_norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class _NormAttention(nn.Module):
+    """Conv -> LayerNorm2d -> conv, then LayerNorm -> nn.MultiheadAttention(x, x, x) -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm2d = _LayerNorm2d(8)
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.ln = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.norm2d(self.stem(x))).flatten(2).transpose(1, 2)
+        a = self.ln(h)
+        return self.head(self.attn(a, a, a, need_weights=False)[0].mean(1))
+
+
+def test_layernorm_subclass_and_layernorm_into_multihead_attention() -> None:
+    """LayerNorm2d (a subclass calling F.layer_norm) feeds only the 1x1 conv: (gain, bias) +,
+    conv weight -, exact. The stem feeds only the channel LayerNorm: its weight and bias scaled
+    together is approximate (eps); its bias or its weight shifted is exact (a per-position shift
+    common to all channels: c, or c * sum of the patch, removed by the mean). The LayerNorm
+    feeding nn.MultiheadAttention(a, a, a) rescales into the fused in_proj_weight: exact."""
+    torch.manual_seed(0)
+    model = _NormAttention()
+    x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 3, (8,))
+    found = detect(model, x, y, nn.CrossEntropyLoss())
+    keys = {key_of(s): s for s in found.symmetries}
+    fan = key("rescale", wb("norm2d"), w("conv"))
+    into_attention = key("rescale", wb("ln"), ["attn.in_proj_weight"])
+    assert keys[fan].exactness == "exact" and keys[into_attention].exactness == "exact"
+    assert keys[key("scale", wb("stem"))].exactness == "approximate"
+    assert keys[key("translation", ["stem.bias"])].exactness == "exact"
+    assert keys[key("translation", ["stem.weight"])].exactness == "exact"
+    for k in (fan, into_attention):
+        translation, pairs = k
+        sym = Symmetry("s", "rescale", tuple(n for n, _ in pairs), tuple(s for _, s in pairs))
+        assert _loss_rel_change(model, x, y, sym) <= REL_EXACT
+
+
+def _loss_rel_change(model: nn.Module, x, y, sym: Symmetry, s: float = 0.5) -> float:
+    m = copy.deepcopy(model).double()
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(m(x.double()), y))
+
+    before = loss()
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for n, sign in zip(sym.params, sym.signs):
+            params[n].mul_(math.exp(s * sign))
+    return abs(loss() - before) / abs(before)
 
 
 def test_detection_leaves_model_buffers_and_rng_untouched() -> None:

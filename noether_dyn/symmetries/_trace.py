@@ -174,6 +174,14 @@ class _Recorder(TorchFunctionMode):
         self.inside = 0  # depth of unit calls: nothing inside a unit is recorded
         self.meets: set[tuple[str, str]] = set()
         self.stream_of: dict[str, Stream] = {}
+        self.consumers: dict[str, list[str]] = defaultdict(list)
+
+    def consume(self, origin: str | None, unit: str) -> None:
+        """``unit`` reads an input of this origin."""
+        if origin and origin.startswith("stream:"):
+            self.stream_of[origin].readers.append(unit)
+        elif origin and origin != MIXED and unit not in self.consumers[origin]:
+            self.consumers[origin].append(unit)
 
     def of(self, t: torch.Tensor) -> str | None:
         if id(t) in self.loose:
@@ -202,6 +210,8 @@ class _Recorder(TorchFunctionMode):
         units = [o for o in distinct if o != MIXED]
         if not distinct:
             return result
+        if name == "multi_head_attention_forward":
+            self._attention_module(args, kwargs)
         if name == "scaled_dot_product_attention" and len(origins) >= 3:
             q, k, v = origins[:3]
             if q and k and MIXED not in (q, k) and q != k:
@@ -221,6 +231,17 @@ class _Recorder(TorchFunctionMode):
         else:
             self.mark(result, MIXED)
         return result
+
+    def _attention_module(self, args: tuple, kwargs: dict) -> None:
+        """``nn.MultiheadAttention(x, x, x)`` projects x with its fused ``in_proj_weight``
+        (a loose parameter, read inside the functional call): record that read."""
+        names = ("query", "key", "value", "e", "h", "in_proj_weight")
+        given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        q, weight = given.get("query"), given.get("in_proj_weight")
+        if q is None or weight is None or id(weight) not in self.loose:
+            return
+        if given.get("key") is q and given.get("value") is q:
+            self.consume(self.of(q), self.loose[id(weight)])
 
     def join(self, origins: list[str]) -> str:
         """The stream that the sum of ``origins`` belongs to (streams merge)."""
@@ -246,7 +267,6 @@ def trace_flow(model: nn.Module, call: Any) -> tuple[Flow, Any]:
     what ``call()`` returned (the model's output)."""
     units, module_units, loose = _units(model)
     recorder = _Recorder(loose)
-    consumers: dict[str, list[str]] = defaultdict(list)
     norms: list[str] = []
     calls: dict[str, int] = defaultdict(int)
 
@@ -255,11 +275,7 @@ def trace_flow(model: nn.Module, call: Any) -> tuple[Flow, Any]:
         calls[path] += 1
         if recorder.inside == 0:
             first = next(iter(_tensors(args) + _tensors(kwargs)), None)
-            origin = recorder.of(first) if first is not None else None
-            if origin and origin.startswith("stream:"):
-                recorder.stream_of[origin].readers.append(path)
-            elif origin and origin != MIXED and path not in consumers[origin]:
-                consumers[origin].append(path)
+            recorder.consume(recorder.of(first) if first is not None else None, path)
             if units[path].norm:
                 norms.append(path)
         recorder.inside += 1
@@ -288,7 +304,7 @@ def trace_flow(model: nn.Module, call: Any) -> tuple[Flow, Any]:
     streams = list({id(s): s for s in recorder.stream_of.values()}.values())
     flow = Flow(
         units=units,
-        consumers=dict(consumers),
+        consumers=dict(recorder.consumers),
         meets=recorder.meets,
         streams=streams,
         head=head,

@@ -206,11 +206,6 @@ def detect(
         loss, mode = evaluate_loss(model, inputs, targets, loss_fn, out)
     if flow is None:
         flow = _flat_flow(model)
-    notes += [
-        f"{path}: never called on this batch, so no symmetry acts on its parameters"
-        for path in flow.units
-        if flow.calls.get(path, 0) == 0 and not _is_loose(flow, path)
-    ]
     candidates = _candidates(flow)
     head_translations = {
         c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)
@@ -229,6 +224,13 @@ def detect(
     generator = torch.Generator().manual_seed(seed)
     points = [params] + [_perturbed(params, 0.1, generator) for _ in range(n_perturb)]
     stats = _stats(loss_at, points, names, seed)
+    index = {n: i for i, n in enumerate(names)}
+    notes += [
+        f"{path}: no gradient reaches it on this batch (never called, or its output unused), "
+        "so no symmetry acts on its parameters"
+        for path, u in flow.units.items()
+        if u.params and all(float(stats[:, index[n], 1].sum()) == 0.0 for n in u.params)
+    ]
     passes = 0.5 + (0.5 if sub_run else 0.0) + len(points)
     real = _defects(candidates, stats, names)
     above = [i for i, d in enumerate(real) if d is not None and d > tol]
