@@ -646,3 +646,45 @@ def test_gradient_defects_is_none_without_gradient() -> None:
     assert kept == [s] and dropped == []
     with pytest.raises(KeyError, match="params"):
         gradient_defects([s], {}, {})
+
+
+class _DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.head(torch.tanh(self.body(x)))}
+
+
+def test_dict_output_keeps_its_logits_translation() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    clear_cache()
+    found = find_symmetries(_DictOut(), x, y, lambda out, t: F.cross_entropy(out["logits"], t))
+    assert {key_of(s) for s in found} == {
+        key("translation", ["head.weight"]),
+        key("translation", ["head.bias"]),
+    }
+
+
+def test_watch_tracks_the_detected_symmetries_of_an_hf_model(tmp_path) -> None:
+    import noether_dyn as nd
+
+    torch.manual_seed(0)
+    model, batch = llama(False)
+    truth, _ = llama_truth(False)
+    clear_cache()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with nd.watch(model, opt, tmp_path / "run", inputs=batch) as monitor:
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(**batch)
+            out.loss.backward()
+            monitor.log_loss(out.loss)
+            opt.step()
+    run = nd.load_run(tmp_path / "run")
+    assert len(run.symmetries) == len(truth)
+    assert run.symmetries["verified"].all()
+    assert set(run.charges["symmetry"]) == set(run.symmetries["symmetry"])
