@@ -688,3 +688,28 @@ def test_watch_tracks_the_detected_symmetries_of_an_hf_model(tmp_path) -> None:
     assert len(run.symmetries) == len(truth)
     assert run.symmetries["verified"].all()
     assert set(run.charges["symmetry"]) == set(run.symmetries["symmetry"])
+
+
+class _RefusesModes(nn.Module):
+    """Runs normally, but not under a torch function mode (as some compiled or C++ paths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.overrides._is_torch_function_mode_enabled():
+            raise RuntimeError("no function modes here")
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_model_that_cannot_be_recorded_gets_a_note_not_a_silent_zero() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    clear_cache()
+    found = detect(_RefusesModes(), x, y, nn.CrossEntropyLoss())
+    (note,) = found.notes
+    assert note.startswith("_RefusesModes: the dataflow could not be recorded (RuntimeError")
+    # per-module candidates are still tried and verified: the head's logits shifts
+    assert key("translation", ["fc2.bias"]) in {key_of(s) for s in found.symmetries}
