@@ -464,14 +464,15 @@ def _perturbed(
     params: Mapping[str, torch.Tensor], scale: float, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
     """q + scale * rms(q) * N(0, 1) per floating tensor (absolute ``scale`` for an all-zero
-    tensor), the noise drawn on the CPU from ``generator`` in the tensor's dtype."""
+    tensor), the noise drawn in float32 on the CPU from ``generator`` (any generic point
+    will do; float64 draws cost twice as much)."""
     out = {}
     for name, q in params.items():
         if not q.is_floating_point() or q.numel() == 0:
             out[name] = q
             continue
         rms = float(torch.linalg.vector_norm(q)) / math.sqrt(q.numel())
-        noise = torch.randn(q.shape, generator=generator, dtype=q.dtype).to(q.device)
+        noise = torch.randn(q.shape, generator=generator).to(q.device, q.dtype)
         out[name] = q + scale * (rms if rms > 0 else 1.0) * noise
     return out
 
