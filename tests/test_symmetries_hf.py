@@ -25,13 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from noether_dyn.symmetries import Symmetry, find_symmetries
-from noether_dyn.symmetries.engine import (
-    EPS_TOL,
-    clear_cache,
-    detect,
-    gradient_defects,
-    judge_defects,
-)
+from noether_dyn.symmetries.engine import EPS_TOL, clear_cache, detect
+from noether_dyn.symmetries.step_check import gradient_defects, judge_defects
 
 transformers = pytest.importorskip("transformers")
 

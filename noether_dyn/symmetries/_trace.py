@@ -125,7 +125,7 @@ class Flow:
     calls: dict[str, int]
 
 
-def _units(model: nn.Module) -> tuple[dict[str, Unit], dict[int, str], dict[int, str]]:
+def find_units(model: nn.Module) -> tuple[dict[str, Unit], dict[int, str], dict[int, str]]:
     """Units, {id(module): unit path} of module units, {id(param): unit path} of loose ones."""
     names = {id(p): n for n, p in model.named_parameters()}
     trainable = {id(p) for p in model.parameters() if p.requires_grad and p.is_floating_point()}
@@ -265,7 +265,7 @@ class _Recorder(TorchFunctionMode):
 def trace_flow(model: nn.Module, call: Any) -> tuple[Flow, Any]:
     """Run ``call()`` (one forward pass of ``model``) under the recorder; return the flow and
     what ``call()`` returned (the model's output)."""
-    units, module_units, loose = _units(model)
+    units, module_units, loose = find_units(model)
     recorder = _Recorder(loose)
     norms: list[str] = []
     calls: dict[str, int] = defaultdict(int)

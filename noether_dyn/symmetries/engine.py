@@ -28,7 +28,8 @@ How (docs/symmetries.md has the long form):
 Without a loss (no ``loss_fn`` and no ``output.loss``) the check uses a fixed random linear
 function of the outputs: a symmetry of the model's function is one of every loss on it. Logits
 translation is a symmetry of the softmax cross-entropy only, so it comes back unverified
-(``verified=None``), for :func:`gradient_defects` on the first real training steps.
+(``verified=None``), for :mod:`noether_dyn.symmetries.step_check` on the first real training
+steps.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ import torch
 from torch import nn
 
 from noether_dyn.symmetries._calls import Inputs, as_call, call_model
+from noether_dyn.symmetries._candidates import Candidate, propose
 from noether_dyn.symmetries._trace import (
     NORM_EPS_ATTRIBUTES,
     Flow,
+    find_units,
     is_norm,
     model_loss,
     output_tensors,
@@ -100,15 +103,6 @@ class Detection:
     notes: list[str] = field(default_factory=list)
     passes: float = 0.0
     cached: bool = False
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    name: str
-    kind: str
-    params: tuple[str, ...]
-    signs: tuple[float, ...]
-    why: str
 
 
 _CACHE: dict[Any, Detection] = {}
@@ -206,7 +200,7 @@ def detect(
         loss, mode = evaluate_loss(model, inputs, targets, loss_fn, out)
     if flow is None:
         flow = _flat_flow(model)
-    candidates = _candidates(flow)
+    candidates = propose(flow)
     head_translations = {
         c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)
     }
@@ -248,7 +242,7 @@ def detect(
             stats1 = _stats(loss_at, points[:1], names, seed)
         passes += 1
         grown = dict(zip(small, _defects([candidates[i] for i in small], stats1, names)))
-    kept: list[tuple[_Candidate, float, str]] = []
+    kept: list[tuple[Candidate, float, str]] = []
     dropped: list[Dropped] = []
     unverified: list[Symmetry] = []
     for i, c in enumerate(candidates):
@@ -348,7 +342,7 @@ def _flat(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
 
 
-def _drop(c: _Candidate, d: float | None, rule: str) -> Dropped:
+def _drop(c: Candidate, d: float | None, rule: str) -> Dropped:
     return Dropped(c.name, c.kind, c.params, c.signs, d, rule)
 
 
@@ -478,7 +472,7 @@ def _perturbed(
 
 
 def _defects(
-    candidates: Sequence[_Candidate], stats: torch.Tensor, names: list[str]
+    candidates: Sequence[Candidate], stats: torch.Tensor, names: list[str]
 ) -> list[float | None]:
     """The largest defect of each candidate over the points with a nonzero gradient on it."""
     if not candidates:
@@ -533,7 +527,7 @@ def _shrunk_eps(
 
 
 def _basis(
-    kept: list[tuple[_Candidate, float, str]], names: list[str], tol: float, eps_tol: float
+    kept: list[tuple[Candidate, float, str]], names: list[str], tol: float, eps_tol: float
 ) -> tuple[list[Symmetry], list[Dropped]]:
     """Keep the verified candidates that are linearly independent of the simpler ones kept
     before them (fewest tensors first, exact before approximate); the others are redundant."""
@@ -576,95 +570,14 @@ def _is_loose(flow: Flow, path: str) -> bool:
     return flow.units[path].params == (path,)
 
 
-def _is_head(flow: Flow, c: _Candidate) -> bool:
+def _is_head(flow: Flow, c: Candidate) -> bool:
     return flow.head is not None and set(c.params) <= set(flow.units[flow.head].params)
 
 
 def _flat_flow(model: nn.Module) -> Flow:
-    from noether_dyn.symmetries._trace import _units
-
-    units, _, _ = _units(model)
+    units, _, _ = find_units(model)
     calls = {p: 1 for p in units}
     return Flow(units, {}, set(), [], None, [], calls)
-
-
-def _candidates(flow: Flow) -> list[_Candidate]:
-    """Every candidate the flow suggests (see the module docstring), unique by generator."""
-    found: dict[tuple, _Candidate] = {}
-    units = flow.units
-
-    def add(name: str, kind: str, plus: Sequence[str], minus: Sequence[str], why: str) -> None:
-        coef: dict[str, int] = {}
-        for n in plus:
-            coef[n] = coef.get(n, 0) + 1
-        for n in minus:
-            coef[n] = coef.get(n, 0) - 1
-        if any(abs(v) > 1 for v in coef.values()):
-            return
-        coef = {n: v for n, v in coef.items() if v}
-        if not coef:
-            return
-        params = tuple(coef)
-        signs = tuple(float(coef[n]) for n in params)
-        if kind != "translation":
-            kind = "scale" if all(s > 0 for s in signs) else "rescale"
-        key = (kind == "translation", tuple(sorted(coef.items())))
-        if key in found or any(c.name == name for c in found.values()):
-            return
-        found[key] = _Candidate(name, kind, params, signs, why)
-
-    for path, u in units.items():
-        add(f"scale:{path}", "scale", u.params, (), f"{path} alone")
-        if u.gains != u.params and u.gains:
-            add(f"scale:{path}:weight", "scale", u.gains, (), f"the weight of {path} alone")
-        if len(u.params) > 1:  # e.g. the direction of a weight-normalized layer
-            for n in u.params:
-                add(f"scale:{n}", "scale", (n,), (), f"{n} alone")
-        for n in u.params:
-            add(f"translation:{n}", "translation", (n,), (), f"{n} shifted alone")
-        if len(u.params) > 1:
-            add(f"translation:{path}", "translation", u.params, (), f"all of {path} shifted")
-    for src, readers in flow.consumers.items():
-        if src.startswith("stream:") or src not in units:
-            continue
-        for dst in readers:
-            add(
-                f"rescale:{src}>{dst}", "rescale", units[src].params, units[dst].gains,
-                f"{dst} reads the output of {src}",
-            )  # fmt: skip
-        if len(readers) > 1:
-            gains = [n for r in readers for n in units[r].gains]
-            add(
-                f"rescale:{src}>*", "rescale", units[src].params, gains,
-                f"the output of {src} feeds {', '.join(readers)}",
-            )  # fmt: skip
-    for a, b in sorted(flow.meets):
-        if a in units and b in units:
-            why = f"the outputs of {a} and {b} meet in a product"
-            add(f"rescale:{a}~{b}", "rescale", units[a].params, units[b].params, why)
-            add(f"rescale:{a}~{b}:weight", "rescale", units[a].gains, units[b].gains, why)
-    last_norm = flow.norms[-1] if flow.norms else None
-    for stream in flow.streams:
-        writers = [w for w in stream.writers if w in units]
-        if len(writers) < 2:
-            continue
-        plus = [n for w in writers for n in units[w].params]
-        name = f"scale:stream@{writers[0]}"
-        why = f"the sum of {', '.join(writers)}"
-        add(name, "scale", plus, (), why)
-        if last_norm is not None and last_norm not in writers:
-            add(
-                f"rescale:stream@{writers[0]}>{last_norm}", "rescale", plus,
-                units[last_norm].params, f"{why}, with {last_norm} compensating",
-            )  # fmt: skip
-        others = [r for r in dict.fromkeys(stream.readers) if r in units and not units[r].norm]
-        if others:
-            add(
-                f"rescale:stream@{writers[0]}>*", "rescale", plus,
-                [n for r in others for n in units[r].gains],
-                f"{why}, with its readers {', '.join(others)} compensating",
-            )  # fmt: skip
-    return list(found.values())
 
 
 def _signature(value: Any) -> Any:
@@ -693,87 +606,3 @@ def _structure_key(
         eps_tol,
         dtype,
     )
-
-
-def gradient_defects(
-    symmetries: Sequence[Symmetry],
-    params: Mapping[str, torch.Tensor],
-    grads: Mapping[str, torch.Tensor | None],
-) -> dict[str, float | None]:
-    """The defect |<g, xi(q)>| / (|g_A| |xi_A|) of each symmetry at one training step.
-
-    For the capture layer: call it with the parameters and the real gradients of the first steps
-    (before the optimizer's update) and drop what :func:`judge_defects` rejects. Accumulated in
-    float64. None for a symmetry whose gradient (or generator) is zero or missing at this step.
-
-    Args:
-        symmetries: the symmetries to check.
-        params: ``{name: tensor}`` as in ``model.named_parameters()``.
-        grads: ``{name: gradient}`` (``p.grad``), same names; None entries count as zero.
-    """
-    out: dict[str, float | None] = {}
-    for s in symmetries:
-        missing = [n for n in s.params if n not in params]
-        if missing:
-            raise KeyError(f"params: no tensor for {missing} of symmetry {s.name!r}.")
-        xi = s.generator(params)
-        dot = gg = xx = 0.0
-        for n in s.params:
-            g = grads.get(n)
-            x = xi[n].detach().double()
-            xx += float((x * x).sum())
-            if g is None:
-                continue
-            g = g.detach().double()
-            dot += float((g * x).sum())
-            gg += float((g * g).sum())
-        out[s.name] = abs(dot) / math.sqrt(gg * xx) if gg > 0 and xx > 0 else None
-    return out
-
-
-def judge_defects(
-    symmetries: Sequence[Symmetry],
-    defects: Sequence[Mapping[str, float | None]],
-    *,
-    dtype: torch.dtype = torch.float32,
-    eps_tol: float = EPS_TOL,
-) -> tuple[list[Symmetry], list[Dropped]]:
-    """Apply the drop rule to defects measured on real training steps (:func:`gradient_defects`).
-
-    A symmetry is kept as exact when its largest defect is <= the rounding tolerance of ``dtype``
-    (:data:`DEFAULT_TOL`); kept as approximate when it is <= ``eps_tol`` and the symmetry was
-    already known as eps-approximate (``exactness="approximate"`` from :func:`detect`: the eps
-    check needs the shrunk-eps model, which training steps do not have); dropped otherwise.
-    Symmetries with no defect measured (zero gradient at every step) are returned unchanged.
-
-    Returns:
-        (kept symmetries with ``verified``, ``defect`` and ``exactness`` set, dropped ones).
-    """
-    tol = DEFAULT_TOL.get(dtype, 1e-4)
-    kept: list[Symmetry] = []
-    dropped: list[Dropped] = []
-    for s in symmetries:
-        values = [d[s.name] for d in defects if d.get(s.name) is not None]
-        if not values:
-            kept.append(s)
-            continue
-        d = max(values)
-        steps = f"over {len(values)} training steps"
-        if d <= tol:
-            note = f"verified exact on training gradients: defect {d:.1e} <= tol {tol:.0e} {steps}"
-            kept.append(_verified(s, d, "exact", note))
-        elif s.exactness == "approximate" and d <= eps_tol:
-            note = f"verified approximate on training gradients: defect {d:.1e} {steps}"
-            kept.append(_verified(s, d, "approximate", note))
-        else:
-            rule = (
-                f"defect {d:.1e} > tol {tol:.0e} (float rounding) on training gradients {steps}"
-                + ("" if s.exactness != "approximate" else f" and > eps_tol {eps_tol:.0e}")
-            )
-            dropped.append(Dropped(s.name, s.kind, s.params, s.signs, d, rule))
-    return kept, dropped
-
-
-def _verified(s: Symmetry, d: float, exactness: str, note: str) -> Symmetry:
-    joined = "; ".join(x for x in (s.note, note) if x)
-    return dataclasses.replace(s, verified=True, defect=d, exactness=exactness, note=joined)
