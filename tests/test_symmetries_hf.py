@@ -708,3 +708,17 @@ def test_a_model_that_cannot_be_recorded_gets_a_note_not_a_silent_zero() -> None
     assert note.startswith("_RefusesModes: the dataflow could not be recorded (RuntimeError")
     # per-module candidates are still tried and verified: the head's logits shifts
     assert key("translation", ["fc2.bias"]) in {key_of(s) for s in found.symmetries}
+
+
+def test_frozen_parameters_are_left_out_and_the_cache_tells_losses_apart() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    net[0].weight.requires_grad_(False)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    clear_cache()
+    found = detect(net, x, y, nn.CrossEntropyLoss())
+    assert all("0.weight" not in s.params for s in found.symmetries)
+    assert key("translation", ["2.bias"]) in {key_of(s) for s in found.symmetries}
+    mse = detect(net, x, F.one_hot(y, 3).float(), lambda out, t: F.mse_loss(out, t))
+    assert not mse.cached, "another loss is another structure"
+    assert key("translation", ["2.bias"]) not in {key_of(s) for s in mse.symmetries}

@@ -204,7 +204,7 @@ def detect(
     head_translations = {
         c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)
     }
-    names = list(params)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     checked, sub_inputs, sub_targets, sub_run = _check_setup(
         model, inputs, targets, loss_fn, mode, dtype, max_examples, seed
     )
@@ -433,7 +433,7 @@ def _stats(
     index = {n: i for i, n in enumerate(names)}
     for k, point in enumerate(points):
         leaves = {
-            n: (t.detach().requires_grad_() if t.is_floating_point() else t)
+            n: (t.detach().requires_grad_() if n in index and t.is_floating_point() else t)
             for n, t in point.items()
         }
         wanted = [n for n in names if leaves[n].requires_grad]
@@ -590,6 +590,17 @@ def _signature(value: Any) -> Any:
     return type(value).__name__
 
 
+def _loss_identity(loss_fn: Any) -> Any:
+    """Same for the same loss: a module loss by its type and settings (its repr), a function by
+    its code object (one lambda re-created per call is the same loss; two lambdas are not)."""
+    if loss_fn is None:
+        return None
+    if isinstance(loss_fn, nn.Module):
+        return type(loss_fn).__qualname__, repr(loss_fn)
+    code = getattr(loss_fn, "__code__", None)
+    return type(loss_fn).__qualname__, id(code) if code is not None else id(loss_fn)
+
+
 def _structure_key(
     model: nn.Module, inputs: Inputs, loss_fn: Any, tol: float, eps_tol: float, dtype: Any
 ) -> Any:
@@ -601,7 +612,7 @@ def _structure_key(
         tuple(m.training for m in model.modules()),
         _signature(args),
         _signature(kwargs),
-        None if loss_fn is None else (type(loss_fn).__qualname__, getattr(loss_fn, "__name__", "")),
+        _loss_identity(loss_fn),
         tol,
         eps_tol,
         dtype,
