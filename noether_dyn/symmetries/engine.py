@@ -35,7 +35,6 @@ steps.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -182,14 +181,14 @@ def detect(
             torch.manual_seed(seed)
             evaluate_loss(model, inputs, targets, loss_fn, call_model(model, params, inputs))
         hit = _CACHE[key]
-        return dataclasses.replace(hit, passes=0.5, cached=True)
+        return Detection(list(hit.symmetries), list(hit.dropped), list(hit.notes), 0.5, True)
 
     notes: list[str] = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         try:
-            real = dict(model.named_parameters())  # the recorder knows parameters by identity
-            flow, out = trace_flow(model, lambda: call_model(model, real, inputs))
+            live = dict(model.named_parameters())  # the recorder knows parameters by identity
+            flow, out = trace_flow(model, lambda: call_model(model, live, inputs))
         except Exception as err:  # a model that runs but not under the recorder
             flow = None
             notes.append(
@@ -197,7 +196,7 @@ def detect(
                 f": {str(err)[:120]}); only per-module candidates were tried"
             )
             out = _run(model, params, inputs)
-        loss, mode = evaluate_loss(model, inputs, targets, loss_fn, out)
+        _, mode = evaluate_loss(model, inputs, targets, loss_fn, out)
     if flow is None:
         flow = _flat_flow(model)
     candidates = propose(flow)
