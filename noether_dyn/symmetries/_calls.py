@@ -43,8 +43,9 @@ def call_model(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inp
     return functional_call(model, ({**params}, fresh_buffers(model)), args, kwargs)
 
 
-def probe(model: nn.Module, inputs: Inputs) -> Counter[str]:
-    """Run the model once on ``inputs`` and count the calls of every submodule (by path).
+def probe(model: nn.Module, inputs: Inputs) -> tuple[Counter[str], Any]:
+    """Run the model once on ``inputs``; return the calls of every submodule (by path) and the
+    model's output.
 
     The model's parameters, buffers and the global RNG state are left as they were. Raises
     ValueError when the forward pass fails: the inputs do not fit the model.
@@ -60,7 +61,7 @@ def probe(model: nn.Module, inputs: Inputs) -> Counter[str]:
     params = {name: p.detach() for name, p in model.named_parameters()}
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            call_model(model, params, inputs)
+            out = call_model(model, params, inputs)
     except Exception as err:
         shapes = _describe(inputs)
         raise ValueError(
@@ -71,7 +72,7 @@ def probe(model: nn.Module, inputs: Inputs) -> Counter[str]:
     finally:
         for handle in handles:
             handle.remove()
-    return calls
+    return calls, out
 
 
 def _describe(inputs: Inputs) -> str:

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -41,6 +42,7 @@ from noether_dyn.symmetries._graph import (
     source_ref,
     trace_regions,
 )
+from noether_dyn.symmetries.engine import detect, evaluate_loss
 from noether_dyn.symmetries.symmetry import Symmetry
 from noether_dyn.symmetries.verify import verify
 
@@ -57,7 +59,12 @@ def find_symmetries(
 ) -> list[Symmetry]:
     """Find the scale, rescale and translation symmetries of ``loss_fn(model(inputs), targets)``.
 
-    Detection reads the model's dataflow with a torch.fx symbolic trace (see
+    A model that returns anything but a tensor (a tuple, a dict, an HF ``ModelOutput``, whose
+    ``loss`` is then used when no ``loss_fn`` is given) goes to :func:`~noether_dyn.symmetries.
+    engine.detect` (one recorded forward pass, candidates checked in float64; see
+    docs/symmetries.md), and its verified symmetries are returned (without ``targets``, also
+    the logits translations it leaves unverified). For a model returning a tensor, detection
+    reads the model's dataflow with a torch.fx symbolic trace (see
     :mod:`noether_dyn.symmetries._graph` for why fx and what each op counts as). It depends on
     the mode the model is in: a BatchNorm/InstanceNorm in train mode normalizes with batch
     statistics and makes the layer feeding it scale symmetric; in eval mode with running
@@ -84,8 +91,9 @@ def find_symmetries(
         The symmetries, uniquely named ``"<kind>:<module path>"``; ``[]`` if there are none.
 
     Raises:
-        ValueError: ``inputs`` do not run through the model, or ``targets`` come without a
-            ``loss_fn``.
+        ValueError: ``inputs`` do not run through the model, ``targets`` come without a
+            ``loss_fn``, or ``loss_fn`` fails on the outputs and targets or does not return a
+            scalar (it is run once whenever targets are given, candidates or not).
 
     Modules that fx cannot trace (control flow on tensor values) have their own forward code
     skipped: a warning names them, their children are analysed alone, and the ``note`` of each
@@ -96,7 +104,16 @@ def find_symmetries(
             "loss_fn: targets were given without a loss; pass loss_fn=nn.CrossEntropyLoss() "
             "(or your loss) to verify the symmetries, or drop targets for detection only."
         )
-    calls = probe(model, inputs)
+    calls, out = probe(model, inputs)
+    if not isinstance(out, torch.Tensor):
+        found = detect(model, inputs, targets, loss_fn, tol=tol, n_perturb=n_perturb, seed=seed)
+        if found.notes:
+            warnings.warn("find_symmetries: " + "; ".join(found.notes), stacklevel=2)
+        return [s for s in found.symmetries if s.verified or targets is None]
+    if targets is not None:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            evaluate_loss(model, inputs, targets, loss_fn, out)
     regions, skipped = trace_regions(model)
     found = _Finder(model, calls, skipped, numeric=targets is not None)
     for region in regions:

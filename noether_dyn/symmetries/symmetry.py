@@ -42,6 +42,9 @@ class Symmetry:
         defect: the largest measured symmetry defect |<g, xi>| / (|g| |xi|) (dimensionless),
             None when not checked.
         note: free text on how it was found or why it failed.
+        exactness: ``"exact"`` (defect at the level of float rounding), ``"approximate"`` (broken
+            only by a normalization's eps: the defect falls to rounding when eps is shrunk), or
+            ``""`` when not verified.
 
     To declare your own symmetry, build one and pass ``watch(..., symmetries=[...])``::
 
@@ -55,6 +58,7 @@ class Symmetry:
     verified: bool | None = None
     defect: float | None = None
     note: str = field(default="", compare=False)
+    exactness: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

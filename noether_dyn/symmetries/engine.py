@@ -1,0 +1,618 @@
+"""Symmetry detection on any model that runs: candidates from one recorded forward pass, each one
+verified numerically from a few gradients, exact told apart from eps-approximate.
+
+How (docs/symmetries.md has the long form):
+
+1. One forward pass under :func:`noether_dyn.symmetries._trace.trace_flow` records units (modules
+   owning parameters), who reads whose output, which outputs meet in attention scores, and which
+   outputs are summed into streams (residual streams, embeddings summed into a norm).
+2. Candidates, each a signed set of parameter tensors (generator ``sign * q`` for scale/rescale,
+   ``sign * 1`` for translation): every unit alone (scale; its bias or weight alone and all its
+   parameters as translation), every producer with each consumer and with all its consumers
+   (rescale, fan-out), every pair that meets (q/k), every stream's writers (the residual-stream
+   scale), alone and with the last norm or the stream's non-norm readers compensating.
+3. Verification: the gradient of the loss at the real parameters and at ``n_perturb`` seeded
+   random perturbations (one forward+backward each) gives per tensor <g, q>, |g|^2, |q|^2, sum g
+   and numel; the defect |<g, xi>| / (|g_A| |xi|) of every candidate is then a few sums (THEORY.md
+   §3; Kunin et al., "Neural Mechanics", ICLR 2021: a symmetry's generator is orthogonal to the
+   gradient at every point). Candidates above the rounding tolerance are measured again with every
+   normalization's eps shrunk by :data:`EPS_SHRINK` (same points, one more pass each); those
+   within it once more, at the real point only, with eps grown to :data:`EPS_GROWN`.
+4. The rule (one, per dtype): *exact* when defect <= tol (float rounding, :data:`DEFAULT_TOL`)
+   both at the model's eps and with eps grown;
+   *approximate* when the defect is at most ``eps_tol`` and falls to <= tol with eps shrunk (eps is
+   its only cause); dropped otherwise, with the defect and the rule. Among verified candidates, one
+   that is a linear combination of simpler ones already kept is dropped as redundant, so the
+   result is a basis of the symmetries found, simplest first.
+
+Without a loss (no ``loss_fn`` and no ``output.loss``) the check uses a fixed random linear
+function of the outputs: a symmetry of the model's function is one of every loss on it. Logits
+translation is a symmetry of the softmax cross-entropy only, so it comes back unverified
+(``verified=None``), for :mod:`noether_dyn.symmetries.step_check` on the first real training
+steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from noether_dyn.symmetries._calls import Inputs, as_call, call_model
+from noether_dyn.symmetries._candidates import Candidate, propose
+from noether_dyn.symmetries._trace import (
+    NORM_EPS_ATTRIBUTES,
+    Flow,
+    find_units,
+    is_norm,
+    model_loss,
+    output_tensors,
+    trace_flow,
+)
+from noether_dyn.symmetries.symmetry import Symmetry
+from noether_dyn.symmetries.verify import DEFAULT_TOL, EPS_SHRINK
+
+EPS_GROWN = 1.0
+"""Every normalization's eps for the exactness check (or 1e4 times its own, if larger): an eps of
+the order of unit-scale activations. A symmetry within rounding at the model's eps whose defect
+exceeds the tolerance at this eps depends on eps, so it is approximate (exact symmetries do not
+involve eps at all; ViT's eps of 1e-12 hides the dependence at the model's own eps)."""
+
+EPS_TOL = 1e-2
+"""Largest defect accepted for an eps-approximate symmetry (eps breaks it by ~eps/(var + eps))."""
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A candidate that is not reported: its ``defect`` (None when the gradient vanished) and
+    the ``rule`` that dropped it."""
+
+    name: str
+    kind: str
+    params: tuple[str, ...]
+    signs: tuple[float, ...]
+    defect: float | None
+    rule: str
+
+
+@dataclass
+class Detection:
+    """What :func:`detect` found.
+
+    Args:
+        symmetries: the verified symmetries (``verified=True``, ``exactness`` set), then the
+            unverified candidates that need the training loss (``verified=None``).
+        dropped: every candidate not reported, with its defect and the rule.
+        notes: one line per thing the detection could not see (a module never called, a
+            dataflow it could not record).
+        passes: forward+backward passes spent (a forward alone counts 1/2): the trace on the
+            whole batch, the rest on the checked examples in ``check_dtype``. Time ratios
+            against one pass of the batch are measured by ``benchmarks/detection.py``.
+        cached: True when the result came from the cache of a same-structure model.
+    """
+
+    symmetries: list[Symmetry]
+    dropped: list[Dropped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    passes: float = 0.0
+    cached: bool = False
+
+
+_CACHE: dict[Any, Detection] = {}
+_CACHE_SIZE = 32
+
+
+def clear_cache() -> None:
+    """Forget every cached detection."""
+    _CACHE.clear()
+
+
+def detect(
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Any = None,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    *,
+    tol: float | None = None,
+    eps_tol: float = EPS_TOL,
+    n_perturb: int = 1,
+    seed: int = 0,
+    cache: bool = True,
+    check_dtype: torch.dtype | None = torch.float64,
+    max_examples: int | None = 2,
+) -> Detection:
+    """Find and verify the scale, rescale and translation symmetries of the model's loss.
+
+    The loss is ``loss_fn(model(inputs), targets)`` when ``loss_fn`` is given, else the
+    ``loss`` the model returns (HF models given ``labels``), else none (see the module
+    docstring). Costs one forward pass of the batch, then on its first ``max_examples``
+    examples in ``check_dtype``: one forward (the cut batch is tried), ``1 + n_perturb``
+    forward+backward passes, as many again when some candidate is above the rounding tolerance
+    (norm eps), and one for the exactness check of a model with normalizations: 6 with the
+    defaults; a second call on a
+    model of the same structure (class, parameter names, shapes, dtypes, train/eval mode, inputs'
+    shapes, loss) costs one forward pass (the loss is still checked).
+
+    Args:
+        model: any ``nn.Module``; its parameters, buffers and the global RNG state are unchanged.
+        inputs: one batch: a tensor (``model(x)``), a tuple (``model(*args)``), or a mapping of
+            keyword arguments (a dict, an HF ``BatchEncoding``).
+        targets: second argument of ``loss_fn``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``; optional.
+        tol: the rounding tolerance; default :data:`DEFAULT_TOL` of ``check_dtype``.
+        eps_tol: largest defect of an eps-approximate symmetry.
+        n_perturb: perturbed points besides the real parameters (>= 1).
+        seed: seeds the perturbations and every forward's RNG (dropout).
+        cache: use and fill the per-structure cache.
+        check_dtype: dtype of the copy of the model the gradients are taken on (float64 by
+            default: in float32 an attention-mixing candidate can be broken by as little as
+            1e-5 at initialization, as small as the rounding of exact ones); None for the
+            model's own dtype, without a copy.
+        max_examples: the gradients are taken on the first ``max_examples`` examples of the
+            batch (every input tensor, and targets, whose first dimension is the batch size),
+            which keeps the float64 check cheaper than one float32 pass of a large batch; None
+            for the whole batch.
+
+    Raises:
+        ValueError: the inputs do not run through the model, ``targets`` come without
+            ``loss_fn``, or ``loss_fn`` fails or does not return a scalar (checked on every call,
+            also when there is no candidate).
+    """
+    if targets is not None and loss_fn is None:
+        raise ValueError(
+            "loss_fn: targets were given without a loss; pass loss_fn=nn.CrossEntropyLoss() "
+            "(or your loss), or drop targets to use the model's own output.loss."
+        )
+    if n_perturb < 1:
+        raise ValueError(f"n_perturb: must be at least 1, got {n_perturb}.")
+    dtype = _param_dtype(model) if check_dtype is None else check_dtype
+    if tol is None:
+        tol = DEFAULT_TOL.get(dtype, 1e-4)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    key = _structure_key(model, inputs, loss_fn, tol, eps_tol, dtype) if cache else None
+    if key is not None and key in _CACHE:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            evaluate_loss(model, inputs, targets, loss_fn, call_model(model, params, inputs))
+        hit = _CACHE[key]
+        return Detection(list(hit.symmetries), list(hit.dropped), list(hit.notes), 0.5, True)
+
+    notes: list[str] = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        try:
+            live = dict(model.named_parameters())  # the recorder knows parameters by identity
+            flow, out = trace_flow(model, lambda: call_model(model, live, inputs))
+        except Exception as err:  # a model that runs but not under the recorder
+            flow = None
+            notes.append(
+                f"{type(model).__name__}: the dataflow could not be recorded ({type(err).__name__}"
+                f": {str(err)[:120]}); only per-module candidates were tried"
+            )
+            out = _run(model, params, inputs)
+        _, mode = evaluate_loss(model, inputs, targets, loss_fn, out)
+    if flow is None:
+        flow = _flat_flow(model)
+    candidates = propose(flow)
+    head_translations = {
+        c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)
+    }
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    checked, sub_inputs, sub_targets, sub_run = _check_setup(
+        model, inputs, targets, loss_fn, mode, dtype, max_examples, seed
+    )
+    params = {n: p.detach() for n, p in checked.named_parameters()}
+    sub_out = None
+    if mode == "function":  # the projection needs the outputs' shapes on the checked batch
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            sub_out = call_model(checked, params, sub_inputs)
+    loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, sub_out)
+    generator = torch.Generator().manual_seed(seed)
+    points = [params] + [_perturbed(params, 0.1, generator) for _ in range(n_perturb)]
+    stats = _stats(loss_at, points, names, seed)
+    index = {n: i for i, n in enumerate(names)}
+    notes += [
+        f"{path}: no gradient reaches it on this batch (never called, or its output unused), "
+        "so no symmetry acts on its parameters"
+        for path, u in flow.units.items()
+        if u.params and all(float(stats[:, index[n], 1].sum()) == 0.0 for n in u.params)
+    ]
+    passes = 0.5 + (0.5 if sub_run else 0.0) + len(points)
+    real = _defects(candidates, stats, names)
+    above = [i for i, d in enumerate(real) if d is not None and d > tol]
+    shrunk: dict[int, float | None] = {}
+    if above and any(is_norm(m) for m in model.modules()):
+        with _shrunk_eps(checked):
+            stats0 = _stats(loss_at, points, names, seed)
+        passes += len(points)
+        sub = _defects([candidates[i] for i in above], stats0, names)
+        shrunk = dict(zip(above, sub))
+    grown: dict[int, float | None] = {}
+    small = [i for i, d in enumerate(real) if d is not None and d <= tol]
+    if small and any(is_norm(m) for m in model.modules()):
+        with _shrunk_eps(checked, grown=EPS_GROWN):
+            stats1 = _stats(loss_at, points[:1], names, seed)
+        passes += 1
+        grown = dict(zip(small, _defects([candidates[i] for i in small], stats1, names)))
+    kept: list[tuple[Candidate, float, str]] = []
+    dropped: list[Dropped] = []
+    unverified: list[Symmetry] = []
+    for i, c in enumerate(candidates):
+        d = real[i]
+        if d is None:
+            dropped.append(_drop(c, None, "zero gradient on its parameters at every point"))
+        elif d <= tol:
+            g = grown.get(i)
+            kept.append((c, d, "exact" if g is None or g <= tol else "approximate"))
+        elif mode == "function" and c.name in head_translations:
+            unverified.append(
+                Symmetry(
+                    c.name, c.kind, c.params, c.signs,
+                    note=f"{c.why}; needs the training loss: check with gradient_defects",
+                )
+            )  # fmt: skip
+        elif d <= eps_tol and shrunk.get(i) is not None and shrunk[i] <= tol:
+            kept.append((c, d, "approximate"))
+        else:
+            d0 = shrunk.get(i)
+            rule = (
+                f"defect {d:.1e} > tol {tol:.0e} (float rounding)"
+                + (f" and {d0:.1e} > tol with norm eps x{EPS_SHRINK:.0e}" if d0 is not None else "")
+                + (f", or > eps_tol {eps_tol:.0e}" if d0 is not None and d0 <= tol else "")
+            )
+            dropped.append(_drop(c, d, rule))
+    symmetries, redundant = _basis(kept, names, tol, eps_tol)
+    dropped += redundant
+    result = Detection(symmetries + unverified, dropped, notes, passes)
+    if key is not None:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = result
+    return result
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _check_setup(
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Any,
+    loss_fn: Callable | None,
+    mode: str,
+    dtype: torch.dtype,
+    max_examples: int | None,
+    seed: int,
+) -> tuple[nn.Module, Inputs, Any, bool]:
+    """The model, inputs and targets the gradients are taken on, and whether a trial forward
+    pass on the cut batch was run."""
+    checked = model
+    if dtype != _param_dtype(model):
+        checked = copy.deepcopy(model).to(dtype)
+    args, kwargs = as_call(inputs)
+    first = next((t for t in _flat(args, kwargs) if t.ndim > 0), None)
+    size = first.shape[0] if first is not None else 0
+    keep = size if max_examples is None or size <= max_examples else max_examples
+    if any(_batch_coupled(m) for m in model.modules()):
+        keep = size  # batch statistics: a cut batch is another function (degenerate at 2 rows)
+    keep_first = keep
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            if v.ndim > 0 and v.shape[0] == size:
+                v = v[:keep]
+            return v.to(dtype) if v.is_floating_point() else v
+        if isinstance(v, tuple | list):
+            return type(v)(cut(x) for x in v)
+        if isinstance(v, Mapping):
+            return {k: cut(x) for k, x in v.items()}
+        return v
+
+    sub = cut(inputs) if not isinstance(inputs, Mapping) else cut(dict(inputs))
+    sub_targets = cut(targets)
+    if keep < size:
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                out = call_model(checked, dict(checked.named_parameters()), sub)
+                evaluate_loss(checked, sub, sub_targets, loss_fn, out)
+        except Exception:  # the batch does not split along its first dimension
+            keep = size
+            sub = cut(inputs) if not isinstance(inputs, Mapping) else cut(dict(inputs))
+            sub_targets = cut(targets)
+    return checked, sub, sub_targets, size > keep_first
+
+
+def _batch_coupled(module: nn.Module) -> bool:
+    """A BatchNorm1d normalizing with batch statistics: over (N,) or (N, L) values per
+    channel, which a cut batch of 2 examples makes degenerate (outputs +-1)."""
+    return isinstance(module, nn.BatchNorm1d) and (module.training or module.running_mean is None)
+
+
+def _flat(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+
+
+def _drop(c: Candidate, d: float | None, rule: str) -> Dropped:
+    return Dropped(c.name, c.kind, c.params, c.signs, d, rule)
+
+
+def _run(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inputs) -> Any:
+    try:
+        return call_model(model, params, inputs)
+    except Exception as err:
+        raise ValueError(
+            f"inputs: the model failed on the given inputs with {type(err).__name__}: {err}. "
+            "Pass one batch the model accepts: a tensor, a tuple of positional arguments or a "
+            "dict / BatchEncoding of keyword arguments."
+        ) from err
+
+
+def evaluate_loss(
+    model: nn.Module, inputs: Inputs, targets: Any, loss_fn: Callable | None, out: Any
+) -> tuple[torch.Tensor | None, str]:
+    """The loss on the model's output ``out`` and where it comes from: ``"fn"`` (``loss_fn``),
+    ``"model"`` (the ``loss`` the model returned) or ``"function"`` (none: the value is None).
+
+    Raises:
+        ValueError: naming ``loss_fn`` when it fails or does not return a scalar tensor.
+    """
+    if loss_fn is not None:
+        try:
+            value = loss_fn(out, targets)
+        except Exception as err:
+            raise ValueError(
+                f"loss_fn: loss_fn(outputs, targets) raised {type(err).__name__}: {err}. The model "
+                f"returns {type(out).__name__}; pass a loss that takes it and the targets "
+                "(e.g. lambda out, y: F.cross_entropy(out.logits, y)), or no loss_fn to use the "
+                "model's own output.loss."
+            ) from err
+        if not isinstance(value, torch.Tensor) or value.ndim != 0:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"loss_fn: must return a scalar tensor, got {got}; use reduction='mean' or 'sum'."
+            )
+        return value, "fn"
+    value = model_loss(out)
+    if value is not None:
+        return value, "model"
+    return None, "function"
+
+
+def _loss_function(
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Any,
+    loss_fn: Callable | None,
+    mode: str,
+    out: Any,
+) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """The scalar whose gradients verify the candidates, as a function of the parameters."""
+    if mode == "fn":
+        return lambda q: loss_fn(call_model(model, q, inputs), targets)
+    if mode == "model":
+        return lambda q: model_loss(call_model(model, q, inputs))
+    g = torch.Generator().manual_seed(12345)
+    weights = [
+        torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) / math.sqrt(max(t.numel(), 1))
+        for t in output_tensors(out)
+    ]
+    if not weights:
+        raise ValueError(
+            "inputs: the model returns no floating tensor, so nothing can be checked; pass "
+            "loss_fn= (and targets=) or inputs that make it return its logits or loss."
+        )
+
+    def projected(q: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        outs = output_tensors(call_model(model, q, inputs))
+        return sum((w * t).sum() for w, t in zip(weights, outs))
+
+    return projected
+
+
+_STATS = 5  # <g, q>, |g|^2, |q|^2, sum g, numel
+
+
+def _stats(
+    loss_at: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+    points: Sequence[Mapping[str, torch.Tensor]],
+    names: list[str],
+    seed: int,
+) -> torch.Tensor:
+    """(points, tensors, 5) float64: per tensor <g, q>, |g|^2, |q|^2, sum(g), numel."""
+    out = torch.zeros(len(points), len(names), _STATS, dtype=torch.float64)
+    index = {n: i for i, n in enumerate(names)}
+    for k, point in enumerate(points):
+        leaves = {
+            n: (t.detach().requires_grad_() if n in index and t.is_floating_point() else t)
+            for n, t in point.items()
+        }
+        wanted = [n for n in names if leaves[n].requires_grad]
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(seed)
+            loss = loss_at(leaves)
+            grads = torch.autograd.grad(loss, [leaves[n] for n in wanted], allow_unused=True)
+        with torch.no_grad():
+            rows = []
+            for n, g in zip(wanted, grads):
+                q = leaves[n].detach().reshape(-1).double()
+                g = torch.zeros_like(q) if g is None else g.reshape(-1).double()
+                rows.append(
+                    torch.stack([g @ q, g @ g, q @ q, g.sum(), q.new_tensor(float(q.numel()))])
+                )
+            if rows:
+                out[k, [index[n] for n in wanted]] = torch.stack(rows).cpu()
+    return out
+
+
+def _perturbed(
+    params: Mapping[str, torch.Tensor], scale: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """q + scale * rms(q) * N(0, 1) per floating tensor (absolute ``scale`` for an all-zero
+    tensor), the noise drawn in float32 on the CPU from ``generator`` (any generic point
+    will do; float64 draws cost twice as much)."""
+    out = {}
+    for name, q in params.items():
+        if not q.is_floating_point() or q.numel() == 0:
+            out[name] = q
+            continue
+        rms = float(torch.linalg.vector_norm(q)) / math.sqrt(q.numel())
+        noise = torch.randn(q.shape, generator=generator).to(q.device, q.dtype)
+        out[name] = q + scale * (rms if rms > 0 else 1.0) * noise
+    return out
+
+
+def _defects(
+    candidates: Sequence[Candidate], stats: torch.Tensor, names: list[str]
+) -> list[float | None]:
+    """The largest defect of each candidate over the points with a nonzero gradient on it."""
+    if not candidates:
+        return []
+    index = {n: i for i, n in enumerate(names)}
+    coef = torch.zeros(len(candidates), len(names), dtype=torch.float64)
+    for j, c in enumerate(candidates):
+        for n, s in zip(c.params, c.signs):
+            coef[j, index[n]] = s
+    support = coef.abs()
+    translation = torch.tensor([c.kind == "translation" for c in candidates])
+    dot = torch.where(translation[:, None], coef @ stats[..., 3].T, coef @ stats[..., 0].T)
+    gg = support @ stats[..., 1].T
+    xx = torch.where(translation[:, None], support @ stats[..., 4].T, support @ stats[..., 2].T)
+    ratio = dot.abs() / (gg * xx).sqrt()
+    ratio = torch.where((gg > 0) & (xx > 0), ratio, torch.nan)
+    out: list[float | None] = []
+    for row in ratio:
+        valid = row[~row.isnan()]
+        out.append(float(valid.max()) if valid.numel() else None)
+    return out
+
+
+@contextmanager
+def _shrunk_eps(
+    model: nn.Module, factor: float = EPS_SHRINK, grown: float | None = None
+) -> Iterator[None]:
+    """Every normalization's eps multiplied by ``factor``, or with ``grown`` set to
+    max(grown, 1e4 eps), for the duration (restored after)."""
+    saved = []
+    try:
+        for m in model.modules():
+            if not is_norm(m):
+                continue
+            for attr in NORM_EPS_ATTRIBUTES:
+                if hasattr(m, attr) and (attr == "eps" or isinstance(getattr(m, attr), float)):
+                    old = getattr(m, attr)
+                    if old is None:  # nn.RMSNorm: the dtype's machine eps
+                        dtype = next((p.dtype for p in m.parameters()), torch.float32)
+                        base = torch.finfo(dtype).eps
+                    elif isinstance(old, float | int):
+                        base = float(old)
+                    else:
+                        continue
+                    new = base * factor if grown is None else max(grown, 1e4 * base)
+                    saved.append((m, attr, old))
+                    setattr(m, attr, new)
+        yield
+    finally:
+        for m, attr, old in saved:
+            setattr(m, attr, old)
+
+
+def _basis(
+    kept: list[tuple[Candidate, float, str]], names: list[str], tol: float, eps_tol: float
+) -> tuple[list[Symmetry], list[Dropped]]:
+    """Keep the verified candidates that are linearly independent of the simpler ones kept
+    before them (fewest tensors first, exact before approximate); the others are redundant."""
+    index = {n: i for i, n in enumerate(names)}
+    order = sorted(
+        range(len(kept)),
+        key=lambda j: (len(kept[j][0].params), kept[j][2] != "exact", j),
+    )
+    bases: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    chosen: list[int] = []
+    dropped: list[Dropped] = []
+    for j in order:
+        c, d, exactness = kept[j]
+        v = torch.zeros(len(names), dtype=torch.float64)
+        for n, s in zip(c.params, c.signs):
+            v[index[n]] = s
+        basis = bases[c.kind == "translation"]
+        r = v.clone()
+        for b in basis:
+            r -= (r @ b) * b
+        if r.norm() <= 1e-9 * v.norm():
+            dropped.append(
+                _drop(c, d, "redundant: a linear combination of simpler symmetries reported")
+            )
+            continue
+        basis.append(r / r.norm())
+        chosen.append(j)
+    out = []
+    for j in sorted(chosen):
+        c, d, exactness = kept[j]
+        bound = f"<= tol {tol:.0e}" if exactness == "exact" else f"<= eps_tol {eps_tol:.0e}"
+        note = f"{c.why}; verified {exactness}: defect {d:.1e} {bound}"
+        out.append(
+            Symmetry(c.name, c.kind, c.params, c.signs, True, d, note=note, exactness=exactness)
+        )
+    return out, dropped
+
+
+def _is_loose(flow: Flow, path: str) -> bool:
+    return flow.units[path].params == (path,)
+
+
+def _is_head(flow: Flow, c: Candidate) -> bool:
+    return flow.head is not None and set(c.params) <= set(flow.units[flow.head].params)
+
+
+def _flat_flow(model: nn.Module) -> Flow:
+    units, _, _ = find_units(model)
+    calls = {p: 1 for p in units}
+    return Flow(units, {}, set(), [], None, [], calls)
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("t", tuple(value.shape), value.dtype, str(value.device))
+    if isinstance(value, tuple | list):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    return type(value).__name__
+
+
+def _loss_identity(loss_fn: Any) -> Any:
+    """Same for the same loss: a module loss by its type and settings (its repr), a function by
+    its code object (one lambda re-created per call is the same loss; two lambdas are not)."""
+    if loss_fn is None:
+        return None
+    if isinstance(loss_fn, nn.Module):
+        return type(loss_fn).__qualname__, repr(loss_fn)
+    code = getattr(loss_fn, "__code__", None)
+    return type(loss_fn).__qualname__, id(code) if code is not None else id(loss_fn)
+
+
+def _structure_key(
+    model: nn.Module, inputs: Inputs, loss_fn: Any, tol: float, eps_tol: float, dtype: Any
+) -> Any:
+    args, kwargs = as_call(inputs)
+    return (
+        type(model).__module__,
+        type(model).__qualname__,
+        tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in model.named_parameters()),
+        tuple(m.training for m in model.modules()),
+        _signature(args),
+        _signature(kwargs),
+        _loss_identity(loss_fn),
+        tol,
+        eps_tol,
+        dtype,
+    )
