@@ -23,10 +23,14 @@ from noether_dyn.symmetries.symmetry import Symmetry
 Tensors = dict[str, torch.Tensor]
 
 
-def signed_dot(sym: Symmetry, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+def signed_dot(
+    sym: Symmetry, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
+) -> float:
     """``<a, b>_S = sum_A s_A <a_A, b_A>`` over the symmetry's tensors (float64 host float)."""
     return float(
-        sum(s * torch.dot(a[n].reshape(-1), b[n].reshape(-1)) for n, s in zip(sym.params, sym.signs))
+        sum(
+            s * torch.dot(a[n].reshape(-1), b[n].reshape(-1)) for n, s in zip(sym.params, sym.signs)
+        )
     )
 
 

@@ -6,11 +6,11 @@ Identities and tolerances:
 
 * MomentumPredictor rolls Q forward with the measured |dq|^2 (and <dq, b>_S for Nesterov). The
   recurrence is an identity of torch's update given <q, g>_S = 0, which holds here to rounding
-  (eps = 1e-30 makes BatchNorm scale invariant to far below rounding; ReLU and softmax are exact). Both Q's are
-  sums of O(100) float64 products of size ~|Q|, rounded each step: after N = 60 steps the
-  accumulated error is ~ N * 100 * u * |Q| ~ 1e-12 |Q|; we require 1e-11 relative to
-  max(|Q|, |x_0|) (translation charges start near 0, so they are compared to the scale of the
-  head's entries' sums, max|Q_k| over the run).
+  (eps = 1e-30 makes BatchNorm scale invariant to far below rounding; ReLU and softmax are
+  exact). Both Q's are sums of O(100) float64 products of size ~|Q|, rounded each step: after
+  N = 60 steps the accumulated error is ~ N * 100 * u * |Q| ~ 1e-12 |Q|; we require 1e-11
+  relative to max_k |Q_k| over the run (translation charges start near 0, so they are compared
+  to the largest value they reach).
 * DecayShare: dq = E (decay part) + the gradient part, rebuilt here independently from the
   recorded gradients; elementwise the difference is the rounding of q_{n+1} (u |q| ~ 1e-16 |q|),
   required below 1e-13 max|q|. The charge closes: Q_{n+1} - Q_n = decay + rule + ksb to 1e-12
