@@ -75,7 +75,7 @@ def test_attention_head_bilinear_identity() -> None:
     att = torch.softmax((x @ wq.T) @ (x @ wk.T).T / 3**0.5, dim=-1)
     (att @ v).square().sum().backward()
     ident = wq.grad @ wq.detach().T - wk.detach() @ wk.grad.T
-    assert float(ident.norm()) <= 1e-13 * float(wq.grad.norm() * wq.norm())
+    assert float(ident.norm()) <= 1e-13 * float(wq.grad.norm() * wq.detach().norm())
 
 
 def test_entries_are_independent() -> None:
