@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis import matrix_charges as study  # noqa: E402
 from noether_dyn.quantities.matrix_charges import (  # noqa: E402
+    attention_head_pairs,
     composed_pair,
     gd_prediction,
     gl_charge,
@@ -78,6 +79,41 @@ def test_attention_head_bilinear_identity() -> None:
     assert float(ident.norm()) <= 1e-13 * float(wq.grad.norm() * wq.detach().norm())
 
 
+def test_hugging_face_bert_attention_heads() -> None:
+    """A tiny BERT built from a config (random weights, no download): per head, both GL
+    symmetries' gradient identities hold to rounding (1e-13) for a loss through the whole
+    encoder layer (LayerNorm, GELU, residuals: only the head's bilinear forms matter)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).double()
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids).last_hidden_state.square().sum().backward()
+    att = model.encoder.layer[0].attention
+    lin = (att.self.query, att.self.key, att.self.value)
+    values = attention_head_pairs(
+        *((m.weight.detach(), m.bias.detach()) for m in lin), att.output.dense.weight.detach(), 2
+    )
+    grads = attention_head_pairs(
+        *((m.weight.grad, m.bias.grad) for m in lin), att.output.dense.weight.grad, 2
+    )
+    for head, ghead in zip(values, grads):
+        for kind in ("qk", "vo"):
+            (left, right), (gl_, gr_) = head[kind], ghead[kind]
+            ident = gl_ @ left.T - right @ gr_.T
+            assert float(ident.norm()) <= 1e-13 * float(gl_.norm() * left.norm()), kind
+            assert float(gl_.norm()) > 0
+
+
 def test_entries_are_independent() -> None:
     model = study.net()
     w1, b1, w2 = (p.detach() for p in (model[0].weight, model[0].bias, model[1].weight))
@@ -109,5 +145,13 @@ def test_small_step_conservation_scaling() -> None:
 def test_errors() -> None:
     with pytest.raises(ValueError, match="shared width"):
         composed_pair(torch.ones(3, 2), torch.ones(4, 5))
+    with pytest.raises(ValueError, match="n_heads"):
+        attention_head_pairs(
+            (torch.ones(6, 4), None),
+            (torch.ones(6, 4), None),
+            (torch.ones(6, 4), None),
+            torch.ones(4, 6),
+            4,
+        )
     with pytest.raises(ValueError, match="share dim 0"):
         gl_charge(torch.ones(3, 2), torch.ones(4, 2))

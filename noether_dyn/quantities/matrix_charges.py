@@ -58,6 +58,43 @@ def composed_pair(
     return left, w2.T
 
 
+def attention_head_pairs(
+    query: tuple[torch.Tensor, torch.Tensor | None],
+    key: tuple[torch.Tensor, torch.Tensor | None],
+    value: tuple[torch.Tensor, torch.Tensor | None],
+    output_weight: torch.Tensor,
+    n_heads: int,
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per head, the (L, R) pairs of its two GL(d_head) symmetries: ``"qk"`` (``L = [W_Q, b_Q]``,
+    ``R = [W_K, b_K]`` restricted to the head's rows; biases ride on the input's constant 1)
+    and ``"vo"`` (``L = [W_V, b_V]`` rows, ``R = W_O[:, head]^T``; softmax rows sum to 1, so
+    b_V passes through attention unchanged). Separate query/key/value Linear layers of
+    width ``n_heads * d_head`` (torch layout), heads contiguous, e.g. Hugging Face BERT's.
+
+    Args:
+        query, key, value: (weight (H, d_model), bias (H,) or None), H = n_heads * d_head.
+        output_weight: (d_model, H), the output projection's weight.
+        n_heads: number of heads; must divide H.
+    """
+    width = query[0].shape[0]
+    if width % n_heads:
+        raise ValueError(f"n_heads={n_heads} does not divide the projection width {width}.")
+    d = width // n_heads
+
+    def rows(wb: tuple[torch.Tensor, torch.Tensor | None], h: int) -> torch.Tensor:
+        w, b = wb
+        part = w[h * d : (h + 1) * d]
+        return part if b is None else torch.cat([part, b[h * d : (h + 1) * d, None]], dim=1)
+
+    return [
+        {
+            "qk": (rows(query, h), rows(key, h)),
+            "vo": (rows(value, h), output_weight[:, h * d : (h + 1) * d].T),
+        }
+        for h in range(n_heads)
+    ]
+
+
 def gl_charge(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """C = L L^T - R R^T, (n, n) symmetric, in float64."""
     if left.shape[0] != right.shape[0]:
