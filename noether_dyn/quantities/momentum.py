@@ -252,17 +252,24 @@ class DecayShare:
             return torch._foreach_mul(params, -lr * weight_decay)
         if fam == "sgd":
             w = weight_decay if self.acc is None else (1.0 - dampening) * weight_decay
-            inc = torch._foreach_mul(params, w)
         elif fam == "adam":
-            inc = torch._foreach_mul(params, (1.0 - momentum) * weight_decay)
+            w = (1.0 - momentum) * weight_decay
         else:  # rmsprop with momentum: the buffer accumulates u / D
-            inc = torch._foreach_div(params, metric)
-            torch._foreach_mul_(inc, weight_decay)
+            w = weight_decay
+        # A <- mu A + w q (rmsprop: + w q / D), in place after the first step
         if self.acc is None:
-            self.acc = inc
+            self.acc = (
+                torch._foreach_div(params, metric)
+                if fam == "rmsprop"
+                else list(map(torch.clone, params))
+            )
+            torch._foreach_mul_(self.acc, w)
         else:
             torch._foreach_mul_(self.acc, momentum)
-            torch._foreach_add_(self.acc, inc)
+            if fam == "rmsprop":
+                torch._foreach_addcdiv_(self.acc, params, metric, w)
+            else:
+                torch._foreach_add_(self.acc, params, alpha=w)
         if fam == "adam":
             out = torch._foreach_div(self.acc, metric)
             torch._foreach_mul_(out, -lr / (1.0 - momentum**step))
