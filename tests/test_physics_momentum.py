@@ -279,3 +279,17 @@ def test_decoupled_and_errors() -> None:
         DecayShare("adam").step(q, lr=0.1, weight_decay=0.5, momentum=0.9)
     with pytest.raises(ValueError, match="family"):
         DecayShare("lion")
+
+
+def test_decay_share_benchmark_wiring() -> None:
+    """benchmarks/decay_share.py runs and reports the accumulator's memory: exactly one copy of
+    the parameters (its timings are the script's business, not this test's)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decay_share.py"
+    spec = importlib.util.spec_from_file_location("decay_share_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--steps", "2"])
+    assert [r["family"] for r in rows] == ["sgd", "adam"]
+    assert all(r["acc/params"] == 1.0 and r["step_ms"] > 0 for r in rows)
