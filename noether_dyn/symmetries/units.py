@@ -178,15 +178,32 @@ class UnitCharges:
     def __call__(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(n_units,) float64 charges: quadratic (scale, rescale) or linear (translation);
         differentiable in ``params`` (pass detached tensors for plain values)."""
-        quad, lin = [], []
-        for name, dim in self.keys:
-            q = params[name].to(torch.float64)
-            if dim is None:
-                quad.append(q.square().sum().reshape(1))
-                lin.append(q.sum().reshape(1))
-            else:
-                other = [d for d in range(q.dim()) if d != dim]
-                quad.append(q.square().sum(other) if other else q.square())
-                lin.append(q.sum(other) if other else q)
-        s = self.signs.to(quad[0].device) if quad else self.signs
-        return torch.where(self.linear.to(s.device), s @ torch.cat(lin), s @ torch.cat(quad))
+        return torch.where(self._linear(params), self.sums(params), self.inner(params, params))
+
+    def inner(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(n_units,) signed inner products ``<a, b>_S`` over each unit's slices, e.g.
+        ``inner(q, dq)`` and ``inner(dq, dq)`` for the per-unit split
+        ``Q_{n+1} - Q_n = 2 <q, dq>_S + |dq|^2_S``."""
+        return self.signs.to(self._device(a)) @ torch.cat(
+            [self._reduce(a[n].to(torch.float64) * b[n].to(torch.float64), d) for n, d in self.keys]
+        )
+
+    def sums(self, a: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(n_units,) signed sums ``<a, 1>_S`` over each unit's slices (translation charges and
+        their changes)."""
+        return self.signs.to(self._device(a)) @ torch.cat(
+            [self._reduce(a[n].to(torch.float64), d) for n, d in self.keys]
+        )
+
+    @staticmethod
+    def _reduce(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+        if dim is None:
+            return t.sum().reshape(1)
+        other = [d for d in range(t.dim()) if d != dim]
+        return t.sum(other) if other else t
+
+    def _device(self, a: Mapping[str, torch.Tensor]) -> torch.device:
+        return a[self.keys[0][0]].device if self.keys else self.signs.device
+
+    def _linear(self, a: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear.to(self._device(a))
