@@ -6,9 +6,9 @@ Checks and tolerances:
 
 * Scaling the weight by 4: the direction turns 4x slower under Adam and 16x slower under SGD with
   momentum, and ``effective_rate`` predicts the same ratio. Measured on the mean angle of the
-  first 10 steps over 3 seeds: Adam 3.995-4.044, SGD 15.81-16.21 (the copies' directions drift
-  apart by O(angle) per step, which is the spread); the band is 5% (~4x the largest deviation
-  seen). A wrong exponent (4 vs 16) misses by 300%.
+  first 10 steps over 3 seeds: Adam 3.995-4.044, RMSprop 3.996-4.010, Adagrad 3.996-4.010, SGD
+  15.81-16.21 (the copies' directions drift apart by O(angle) per step, which is the spread);
+  the band is 5% (~4x the largest deviation seen). A wrong exponent (4 vs 16) misses by 300%.
 * First step, exact: under SGD dq = -eta g with g orthogonal to q (BatchNorm eps = 1e-30, so no
   defect; with eps = 1e-5 the defect ~1e-6 moved the angle by 5e-9), so the angle is
   atan(eta_eff r |g|) to 1e-9 relative (the measured angle comes from |a|^2|b|^2 - <a,b>^2,
@@ -49,11 +49,12 @@ def _angles(family: str, factor: float, seed: int, steps: int = 10, bn_eps: floa
     with torch.no_grad():
         model.fc1.weight.mul_(factor)
     p = model.fc1.weight
-    opt = (
-        torch.optim.Adam([p], lr=1e-3)
-        if family == "adam"
-        else torch.optim.SGD([p], lr=1e-2, momentum=0.9)
-    )
+    opt = {
+        "adam": lambda: torch.optim.Adam([p], lr=1e-3),
+        "sgd": lambda: torch.optim.SGD([p], lr=1e-2, momentum=0.9),
+        "rmsprop": lambda: torch.optim.RMSprop([p], lr=1e-4),
+        "adagrad": lambda: torch.optim.Adagrad([p], lr=1e-3),
+    }[family]()
     out: list[tuple[float, float, float]] = []
 
     def on_step(st: Step) -> None:
@@ -64,7 +65,10 @@ def _angles(family: str, factor: float, seed: int, steps: int = 10, bn_eps: floa
     return out
 
 
-@pytest.mark.parametrize("family,lr,beta", [("adam", 1e-3, 0.9), ("sgd", 1e-2, 0.9)])
+@pytest.mark.parametrize(
+    "family,lr,beta",
+    [("adam", 1e-3, 0.9), ("sgd", 1e-2, 0.9), ("rmsprop", 1e-4, 0.0), ("adagrad", 1e-3, 0.0)],
+)
 def test_scaling_by_four(family: str, lr: float, beta: float) -> None:
     predicted = float(
         effective_rate(family, lr, 1.0, beta) / effective_rate(family, lr, 16.0, beta)
