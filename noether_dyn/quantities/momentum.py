@@ -37,14 +37,14 @@ rescales the carried step; rho_0 = 0) and ``c_n = (1 - d_n) eta_n lambda_n``:
     Q_{n+1} = (1 + rho_n - 2 c_n) Q_n - rho_n Q_{n-1} + D_n + rho_n D_{n-1}
     x_{n+1} = (1 + rho_n - c_n) x_n - rho_n x_{n-1}
 
-(For constant eta, beta, lambda and d = 0 this is exactly the issue's recurrence.) With Nesterov
+(For constant eta, beta, lambda and d = 0 this is THEORY §3.2b's recurrence.) With Nesterov
 dq is not a multiple of b, so X_n = <dq_n, b_n>_S is one extra measured per-tensor statistic
 (no extra memory); translation needs none.
 
 What holds exactly: every line above is an algebraic identity of torch's update given
 ``<q_n, g_n>_S = 0``. Rolled forward with the measured D (and X), the predicted Q differs from
 the measured one only by the accumulated symmetry defect (BatchNorm's eps, softmax rounding) and
-float rounding. Before the first step the buffer must be empty (``start(fresh=True)``);
+float rounding. Before the first step the buffer must be empty (``start(charge)``);
 resuming with a filled buffer needs the measured ``<q_0, b_{-1}>_S`` (``start(..., carried=...)``).
 
 Weight decay's true share (THEORY §3.1)
