@@ -111,6 +111,10 @@ def test_predictor_without_start_raises() -> None:
     pred = MomentumPredictor(torch.tensor([False]))
     with pytest.raises(RuntimeError, match="start"):
         pred.advance(*(torch.ones(1),) * 4)
+    nest = MomentumPredictor(torch.tensor([False]), torch.tensor([True]))
+    nest.start(torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="buffer_cross"):
+        nest.advance(*(torch.ones(1, dtype=torch.float64),) * 4)
 
 
 def test_two_step_form_equals_state_form() -> None:

@@ -107,6 +107,7 @@ class MomentumPredictor:
                 f"nesterov has shape {tuple(self.nesterov.shape)}, translation "
                 f"{tuple(self.translation.shape)}: give one flag per symmetry."
             )
+        self.needs_cross = bool((self.nesterov & ~self.translation).any())  # host, once
         self.value: torch.Tensor | None = None
         self.carry: torch.Tensor | None = None
         self.cross: torch.Tensor | None = None
@@ -142,33 +143,59 @@ class MomentumPredictor:
         """
         if self.value is None:
             raise RuntimeError("MomentumPredictor.advance before start(): call start(Q_0) first.")
-        q = self.value
-        trans = self.translation
-        d = torch.zeros_like(q) if dampening is None else dampening.to(torch.float64)
-        if self.fresh:
-            d = torch.zeros_like(q)
-            inherited = torch.zeros_like(q)
-        else:
-            inherited = beta * (self.carry + self.cross)
-        r = inherited + (1.0 - d) * lam * q
-        first = torch.where(self.nesterov, lam * q + beta * r, r)
-        dsq = torch.where(trans, torch.zeros_like(q), update_sq.to(torch.float64))
-        nxt = torch.where(trans, q - eta * first, q - 2.0 * eta * first + dsq)
-        if self.nesterov.any():
-            if buffer_cross is None and bool((self.nesterov & ~trans).any()):
-                raise ValueError(
-                    "buffer_cross is required for Nesterov quadratic charges: pass the measured "
-                    "<dq_n, b_n>_S per symmetry."
-                )
-            nest_cross = torch.zeros_like(q) if buffer_cross is None else buffer_cross
-        else:
-            nest_cross = torch.zeros_like(q)
-        cross = torch.where(self.nesterov, nest_cross.to(torch.float64), -dsq / eta)
-        self.cross = torch.where(trans, torch.zeros_like(q), cross)
-        self.carry = r
-        self.value = nxt
+        if buffer_cross is None and self.needs_cross:
+            raise ValueError(
+                "buffer_cross is required for Nesterov quadratic charges: pass the measured "
+                "<dq_n, b_n>_S per symmetry."
+            )
+        self.value, self.carry, self.cross = momentum_step(
+            (self.value, self.carry, self.cross),
+            (eta, beta, lam, dampening),
+            update_sq,
+            buffer_cross,
+            self.translation,
+            self.nesterov,
+            self.fresh,
+        )
         self.fresh = False
-        return nxt
+        return self.value
+
+
+def momentum_step(
+    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    hyper: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    update_sq: torch.Tensor,
+    buffer_cross: torch.Tensor | None,
+    translation: torch.Tensor,
+    nesterov: torch.Tensor,
+    fresh: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of :class:`MomentumPredictor` as a pure function of (n_symmetries,) tensors
+    (no host read: it can run inside a compiled per-step program).
+
+    Args:
+        state: (Q_n, R_{n-1}, X_{n-1}). hyper: (eta, beta, lambda, dampening or None).
+        update_sq: measured D_n. buffer_cross: measured X_n (Nesterov) or None.
+        translation, nesterov: bool masks. fresh: True on the optimizer's first step.
+
+    Returns:
+        (Q_{n+1}, R_n, X_n).
+    """
+    q, carry, cross = state
+    eta, beta, lam, dampening = hyper
+    zeros = torch.zeros_like(q)
+    if fresh:
+        d, inherited = zeros, zeros
+    else:
+        d = zeros if dampening is None else dampening.to(torch.float64)
+        inherited = beta * (carry + cross)
+    r = inherited + (1.0 - d) * lam * q
+    first = torch.where(nesterov, lam * q + beta * r, r)
+    dsq = torch.where(translation, zeros, update_sq.to(torch.float64))
+    nxt = torch.where(translation, q - eta * first, q - 2.0 * eta * first + dsq)
+    nest_cross = zeros if buffer_cross is None else buffer_cross.to(torch.float64)
+    new_cross = torch.where(translation, zeros, torch.where(nesterov, nest_cross, -dsq / eta))
+    return nxt, r, new_cross
 
 
 def two_step_prediction(
