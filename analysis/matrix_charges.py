@@ -1,0 +1,168 @@
+"""Matrix-valued charges of a two-layer linear network: conservation under small-step gradient
+descent, and how weight decay, momentum and Adam break it (noether_dyn.quantities.matrix_charges).
+
+``y = W2 (W1 x + b1) + b2`` with W1: 5 x 6, W2: 4 x 5 (width n = 5: 15 independent entries of
+C = W1 W1^T + b1 b1^T - W2^T W2), full-batch mean squared error on 128 fixed float64 samples
+(deterministic, so every run is exactly reproducible).
+
+Table ``scaling``: gradient descent without decay for 100 steps at eta = 1e-2 ... 1e-7. Per
+step the charge moves only by its kinetic term eta^2 (G_L G_L^T - G_R G_R^T), so the relative
+drift |C_N - C_0|_F / |C_0|_F falls as eta^2 (slope 2.00 on log-log from eta = 1e-4 down):
+5.6e-10 at eta = 1e-6 and 5.6e-12 at eta = 1e-7, with the first-order part at rounding
+(1e-15) at every eta. ``pred_residual`` is the largest |C_n - C_pred,n|_F / |C_0|_F of
+the exact matrix prediction ``C_{n+1} = (1 - eta lambda)^2 C_n + eta^2 (G_L G_L^T -
+G_R G_R^T)`` rolled from C_0 (rounding level at every eta).
+
+Table ``breaking`` (eta as given, 100 steps): the summed first-order and kinetic parts of the
+change (Frobenius norms relative to |C_0|_F) and the closure error of the exact split. Decay
+breaks at first order (-2 eta lambda C), momentum through its buffer (old gradients are not
+orthogonal to the new L, R), Adam through its preconditioner.
+
+Run: ``python analysis/matrix_charges.py [--quick] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis._physics import parser, write_table  # noqa: E402
+from noether_dyn.quantities.matrix_charges import (  # noqa: E402
+    composed_pair,
+    gd_prediction,
+    gl_charge,
+    gl_split,
+)
+
+
+def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, 6, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(6, 4, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(
+        128, 4, generator=gen, dtype=torch.float64
+    )
+    return x, y
+
+
+def net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).double()
+
+
+def pair(model: nn.Sequential, grads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    first, second = model[0], model[1]
+    """(L, R) of the values (copies: the optimizer updates the parameters in place) or grads."""
+    if grads:
+        return composed_pair(first.weight.grad, second.weight.grad.clone(), first.bias.grad)
+    return composed_pair(first.weight.detach(), second.weight.detach().clone(), first.bias.detach())
+
+
+def train(make_opt, steps: int, predict: tuple[float, float] | None = None) -> dict:
+    """Run full-batch training; return drift, split sums, closure and prediction residual."""
+    model = net()
+    x, y = data()
+    opt = make_opt(model.parameters())
+    c0 = gl_charge(*pair(model))
+    scale = float(c0.norm())
+    first_sum = torch.zeros_like(c0)
+    ksb_sum = torch.zeros_like(c0)
+    closure = 0.0
+    pred, pred_res = c0.clone(), 0.0
+    for _ in range(steps):
+        left, right = pair(model)
+        c = gl_charge(left, right)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        gl_, gr_ = pair(model, grads=True)
+        opt.step()
+        left1, right1 = pair(model)
+        c1 = gl_charge(left1, right1)
+        first, ksb = gl_split(left, right, left1 - left, right1 - right)
+        closure = max(closure, float((c1 - c - first - ksb).norm()) / scale)
+        first_sum += first
+        ksb_sum += ksb
+        if predict is not None:
+            pred = gd_prediction(pred, gl_, gr_, *predict)
+            pred_res = max(pred_res, float((pred - c1).norm()) / scale)
+    c_end = gl_charge(*pair(model))
+    return {
+        "rel_drift": float((c_end - c0).norm()) / scale,
+        "first_order": float(first_sum.norm()) / scale,
+        "kinetic": float(ksb_sum.norm()) / scale,
+        "closure": closure,
+        "pred_residual": pred_res if predict is not None else float("nan"),
+    }
+
+
+def scaling(steps: int) -> pd.DataFrame:
+    rows = []
+    for eta in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
+        r = train(lambda p, e=eta: torch.optim.SGD(p, lr=e), steps, predict=(eta, 0.0))
+        rows.append({"eta": eta, "steps": steps, **r})
+    df = pd.DataFrame(rows)
+    logs = [math.log10(v) for v in df["rel_drift"]]
+    df["slope_vs_previous"] = [float("nan")] + [logs[i - 1] - logs[i] for i in range(1, len(logs))]
+    return df
+
+
+def breaking(steps: int) -> pd.DataFrame:
+    cases = [
+        ("GD", 1e-2, 0.0, lambda p: torch.optim.SGD(p, lr=1e-2), (1e-2, 0.0)),
+        (
+            "GD + L2 1e-2",
+            1e-2,
+            1e-2,
+            lambda p: torch.optim.SGD(p, lr=1e-2, weight_decay=1e-2),
+            (1e-2, 1e-2),
+        ),
+        ("GD + momentum 0.9", 1e-2, 0.0, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9), None),
+        ("Adam", 1e-3, 0.0, lambda p: torch.optim.Adam(p, lr=1e-3), None),
+        ("GD (eta 1e-3)", 1e-3, 0.0, lambda p: torch.optim.SGD(p, lr=1e-3), (1e-3, 0.0)),
+        (
+            "GD + L2 1e-2 (eta 1e-3)",
+            1e-3,
+            1e-2,
+            lambda p: torch.optim.SGD(p, lr=1e-3, weight_decay=1e-2),
+            (1e-3, 1e-2),
+        ),
+    ]
+    rows = []
+    for name, eta, lam, make, predict in cases:
+        rows.append(
+            {
+                "rule": name,
+                "eta": eta,
+                "weight_decay": lam,
+                "steps": steps,
+                **train(make, steps, predict),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    args = parser(__doc__.splitlines()[0], "matrix_charges").parse_args(argv)
+    t0 = time.perf_counter()
+    steps = 30 if args.quick else 100
+    scale_df, break_df = scaling(steps), breaking(steps)
+    out = Path(args.out)
+    command = "python analysis/matrix_charges.py"
+    write_table(
+        scale_df, out / "scaling", "GL charge of a 2-layer linear net under small-step GD", command
+    )
+    write_table(break_df, out / "breaking", "What breaks the GL charge", command)
+    print(scale_df.to_string(), break_df.to_string(), f"{time.perf_counter() - t0:.1f} s", sep="\n")
+    return scale_df, break_df
+
+
+if __name__ == "__main__":
+    main()
