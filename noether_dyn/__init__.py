@@ -8,11 +8,12 @@ reports and figures from a saved run). See the README for the run-store schema.
 
 from noether_dyn.capture import Monitor, watch
 from noether_dyn.capture.monitor import MonitorFailure
+from noether_dyn.records import VERSION
 from noether_dyn.report import compare, plot_charges, report
 from noether_dyn.store import Run, StoreError, load_run
 from noether_dyn.symmetries import Symmetry, find_symmetries, verify
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "Monitor",

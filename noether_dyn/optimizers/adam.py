@@ -22,7 +22,7 @@ from noether_dyn.optimizers.base import (
     solve_decay,
     step_count,
 )
-from noether_dyn.quantities.fused import COEF_WIDTH
+from noether_dyn.records import COEF_WIDTH
 
 
 def adam_rule(q1, g, state, c):

@@ -33,12 +33,10 @@ from collections.abc import Sequence
 
 import torch
 
-from noether_dyn.store.schema import CHARGE_COLUMNS
+from noether_dyn.records import CHARGE_COLUMNS, COL, S_, STATS
 from noether_dyn.symmetries.symmetry import Symmetry
 
-STATS = ("QQ", "QS", "GG", "GQ", "GS", "NUMEL", "DD", "DQ", "DS", "GDD", "GDQ", "GDS", "IG")
-S_ = {name: i for i, name in enumerate(STATS)}
-COL = {name: i for i, name in enumerate(CHARGE_COLUMNS)}
+__all__ = ["COL", "STATS", "S_", "ChargeMatrix"]
 
 
 class ChargeMatrix:

@@ -27,16 +27,9 @@ import torch
 import torch._inductor
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from noether_dyn.quantities.charges import STATS
+from noether_dyn.records import COEF_WIDTH, STATS, Rule
 
-COEF_WIDTH = 6
-"""Columns of the per-tensor coefficient matrix a rule reads (unused columns hold 0)."""
-
-Rule = Callable[
-    [torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor],
-    tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-]
-"""``rule(q1, g, state, c) -> (dq, G, 1/G or None)``."""
+__all__ = ["COEF_WIDTH", "MAX_VARIANTS", "Rule", "StatsProgram", "tensor_stats"]
 
 
 def tensor_stats(
