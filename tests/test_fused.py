@@ -191,7 +191,8 @@ def test_torch_compile_fallback_equals_eager(tmp_path, monkeypatch):
     monkeypatch.delattr(torch._inductor, "standalone_compile")
     fused = _run(tmp_path, "sgd-momentum-wd", fused=True)
     assert fused[1].compiled.compiled_ok
-    assert [p.variants for p in fused[1].compiled.programs.values()] == [0]  # no standalone variants
+    programs = fused[1].compiled.programs.values()
+    assert [p.variants for p in programs] == [0]  # no standalone variants
     _compare(fused, _run(tmp_path, "sgd-momentum-wd", fused=False))
 
 
