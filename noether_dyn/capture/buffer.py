@@ -21,11 +21,34 @@ from noether_dyn.records import (
     STEP_COLUMNS,
     STEP_DEVICE,
     STEP_HOST,
+    GroupHyper,
+    StepPlan,
     StepRecord,
 )
 
 _NONFINITE = (("nonfinite_loss", "loss"), ("nonfinite_params", "param_norm"),
               ("nonfinite_grads", "grad_norm"))  # fmt: skip
+
+
+def record(
+    plan: StepPlan,
+    step: int,
+    time_: float,
+    log_prefactor: list[float],
+    wall: float,
+    rows: tuple,
+) -> StepRecord:
+    """A logged step's record from the host values before the step and the device rows
+    ``(row, groups, charges, tensors)`` of :class:`~noether_dyn.quantities.step_rows.StepRows`."""
+    hypers = plan.hypers
+    h0 = hypers[0] if hypers else GroupHyper(0.0, 0.0, 0.0, False)
+    host = [float(step), time_, h0.lr, log_prefactor[0] if hypers else 0.0, wall]
+    groups = [
+        [float(g), h.lr, h.beta, h.weight_decay, h.mass, log_prefactor[g]]
+        for g, h in enumerate(hypers)
+    ]
+    row, group_rows, charges, tensors = rows
+    return StepRecord(host, row, groups, group_rows, charges, plan.loss_logged, tensors)
 
 
 class HostRows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,12 +15,15 @@ def check_arguments(
     model: Any,
     optimizer: Any,
     every: Any,
-    flush_every: int,
-    flush_seconds: float,
+    flush: tuple[int, float],
     resume: bool,
     overwrite: bool,
+    fused: Any,
+    previous: Callable[[], Any] | None,
 ) -> None:
-    """Raise on a wrong type or value, naming the argument and the fix."""
+    """Raise on a wrong type or value of ``watch()``'s arguments, naming the argument and the
+    fix; ``flush`` is (flush_every, flush_seconds), ``previous`` the weak reference to a monitor
+    already attached to ``optimizer`` (or None)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -28,6 +32,7 @@ def check_arguments(
         )
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"watch: every must be a positive int (log every k steps), got {every!r}.")
+    flush_every, flush_seconds = flush
     if flush_every < 1 or flush_seconds <= 0:
         raise ValueError(
             f"watch: flush_every must be >= 1 and flush_seconds > 0, got {flush_every!r} and "
@@ -35,19 +40,13 @@ def check_arguments(
         )
     if resume and overwrite:
         raise ValueError("watch: resume=True and overwrite=True contradict; choose one.")
-
-
-def check_fused(fused: Any) -> None:
     if fused is not None and not isinstance(fused, bool):
         raise ValueError(f"watch: fused must be None, True or False, got {fused!r}.")
-
-
-def check_unwatched(optimizer: torch.optim.Optimizer, previous: Any) -> None:
-    """Raise when ``previous`` (the monitor already attached, or None) is still open."""
-    if previous is not None and not previous._closed:
+    monitor = previous() if previous is not None else None
+    if monitor is not None and not monitor._closed:
         raise RuntimeError(
             f"watch: this {type(optimizer).__name__} is already watched (run_dir "
-            f"'{previous.run_dir}'). Close that monitor first (monitor.close()) or keep "
+            f"'{monitor.run_dir}'). Close that monitor first (monitor.close()) or keep "
             "using it."
         )
 
@@ -72,3 +71,26 @@ def reduction(column: str) -> str:
 def is_rank_zero() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def as_loss(loss: Any) -> torch.Tensor:
+    """A logged loss as a detached 0-d tensor (float64 from a Python number); no sync."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"log_loss: expected a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
+                "pass loss.mean() or the reduced loss."
+            )
+        return loss.detach().reshape(())
+    return torch.tensor(float(loss), dtype=torch.float64)
+
+
+def check_resume(stored: list[str], symmetries: Any, run_dir: Any) -> None:
+    """Raise when a resumed run's stored symmetries differ from the monitor's."""
+    mine = [s.name for s in symmetries]
+    if stored != mine:
+        raise ValueError(
+            f"watch(resume=True): the run at '{run_dir}' tracks symmetries {stored}, "
+            f"this monitor {mine}. Pass the same symmetries= (or the same inputs=) as the "
+            "first run."
+        )

@@ -1,12 +1,10 @@
 """The Monitor: optimizer step hooks that turn each step into Lagrangian and charge rows.
 
-Data flow per step n (THEORY.md §1-3): the pre-hook plans the step (:mod:`.plan`: rates after
-schedulers, logged or not, eager or compiled) and reads or copies q_n where the plan needs it; the
-post-hook reduces q, g, dq and the metric G the optimizer used to per-tensor float64 statistics
-(:mod:`.eager`, or one compiled program, :mod:`.compiled`), forms the stored rows and keeps them
-on the device (:mod:`.buffer`), and rolls the charge prediction (:mod:`.predict`). Nothing crosses
-to the host until a flush (every ``flush_every`` logged steps or ``flush_seconds`` seconds, at
-``state_dict()`` and at ``close()``). The store is written through
+Per step n (THEORY.md §1-3) the pre-hook plans the step (:mod:`.plan`) and reads or copies q_n
+where the plan needs it; the post-hook reduces q, g, dq and the optimizer's metric G to per-tensor
+float64 statistics (:mod:`.eager` or :mod:`.compiled`), keeps the rows on the device
+(:mod:`.buffer`) and rolls the prediction (:mod:`.predict`). Nothing crosses to the host until a
+flush (``flush_every`` rows, ``flush_seconds``, ``state_dict()``, ``close()``), written through
 :class:`~noether_dyn.store.writer.RunWriter` only.
 """
 
@@ -22,33 +20,26 @@ from typing import Any
 
 import torch
 
-from noether_dyn.capture.buffer import RowBuffer
-from noether_dyn.capture.checks import (
-    check_arguments,
-    check_fused,
-    check_unwatched,
-    depth_rows,
-    is_rank_zero,
-    reduction,
-)
+from noether_dyn.capture import checks
+from noether_dyn.capture import state as mstate
+from noether_dyn.capture.buffer import RowBuffer, record
 from noether_dyn.capture.closure import has_closure, wrap_closure
 from noether_dyn.capture.compiled import CompiledStats
 from noether_dyn.capture.eager import EagerStats
 from noether_dyn.capture.meta import run_meta
 from noether_dyn.capture.plan import FUSED_MIN_NUMEL, Planner
 from noether_dyn.capture.predict import Prediction
-from noether_dyn.capture.state import State, States, sync, sync_stats
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter, adapter_for
 from noether_dyn.quantities.charges import ChargeMatrix
-from noether_dyn.quantities.step_rows import StepRows, hyper_matrix
+from noether_dyn.quantities.step_rows import StepRows
 from noether_dyn.quantities.theory import ChargePredictor, regime_for
-from noether_dyn.records import GroupHyper, StepPlan, StepRecord
+from noether_dyn.records import StepPlan
 from noether_dyn.store.writer import RunWriter
 from noether_dyn.symmetries.symmetry import Symmetry
 
 _ATTR = "_noether_dyn_monitor"
-STATE_VERSION = 1
+STATE_VERSION = mstate.STATE_VERSION
 __all__ = ["FUSED_MIN_NUMEL", "STATE_VERSION", "Monitor", "MonitorFailure"]
 
 
@@ -85,10 +76,8 @@ class Monitor:
         snapshot: bool = False,
         fused: bool | None = None,
     ) -> None:
-        check_arguments(model, optimizer, every, flush_every, flush_seconds, resume, overwrite)
-        check_fused(fused)
-        previous = getattr(optimizer, _ATTR, None)
-        check_unwatched(optimizer, previous() if previous is not None else None)
+        checks.check_arguments(model, optimizer, every, (flush_every, flush_seconds), resume,
+                               overwrite, fused, getattr(optimizer, _ATTR, None))  # fmt: skip
         self.optimizer, self.run_dir, self.every = optimizer, Path(run_dir), every
         self.snapshot = snapshot
         self.adapter: OptimizerAdapter = adapter_for(optimizer)
@@ -102,30 +91,15 @@ class Monitor:
             [s.kind == "translation" for s in t.symmetries],
         )
         self._step_rows = StepRows(self._matrix, t.group_index, t.n_groups, predictor.regime)
-        eager = EagerStats(t, self._matrix, self.adapter)
+        self._eager = eager = EagerStats(t, self._matrix, self.adapter)
         self.compiled = CompiledStats(t, self._matrix, self.adapter, self._step_rows)
         self._planner = Planner(t, self.adapter, eager, self.compiled, every, snapshot, fused)
-        self._eager = eager
         self._prediction = Prediction(t, self._matrix, eager, predictor, self._reduced)
         self._buffer = RowBuffer(flush_every, flush_seconds, len(t.symmetries))
-        self._state = States(
-            State("step", int, "host", True, int),
-            State("time", float, "host", True, float),
-            State(
-                "log_prefactor",
-                lambda: [0.0] * t.n_groups,
-                "host",
-                True,
-                lambda v: [float(x) for x in v],
-            ),  # fmt: skip
-            State("loss", lambda: None, reduction("loss"), False),
-            State("closure_loss", lambda: None, reduction("loss"), False),
-        )
-        self._hyper: tuple[list[GroupHyper], torch.Tensor] | None = None
+        self._state = mstate.monitor_states(t.n_groups)
         self._plan: StepPlan | None = None
-        self._nan = t.to_device(float("nan"), torch.float64)
-        self._t0 = time.monotonic()
-        self.writes = is_rank_zero()
+        self._nan, self._t0 = t.to_device(float("nan"), torch.float64), time.monotonic()
+        self.writes = checks.is_rank_zero()
         # DDP replicates parameters: rank 0 alone computes and writes. FSDP2 shards them: every
         # rank reduces its shards and rank 0 writes the all-reduced statistics.
         self._active = self.writes or self.sharded
@@ -144,12 +118,10 @@ class Monitor:
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
         ]
-        setattr(optimizer, _ATTR, weakref.ref(self))
-        self_ref = weakref.ref(self)
+        setattr(optimizer, _ATTR, self_ref := weakref.ref(self))
         self._atexit = lambda: self_ref() is not None and self_ref().close()
         atexit.register(self._atexit)
 
-    # ------------------------------------------------------------------ public API
     step = property(lambda self: self._state.step, doc="Optimizer steps seen so far.")
     time = property(lambda self: self._state.time, doc="t_n: the sum of the rates so far.")
     fused = property(lambda self: self._planner.fused, doc="Compiled statistics in use.")
@@ -162,21 +134,13 @@ class Monitor:
 
     def log_loss(self, loss: torch.Tensor | float) -> None:
         """Record the loss (the potential V) of the coming step. No host-device sync."""
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                raise ValueError(
-                    f"log_loss: expected a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
-                    "pass loss.mean() or the reduced loss."
-                )
-            self._state.loss = loss.detach().reshape(())
-        else:
-            self._state.loss = torch.tensor(float(loss), dtype=torch.float64)
+        self._state.loss = checks.as_loss(loss)
 
     def log_depth_profile(self, profile: Any, step: int | None = None) -> None:
         """Store a per-layer depth profile (the DataFrame of ``noether_dyn.depth.profile``, with
         columns layer, sigma_max, sigma_min, defect, transmission and optionally stability)
         taken at ``step`` (default: the current step). Writes at once."""
-        rows = depth_rows(profile)
+        rows = checks.depth_rows(profile)
         if self._writer is not None:
             self._writer.write_depth_profile(self.step if step is None else int(step), rows)
 
@@ -204,18 +168,7 @@ class Monitor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a checkpoint: restores step, time and predictions, and drops any stored
         steps at or after the checkpoint's step (they belong to the run that crashed)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"load_state_dict: monitor state version {state.get('version')!r}, expected "
-                f"{STATE_VERSION}. Was it saved by monitor.state_dict()?"
-            )
-        names, mine = list(state.get("symmetries", [])), [s.name for s in self.symmetries]
-        if names != mine:
-            raise ValueError(
-                f"load_state_dict: the checkpoint tracked symmetries {names} but this monitor "
-                f"tracks {mine}. Resume with the same symmetries (pass symmetries= as in the "
-                "first run)."
-            )
+        mstate.check_checkpoint(state, [s.name for s in self.symmetries])
         self._buffer.take()
         self._state.load_state_dict(state)
         self._prediction.predictor.load_state_dict(state["predictor"], self.device)
@@ -252,7 +205,6 @@ class Monitor:
             f"symmetries={len(self.tracked.symmetries)})"
         )
 
-    # ------------------------------------------------------------------ hooks
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict):
         if not self._active:
             return None
@@ -310,58 +262,36 @@ class Monitor:
         except Exception:  # the store itself may be what failed
             pass
 
-    # ------------------------------------------------------------------ one logged step
     def _log_step(self, optimizer: torch.optim.Optimizer, plan: StepPlan, loss) -> None:
         hypers, t = plan.hypers, self.tracked
-        hyper = self._hyper_matrix(hypers)
+        hyper = self._planner.hyper_matrix(hypers)
         loss = self._nan if loss is None else loss.to(t.device, non_blocking=True)
         prediction = self._prediction.inputs(hypers)
         stats, rows = self._planner.statistics(optimizer, plan, (hyper, loss, prediction))
         if self.on_stats is not None:
             self.on_stats(stats)
         if t.sharded:  # every statistic but the entry counts is a sum over entries
-            stats = sync_stats(stats, t.numel.unsqueeze(1), True)
+            stats = mstate.sync_stats(stats, t.numel.unsqueeze(1), True)
             if plan.loss_logged:
-                loss = sync(loss, reduction("loss"), True)
+                loss = mstate.sync(loss, checks.reduction("loss"), True)
         if rows is None:
             rows = self._step_rows(stats, hyper, loss, prediction)
-        device_row, group_device, charges, tensors, advanced = rows
-        self._prediction.logged(plan, stats, charges, advanced)
-        s, h0 = self._state, hypers[0] if hypers else GroupHyper(0.0, 0.0, 0.0, False)
-        host = [float(s.step), s.time, h0.lr, s.log_prefactor[0] if hypers else 0.0,
-                time.monotonic() - self._t0]  # fmt: skip
-        groups = [[float(g), h.lr, h.beta, h.weight_decay, h.mass, s.log_prefactor[g]]
-                  for g, h in enumerate(hypers)]  # fmt: skip
-        self._buffer.append(StepRecord(host, device_row, groups, group_device, charges,
-                                       plan.loss_logged, tensors))  # fmt: skip
-
-    def _hyper_matrix(self, hypers: list[GroupHyper]) -> torch.Tensor:
-        """The step's hyperparameter matrix, rebuilt only when a constant changed (a schedule)."""
-        if self._hyper is None or self._hyper[0] != hypers:
-            self._hyper = (hypers, hyper_matrix(hypers, self.device))
-        return self._hyper[1]
+        self._prediction.logged(plan, stats, rows[2], rows[4])
+        s = self._state
+        self._buffer.append(
+            record(plan, s.step, s.time, s.log_prefactor, time.monotonic() - self._t0, rows[:4])
+        )
 
     def _reduced(self, values: torch.Tensor) -> torch.Tensor:
         """Per-tensor sums over entries, summed over ranks when parameters are sharded."""
-        return sync(values, "sum", self.sharded)
+        return mstate.sync(values, "sum", self.sharded)
 
-    # ------------------------------------------------------------------ checkpoint and resume
     def _checkpoint(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            **self._state.state_dict(),
-            "predictor": self._prediction.predictor.state_dict(),
-            "symmetries": [s.name for s in self.tracked.symmetries],
-        }
+        names = [s.name for s in self.tracked.symmetries]
+        return mstate.checkpoint(self._state, self._prediction.predictor, names)
 
     def _resume_from_store(self) -> None:
-        stored, mine = self._writer.symmetry_names(), [s.name for s in self.symmetries]
-        if stored != mine:
-            raise ValueError(
-                f"watch(resume=True): the run at '{self.run_dir}' tracks symmetries {stored}, "
-                f"this monitor {mine}. Pass the same symmetries= (or the same inputs=) as the "
-                "first run."
-            )
+        checks.check_resume(self._writer.symmetry_names(), self.symmetries, self.run_dir)
         state = self._writer.get_meta("monitor_state")
         if state is not None:
             self.load_state_dict(state)

@@ -17,7 +17,8 @@ from noether_dyn.capture.compiled import CompiledStats, CompileFailed
 from noether_dyn.capture.eager import EagerStats
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter
-from noether_dyn.records import StepPlan
+from noether_dyn.quantities.step_rows import hyper_matrix
+from noether_dyn.records import GroupHyper, StepPlan
 
 FUSED_MIN_NUMEL = 1_000_000
 """With ``fused=None`` the compiled statistics are used from this many parameter entries on."""
@@ -53,6 +54,13 @@ class Planner:
                 and sum(p.numel() for p in tracked.params) >= FUSED_MIN_NUMEL
             )
         self.fused = bool(fused) and not snapshot
+        self._hyper: tuple[list[GroupHyper], torch.Tensor] | None = None
+
+    def hyper_matrix(self, hypers: list[GroupHyper]) -> torch.Tensor:
+        """The step's hyperparameter matrix, rebuilt only when a constant changed (a schedule)."""
+        if self._hyper is None or self._hyper[0] != hypers:
+            self._hyper = (hypers, hyper_matrix(hypers, self.t.device))
+        return self._hyper[1]
 
     def plan(
         self,

@@ -12,7 +12,10 @@ from typing import Any
 
 import torch
 
-from noether_dyn.records import GLOBAL_STATS, REDUCTIONS
+from noether_dyn.records import GLOBAL_STATS, REDUCTIONS, STEP_SPEC
+
+STATE_VERSION = 1
+"""Version of the dict of :meth:`Monitor.state_dict`."""
 
 
 @dataclass(frozen=True)
@@ -92,3 +95,51 @@ def sync_stats(stats: torch.Tensor, global_values: torch.Tensor, sharded: bool) 
     torch.distributed.all_reduce(stats)
     stats[:, keep] = global_values
     return stats
+
+
+def monitor_states(n_groups: int) -> States:
+    """The monitor's own states: step count, time t_n and the log prefactor t/tau per group
+    (host, checkpointed), and the loss logged for the coming step, directly or by a closure
+    (averaged over ranks like the stored ``loss`` column, not checkpointed)."""
+    loss = next(c.reduce for c in STEP_SPEC if c.name == "loss")
+    return States(
+        State("step", int, "host", True, int),
+        State("time", float, "host", True, float),
+        State("log_prefactor", lambda: [0.0] * n_groups, "host", True, _floats),
+        State("loss", _none, loss, False),
+        State("closure_loss", _none, loss, False),
+    )
+
+
+def checkpoint(states: States, predictor: Any, symmetries: list[str]) -> dict[str, Any]:
+    """The dict of :meth:`Monitor.state_dict` (host values, JSON-able)."""
+    return {
+        "version": STATE_VERSION,
+        **states.state_dict(),
+        "predictor": predictor.state_dict(),
+        "symmetries": symmetries,
+    }
+
+
+def check_checkpoint(state: Mapping[str, Any], symmetries: list[str]) -> None:
+    """Raise when ``state`` is not a monitor state of this version and these symmetries."""
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"load_state_dict: monitor state version {state.get('version')!r}, expected "
+            f"{STATE_VERSION}. Was it saved by monitor.state_dict()?"
+        )
+    names = list(state.get("symmetries", []))
+    if names != symmetries:
+        raise ValueError(
+            f"load_state_dict: the checkpoint tracked symmetries {names} but this monitor "
+            f"tracks {symmetries}. Resume with the same symmetries (pass symmetries= as in the "
+            "first run)."
+        )
+
+
+def _none() -> None:
+    return None
+
+
+def _floats(values: Any) -> list[float]:
+    return [float(v) for v in values]
