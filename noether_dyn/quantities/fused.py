@@ -24,8 +24,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch._inductor
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from noether_dyn.records import COEF_WIDTH, STATS, Rule
 
@@ -163,7 +161,7 @@ class StatsProgram:
         self._compile = compile
         self._variants: list[_Variant] = []
         self._dynamo: Callable | None = None
-        if compile and getattr(torch._inductor, "standalone_compile", None) is None:
+        if compile and getattr(_inductor(), "standalone_compile", None) is None:
             self._dynamo = torch.compile(
                 self._entry, dynamic=False, fullgraph=True, options=_OPTIONS
             )
@@ -210,8 +208,10 @@ class StatsProgram:
             return out
 
         with torch.no_grad(), _quiet_tf32():
+            from torch.fx.experimental.proxy_tensor import make_fx
+
             graph = make_fx(flat_entry)(*flat)
-            fn = torch._inductor.standalone_compile(
+            fn = _inductor().standalone_compile(
                 graph,
                 list(flat),
                 dynamic_shapes="from_example_inputs",
@@ -221,6 +221,16 @@ class StatsProgram:
 
 
 _OPTIONS = {"cpp_wrapper": True}
+
+
+def _inductor():
+    """``torch._inductor``, imported on the first program built (about a second of import time
+    that ``import noether_dyn`` does not pay)."""
+    import torch._inductor
+
+    return torch._inductor
+
+
 _LEAF = 0
 
 
