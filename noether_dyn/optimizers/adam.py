@@ -71,6 +71,7 @@ class AdamAdapter(OptimizerAdapter):
     name = "adam"
     metric_name = "G = diag(sqrt(v_hat) + eps)"
     optimizers = (torch.optim.Adam, torch.optim.AdamW)
+    normalization = "decoupled"
 
     def hyper(self, optimizer: torch.optim.Optimizer, group: dict) -> GroupHyper:
         decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(

@@ -79,6 +79,10 @@ class OptimizerAdapter:
     metric_name: ClassVar[str] = "G = I"
     optimizers: ClassVar[tuple[type, ...]] = ()
     fallback: ClassVar[bool] = False
+    normalization: ClassVar[str | None] = None
+    """How THEORY §4 reads a scale-invariant layer under this rule (a key of
+    ``noether_dyn.quantities.normalization.RULES``: ``"l2"`` for coupled L2 decay with heavy-ball
+    momentum, ``"decoupled"`` for decoupled decay), None when the theory does not cover it."""
 
     def hyper(self, optimizer: torch.optim.Optimizer, group: dict) -> GroupHyper:
         """The group's constants for the step that is about to run (read in the pre-hook)."""
