@@ -71,7 +71,7 @@ class CompiledStats:
         program = self.programs.get(key)
         if program is None:
             sym = set(self.matrix.tensors)
-            trans = set(self.matrix.translation_tensors)
+            trans = set(self.matrix.sum_tensors)
             program = StatsProgram(
                 rules,
                 [i in trans for i in range(len(t))],

@@ -47,7 +47,7 @@ class EagerStats:
         <g_n, q_n> into ``plan``, read before the step."""
         t = self.t
         plan.qq = sq_norms(t.params, t.device)
-        plan.qs = t.subset(sums, self.matrix.translation_tensors, t.params)
+        plan.qs = t.subset(sums, self.matrix.sum_tensors, t.params)
         if not closure:
             plan.gq_index = t.with_grad(self.matrix.tensors)
             plan.gq = t.subset(dots, plan.gq_index, t.grads(), t.params)
@@ -64,11 +64,11 @@ class EagerStats:
         if plan.qq is None:  # the pre-hook left q_n to the compiled path, which could not run
             q0 = [p if u is None else p - u for p, u in zip(t.params, dq)]
             plan.qq = sq_norms(q0, t.device)
-            plan.qs = t.subset(sums, self.matrix.translation_tensors, q0)
+            plan.qs = t.subset(sums, self.matrix.sum_tensors, q0)
 
         has_grad = set(active)
         sym = [i for i in self.matrix.tensors if i in has_grad]
-        trans = [i for i in self.matrix.translation_tensors if i in has_grad]
+        trans = [i for i in self.matrix.sum_tensors if i in has_grad]
 
         cols = dict.fromkeys(STATS)
         cols["QQ"] = plan.qq

@@ -88,7 +88,7 @@ class Monitor:
         hypers = [self.adapter.hyper(optimizer, g) for g in optimizer.param_groups]
         predictor = ChargePredictor(
             regime_for(self.adapter.name, [h.beta for h in hypers]),
-            [s.kind == "translation" for s in t.symmetries],
+            self._matrix.linear_flags,
         )
         self._step_rows = StepRows(self._matrix, t.group_index, t.n_groups, predictor.regime)
         self._eager = eager = EagerStats(t, self._matrix, self.adapter)

@@ -101,7 +101,7 @@ class StepRows:
                 signs = self.matrix.signs
                 advanced = advance_charge(
                     self.regime,
-                    self.matrix.translation,
+                    self.matrix.linear,
                     value,
                     velocity,
                     constants,
