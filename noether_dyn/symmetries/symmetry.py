@@ -27,7 +27,7 @@ import torch
 
 from noether_dyn.symmetries.kinds import kind_names, kind_of
 
-KINDS = ("scale", "rescale", "translation")
+KINDS = kind_names()
 """The built-in kinds (more can be registered: :mod:`noether_dyn.symmetries.kinds`)."""
 
 
