@@ -19,6 +19,7 @@ from noether_dyn.report.data import (
     tail_mask,
 )
 from noether_dyn.store import Run
+from noether_dyn.symmetries.kinds import normalized_kinds
 
 COLUMNS = (
     "symmetry",
@@ -57,7 +58,7 @@ def scale_table(run: Run, tail: float = 0.2) -> pd.DataFrame:
     rule = adapter.normalization if adapter is not None else None
     rows = []
     mask = tail_mask(len(cube.steps), tail)
-    for _, sym in syms[syms["kind"] == "scale"].iterrows():
+    for _, sym in syms[syms["kind"].isin(normalized_kinds())].iterrows():
         j = cube.index(sym["symmetry"])
         h = hyper_for(run, sym["params"])
         opt = h.optimizer if h else "?"

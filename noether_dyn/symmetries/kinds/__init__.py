@@ -42,6 +42,11 @@ def kind_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def normalized_kinds() -> tuple[str, ...]:
+    """The names of the kinds of normalized (scale-invariant) layers (THEORY §4)."""
+    return tuple(name for name, kind in _REGISTRY.items() if kind.normalized)
+
+
 def kind_of(name: str) -> Kind:
     """The registered kind named ``name``."""
     try:
@@ -53,4 +58,12 @@ def kind_of(name: str) -> Kind:
         ) from None
 
 
-__all__ = ["Kind", "Quadratic", "kind_names", "kind_of", "register", "unregister"]
+__all__ = [
+    "Kind",
+    "Quadratic",
+    "kind_names",
+    "kind_of",
+    "normalized_kinds",
+    "register",
+    "unregister",
+]

@@ -28,11 +28,14 @@ class Kind:
             order in eta lambda, has no kinetic breaking and no forcing in the prediction
             (THEORY §3.2-3.3); else it is quadratic (``Q = <q, xi(q)>``, xi linear in q).
         stats: the per-tensor statistics its columns read beyond QQ, GG, DD and GDD.
+        normalized: the layer's output is normalized (scale invariance): THEORY §4 reads its
+            charge r^2 = |q_A|^2 as the accumulator of an adaptive rule.
     """
 
     name: ClassVar[str] = ""
     linear: ClassVar[bool] = False
     stats: ClassVar[frozenset[str]] = frozenset()
+    normalized: ClassVar[bool] = False
 
     def generator(self, q: torch.Tensor, sign: float) -> torch.Tensor:
         """xi on one tensor (same shape and dtype as ``q``)."""

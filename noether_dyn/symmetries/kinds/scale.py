@@ -11,6 +11,7 @@ from noether_dyn.symmetries.kinds.base import Quadratic
 
 class Scale(Quadratic):
     name = "scale"
+    normalized = True
 
     def columns(self, signs, x, eta, lam, half_m, lead):
         out = super().columns(signs, x, eta, lam, half_m, lead)
