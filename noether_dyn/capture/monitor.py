@@ -30,7 +30,7 @@ from noether_dyn.capture.meta import run_meta
 from noether_dyn.capture.plan import FUSED_MIN_NUMEL, Planner
 from noether_dyn.capture.predict import Prediction
 from noether_dyn.capture.tracked import Tracked
-from noether_dyn.optimizers import OptimizerAdapter, adapter_for
+from noether_dyn.optimizers import adapter_for
 from noether_dyn.quantities.charges import ChargeMatrix
 from noether_dyn.quantities.step_rows import StepRows
 from noether_dyn.quantities.theory import ChargePredictor, regime_for
@@ -79,11 +79,11 @@ class Monitor:
         checks.check_arguments(model, optimizer, every, (flush_every, flush_seconds), resume,
                                overwrite, fused, getattr(optimizer, _ATTR, None))  # fmt: skip
         self.optimizer, self.run_dir, self.every = optimizer, Path(run_dir), every
-        self.snapshot = snapshot
-        self.adapter: OptimizerAdapter = adapter_for(optimizer)
+        self.snapshot, self.adapter = snapshot, adapter_for(optimizer)
         self._closed, self._depth, self.on_stats = False, 0, None
         self.tracked = t = Tracked(model, optimizer, symmetries)
         self.device, self.sharded = t.device, t.sharded
+        self.names, self.params, self.group_of = t.names, t.params, t.group_of
         self._matrix = ChargeMatrix(t.symmetries, t.index, t.device)
         hypers = [self.adapter.hyper(optimizer, g) for g in optimizer.param_groups]
         predictor = ChargePredictor(
@@ -125,6 +125,8 @@ class Monitor:
     step = property(lambda self: self._state.step, doc="Optimizer steps seen so far.")
     time = property(lambda self: self._state.time, doc="t_n: the sum of the rates so far.")
     fused = property(lambda self: self._planner.fused, doc="Compiled statistics in use.")
+    flush_every = property(lambda self: self._buffer.flush_every, doc="Rows per flush.")
+    flush_seconds = property(lambda self: self._buffer.flush_seconds, doc="Seconds per flush.")
     snapshot_bytes = property(lambda self: self._eager.snapshot_bytes, doc="Bytes in q copies.")
 
     @property
