@@ -187,8 +187,7 @@ def _floor(model: nn.Module) -> float:
 
 def _monitor_bytes(monitor: nd.Monitor) -> int:
     """Bytes of the parameter-sized tensors the monitor keeps between steps (its snapshots)."""
-    held = (monitor.__dict__.get("_snap") or {}).values()
-    return sum(t.numel() * t.element_size() for t in held)
+    return monitor.snapshot_bytes
 
 
 def _peak_bytes(fn) -> tuple[float, int]:

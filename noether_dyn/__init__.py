@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from noether_dyn.records import VERSION
+
+__version__ = VERSION
 
 _LAZY = {
     "Monitor": "noether_dyn.capture",

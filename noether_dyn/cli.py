@@ -444,7 +444,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from noether_dyn.report.demo import run_demo
+    from noether_dyn.demo import run_demo
 
     if args.steps < 1:
         raise UsageError(f"--steps must be a positive integer, got {args.steps}")

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import noether_dyn as nd
+from noether_dyn.symmetries import kinds
 from tests.conftest import batch
 
 SYMS = [
@@ -320,3 +321,69 @@ def test_closure_and_plain_steps_give_the_same_charges(tmp_path):
     np.testing.assert_allclose(runs[True][cols], runs[False][cols], rtol=1e-10, atol=1e-15)
     # the defect is a ratio of a rounding-level numerator: compare it absolutely
     np.testing.assert_allclose(runs[True]["defect"], runs[False]["defect"], atol=1e-12)
+
+
+class _Shift(kinds.Kind):
+    """A test-local kind: xi = 2 s_A 1 on each tensor, Q = 2 <q, 1>_s. Linear in q, so it decays
+    at first order and has no kinetic breaking: written here from the Kind interface alone."""
+
+    name = "test-shift"
+    linear = True
+    stats = frozenset({"QS", "GS", "DS", "GDS"})
+
+    def generator(self, q, sign):
+        return torch.full_like(q, 2.0 * sign)
+
+    def charge(self, signs, x):
+        return 2.0 * (signs @ x["QS"])
+
+    def columns(self, signs, x, eta, lam, half_m, lead):
+        decay = -2.0 * (signs @ (eta * lam * x["QS"]))
+        zero = torch.zeros(signs.shape[0], dtype=signs.dtype, device=signs.device)
+        return {
+            "charge": 2.0 * (signs @ x["QS"]),
+            "decay": decay,
+            "rule": 2.0 * (signs @ x["DS"]) - decay,
+            "ksb": zero,
+            "nld_charge": 2.0 * (signs @ (half_m * x["GDS"])),
+            "nld_ksb": zero,
+            "g_xi": 2.0 * (signs @ x["GS"]),
+            "xi_sq": 4.0 * (signs.abs() @ x["NUMEL"]),
+        }
+
+
+@pytest.fixture
+def shift_kind():
+    kind = kinds.register(_Shift())
+    yield kind
+    kinds.unregister(kind.name)
+
+
+@pytest.mark.parametrize("name", ["sgd-wd", "adamw"])
+def test_a_registered_kind_runs_with_no_special_case(tmp_path, shift_kind, name):
+    """A kind registered from outside the package is monitored like a built-in one: its charge
+    is twice the translation charge of the same tensors, its change splits into decay + rule
+    exactly (float64: 1e-10 relative, as above), and the prediction runs (flow regime: the
+    first-order decay factor of a linear charge)."""
+    shift = nd.Symmetry("test-shift:3", "test-shift", ("3.weight", "3.bias"))
+    assert shift.charge({"3.weight": torch.ones(2, 2), "3.bias": torch.ones(2)}) == 12.0
+    model = exact_model()
+    opt = OPTIMIZERS[name](model.parameters())
+    x, y = batch(dtype=torch.float64, n=64)
+    with nd.watch(model, opt, tmp_path / "run", symmetries=[*SYMS, shift]) as mon:
+        for _ in range(6):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            mon.log_loss(loss)
+            opt.step()
+    charges = nd.load_run(tmp_path / "run").charges
+    mine = charges[charges["symmetry"] == "test-shift:3"].sort_values("step")
+    trans = charges[charges["symmetry"] == "translation:3"].sort_values("step")
+    q = mine["charge"].to_numpy()
+    assert q == pytest.approx(2.0 * trans["charge"].to_numpy(), rel=1e-12, abs=1e-12)
+    change = np.diff(q)
+    split = (mine["decay"] + mine["rule"] + mine["ksb"]).to_numpy()[:-1]
+    assert change == pytest.approx(split, rel=1e-10, abs=1e-10 * np.abs(q).max())
+    assert (mine["ksb"] == 0).all() and np.isfinite(mine["predicted"]).all()
+    assert mine["predicted"].iloc[0] == q[0]

@@ -67,7 +67,7 @@ def test_no_sync_between_flushes(name, every, fused, tmp_path):
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert mon.fused == fused and mon._compiled_ok == fused
+    assert mon.fused == fused and mon.compiled.compiled_ok == fused
     mon.close()
     run = nd.load_run(tmp_path / "run")
     assert len(run.steps) == len(range(0, 7, every))
@@ -103,7 +103,7 @@ def test_fused_equals_eager_on_cuda(name, tmp_path):
                 loss.backward()
                 mon.log_loss(loss)
                 opt.step()
-        assert mon._compiled_ok == fused
+        assert mon.compiled.compiled_ok == fused
         runs[fused] = nd.load_run(tmp_path / f"run-{fused}")
     for table in ("steps", "tensors"):
         a, b = getattr(runs[True], table), getattr(runs[False], table)

@@ -83,10 +83,10 @@ def _worker(rank: int, world: int, rendezvous: str, run_dir: str, mode: str) -> 
         fused = mode == "fsdp-fused"  # the compiled statistics of the local shards
         with nd.watch(model, opt, run_dir, symmetries=SYMS, fused=fused) as mon:
             if mode != "ddp":
-                assert mon._sharded
-            assert (mon._writer is None) == (rank != 0)  # only rank 0 writes the store
+                assert mon.sharded
+            assert mon.writes == (rank == 0)  # only rank 0 writes the store
             train(net, opt, mon, x[half], y[half])
-            assert mon._compiled_ok == fused
+            assert mon.compiled.compiled_ok == fused
         dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()

@@ -73,17 +73,7 @@ def _run(tmp_path, name, fused, steps=5, every=1):
 
 def _record_stats(mon) -> None:
     mon.recorded = []
-    for name in ("_fused_stats", "_eager_stats"):
-        method = getattr(mon, name)
-
-        def spy(*args, _method=method):
-            out = _method(*args)
-            if out is not None:
-                stats = out[0] if isinstance(out, tuple) else out
-                mon.recorded.append(stats.clone())
-            return out
-
-        setattr(mon, name, spy)
+    mon.on_stats = lambda stats: mon.recorded.append(stats.clone())
 
 
 def _stat_scales(stats: np.ndarray) -> np.ndarray:
@@ -135,7 +125,7 @@ def _compare(fused, eager):
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_fused_equals_eager(tmp_path, name):
     fused = _run(tmp_path, name, fused=True)
-    assert fused[1]._compiled_ok, "the fused program did not run"
+    assert fused[1].compiled.compiled_ok, "the fused program did not run"
     _compare(fused, _run(tmp_path, name, fused=False))
 
 
@@ -146,9 +136,9 @@ def test_fused_compiles_once_while_rates_and_bias_corrections_change(tmp_path):
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
     with nd.watch(model, opt, tmp_path / "run", symmetries=SYMS, fused=True) as mon:
         train(model, opt, mon, steps=1, scheduler=sched)
-        assert mon._compiled_ok
+        assert mon.compiled.compiled_ok
         train(model, opt, mon, steps=6, scheduler=sched)
-    assert mon.fused and [p.variants for p in mon._programs.values()] == [1]
+    assert mon.fused and [p.variants for p in mon.compiled.programs.values()] == [1]
     assert len(nd.load_run(tmp_path / "run").steps) == 7
 
 
@@ -191,7 +181,7 @@ def test_failed_compile_warns_once_and_falls_back_to_eager(tmp_path, monkeypatch
         fused = _run(tmp_path, "adamw-two-groups", fused=True)
     messages = [str(w.message) for w in caught if "fused statistics" in str(w.message)]
     assert len(messages) == 1 and "no C++ compiler found" in messages[0]
-    assert fused[1].fused is False and not fused[1]._compiled_ok
+    assert fused[1].fused is False and not fused[1].compiled.compiled_ok
     _compare(fused, _run(tmp_path, "adamw-two-groups", fused=False))
 
 
@@ -200,8 +190,9 @@ def test_torch_compile_fallback_equals_eager(tmp_path, monkeypatch):
     ``torch.compile`` and gives the same numbers."""
     monkeypatch.delattr(torch._inductor, "standalone_compile")
     fused = _run(tmp_path, "sgd-momentum-wd", fused=True)
-    assert fused[1]._compiled_ok
-    assert [p.variants for p in fused[1]._programs.values()] == [0]  # no standalone variants
+    assert fused[1].compiled.compiled_ok
+    programs = fused[1].compiled.programs.values()
+    assert [p.variants for p in programs] == [0]  # no standalone variants
     _compare(fused, _run(tmp_path, "sgd-momentum-wd", fused=False))
 
 
@@ -265,7 +256,7 @@ def test_fused_with_a_closure_and_a_tensor_without_gradient(tmp_path):
 
                 opt.step(closure)
         runs[fused] = (nd.load_run(run_dir), mon)
-    assert runs[True][1]._compiled_ok
+    assert runs[True][1].compiled.compiled_ok
     _compare(runs[True], runs[False])
 
 
@@ -285,7 +276,7 @@ def test_fused_adam_step_counts_on_the_device(tmp_path, monkeypatch):
     }
     monkeypatch.setattr(sys.modules[__name__], "OPTIMIZERS", OPTIMIZERS_DEVICE)
     fused = _run(tmp_path, "adamw-fused-kernel", fused=True)
-    assert fused[1]._compiled_ok
+    assert fused[1].compiled.compiled_ok
     assert isinstance(fused[1].optimizer.state[fused[1].params[0]]["step"], torch.Tensor)
     _compare(fused, _run(tmp_path, "adamw-fused-kernel", fused=False))
 
@@ -302,5 +293,5 @@ def test_fused_adam_on_the_cpu_reads_no_step_count_on_the_host(tmp_path, monkeyp
 
     monkeypatch.setattr(adam, "_step", host_read)
     fused = _run(tmp_path, "adamw-two-groups", fused=True)
-    assert fused[1]._compiled_ok and fused[1].fused
+    assert fused[1].compiled.compiled_ok and fused[1].fused
     _compare(fused, eager)

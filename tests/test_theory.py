@@ -104,3 +104,31 @@ def test_state_round_trip():
     other = ChargePredictor("momentum", [False])
     other.load_state_dict(pred.state_dict(), torch.device("cpu"))
     assert torch.equal(other.value, pred.value) and torch.equal(other.velocity, pred.velocity)
+
+
+def test_normalization_theory_is_keyed_by_the_adapters_declared_rule():
+    """THEORY §4 through the field the adapter declares: SGD's coupled L2 decay and Adam's
+    decoupled decay, each only in its own form; exact in float64 (one rounding per operation)."""
+    import math
+
+    from noether_dyn.optimizers import adapter_named
+    from noether_dyn.quantities import normalization as sec4
+
+    sgd, adam = adapter_named("sgd").normalization, adapter_named("adam").normalization
+    assert (sgd, adam) == ("l2", "decoupled") and adapter_named("rmsprop").normalization is None
+    lr, wd, beta = 0.1, 5e-3, 0.9
+    assert sec4.equilibrium_angle(sgd, lr, wd, beta, False) == math.sqrt(2 * lr * wd / (1 + beta))
+    assert sec4.equilibrium_angle(adam, lr, wd, beta, True) == math.sqrt(
+        2 * lr * wd * (1 - beta) / (1 + beta)
+    )
+    assert sec4.implied_decay(sgd, lr, wd, beta, False) == 1.0 - 4.0 * lr * wd / (1.0 - beta)
+    assert sec4.equilibrium_steps(adam, lr, wd, beta, True) == 1.0 / (2.0 * lr * wd)
+    assert sec4.time_constant(1.0) == math.inf
+    for args in (
+        (sgd, lr, wd, beta, True),
+        (adam, lr, wd, beta, False),
+        (None, lr, wd, beta, False),
+    ):
+        assert math.isnan(sec4.equilibrium_angle(*args))
+    assert sec4.regime(sgd, 0.0, False) == "Adagrad-like sum (no weight decay)"
+    assert sec4.regime(None, wd, False) == "not covered by THEORY §4"

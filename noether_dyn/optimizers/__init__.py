@@ -31,4 +31,12 @@ def adapter_for(optimizer: torch.optim.Optimizer) -> OptimizerAdapter:
     return EuclideanFallback()
 
 
-__all__ = ["ADAPTERS", "GroupHyper", "Metric", "OptimizerAdapter", "adapter_for"]
+def adapter_named(name: str | None) -> type[OptimizerAdapter] | None:
+    """The adapter class whose ``name`` is ``name`` (as a run's metadata records it), or None."""
+    for adapter in (*ADAPTERS, EuclideanFallback):
+        if adapter.name == name:
+            return adapter
+    return None
+
+
+__all__ = ["ADAPTERS", "GroupHyper", "Metric", "OptimizerAdapter", "adapter_for", "adapter_named"]

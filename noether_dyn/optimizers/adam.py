@@ -22,7 +22,7 @@ from noether_dyn.optimizers.base import (
     solve_decay,
     step_count,
 )
-from noether_dyn.quantities.fused import COEF_WIDTH
+from noether_dyn.records import COEF_WIDTH
 
 
 def adam_rule(q1, g, state, c):
@@ -71,6 +71,7 @@ class AdamAdapter(OptimizerAdapter):
     name = "adam"
     metric_name = "G = diag(sqrt(v_hat) + eps)"
     optimizers = (torch.optim.Adam, torch.optim.AdamW)
+    normalization = "decoupled"
 
     def hyper(self, optimizer: torch.optim.Optimizer, group: dict) -> GroupHyper:
         decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(

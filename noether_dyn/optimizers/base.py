@@ -16,39 +16,15 @@ from typing import ClassVar
 
 import torch
 
-from noether_dyn.quantities.fused import COEF_WIDTH, Rule
+from noether_dyn.records import COEF_WIDTH, GroupHyper, Rule
+
+__all__ = ["GroupHyper", "FusedStep", "Metric", "OptimizerAdapter", "Update"]
 
 Metric = list[torch.Tensor] | float | None
 """Diagonal of G per parameter (same shapes), an isotropic factor c (G = c I), or None (G = I)."""
 
 Update = tuple[list[torch.Tensor], Metric]
 """The update dq = q_{n+1} - q_n per parameter and the metric G of that step."""
-
-
-@dataclass(frozen=True)
-class GroupHyper:
-    """The constants of one param group at one step (host floats).
-
-    lr: the rate eta of this step (after schedulers, Adagrad's lr_decay included), in parameter
-    units per unit of the preconditioned gradient. beta: the heavy-ball momentum of the rule.
-    weight_decay: lambda. decoupled: True when the decay is a friction on q (AdamW) rather than an
-    L2 term of the potential V.
-    """
-
-    lr: float
-    beta: float
-    weight_decay: float
-    decoupled: bool
-
-    @property
-    def mass(self) -> float:
-        """m = eta (1 + beta) / 2."""
-        return self.lr * (1.0 + self.beta) / 2.0
-
-    @property
-    def log_prefactor_rate(self) -> float:
-        """d(t/tau) per step = eta / tau = 2 (1 - beta) / (1 + beta) (dimensionless)."""
-        return 2.0 * (1.0 - self.beta) / (1.0 + self.beta)
 
 
 def scalar(x: float | torch.Tensor) -> float:
@@ -103,6 +79,10 @@ class OptimizerAdapter:
     metric_name: ClassVar[str] = "G = I"
     optimizers: ClassVar[tuple[type, ...]] = ()
     fallback: ClassVar[bool] = False
+    normalization: ClassVar[str | None] = None
+    """How THEORY §4 reads a scale-invariant layer under this rule (a key of
+    ``noether_dyn.quantities.normalization.RULES``: ``"l2"`` for coupled L2 decay with heavy-ball
+    momentum, ``"decoupled"`` for decoupled decay), None when the theory does not cover it."""
 
     def hyper(self, optimizer: torch.optim.Optimizer, group: dict) -> GroupHyper:
         """The group's constants for the step that is about to run (read in the pre-hook)."""

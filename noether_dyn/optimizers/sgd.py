@@ -42,6 +42,7 @@ class SGDAdapter(OptimizerAdapter):
     name = "sgd"
     metric_name = "G = I / (1 - dampening)"
     optimizers = (torch.optim.SGD,)
+    normalization = "l2"
 
     def hyper(self, optimizer: torch.optim.Optimizer, group: dict) -> GroupHyper:
         return GroupHyper(

@@ -33,16 +33,16 @@ from collections.abc import Sequence
 
 import torch
 
-from noether_dyn.store.schema import CHARGE_COLUMNS
+from noether_dyn.records import CHARGE_COLUMNS, COL, S_, STATS
+from noether_dyn.symmetries.kinds import kind_of
 from noether_dyn.symmetries.symmetry import Symmetry
 
-STATS = ("QQ", "QS", "GG", "GQ", "GS", "NUMEL", "DD", "DQ", "DS", "GDD", "GDQ", "GDS", "IG")
-S_ = {name: i for i, name in enumerate(STATS)}
-COL = {name: i for i, name in enumerate(CHARGE_COLUMNS)}
+__all__ = ["COL", "STATS", "S_", "ChargeMatrix"]
 
 
 class ChargeMatrix:
-    """The sign matrix of a list of symmetries over the monitor's parameter tensors.
+    """The sign matrix of a list of symmetries over the monitor's parameter tensors, and the
+    charge rows of each symmetry by its kind (:mod:`noether_dyn.symmetries.kinds`).
 
     Args:
         symmetries: the symmetries, each naming parameters in ``index``.
@@ -51,12 +51,13 @@ class ChargeMatrix:
 
     Attributes:
         signs: (n_symmetries, n_tensors) float64, the generator's sign on each tensor (0 off it).
-        translation: (n_symmetries,) bool, True for translation symmetries.
-        scale: (n_symmetries,) bool, True for scale symmetries.
+        kinds: per symmetry, its :class:`~noether_dyn.symmetries.kinds.Kind`.
+        linear: (n_symmetries,) bool, True for kinds whose charge is linear in q (translation).
         lead: per symmetry, the position of its first tensor (whose param group gives the
             symmetry's eta, beta, lambda for predictions and effective rates).
         tensors: sorted positions of every tensor some symmetry touches.
-        translation_tensors: sorted positions of tensors of translation symmetries.
+        sum_tensors: sorted positions of tensors of symmetries whose kind reads plain sums
+            (QS, GS, DS, GDS: translation).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class ChargeMatrix:
     ) -> None:
         n_t = len(set(index.values()))
         self.symmetries = list(symmetries)
+        self.kinds = [kind_of(s.kind) for s in self.symmetries]
         signs = torch.zeros(len(self.symmetries), max(n_t, 1), dtype=torch.float64)
         self.lead: list[int] = []
         for i, sym in enumerate(self.symmetries):
@@ -72,25 +74,29 @@ class ChargeMatrix:
             self.lead.append(index[sym.params[0]])
         self.signs = signs[:, :n_t].to(device)
         self.lead_index = torch.tensor(self.lead, dtype=torch.long).to(device)
-        self.abs = self.signs.abs()
-        self.translation = torch.tensor(
-            [s.kind == "translation" for s in self.symmetries], dtype=torch.bool, device=device
-        )
-        self.scale = torch.tensor(
-            [s.kind == "scale" for s in self.symmetries], dtype=torch.bool, device=device
-        )
+        self.linear_flags = [k.linear for k in self.kinds]
+        self.linear = torch.tensor(self.linear_flags, dtype=torch.bool, device=device)
         touched = signs.abs().sum(0) > 0
         self.tensors = [int(i) for i in torch.nonzero(touched[:n_t]).flatten()]
-        trans_rows = [i for i, s in enumerate(self.symmetries) if s.kind == "translation"]
-        trans_touched = signs[trans_rows].abs().sum(0) > 0 if trans_rows else touched & False
-        self.translation_tensors = [int(i) for i in torch.nonzero(trans_touched[:n_t]).flatten()]
+        sum_rows = [i for i, k in enumerate(self.kinds) if k.stats & _SUMS]
+        sum_touched = signs[sum_rows].abs().sum(0) > 0 if sum_rows else touched & False
+        self.sum_tensors = [int(i) for i in torch.nonzero(sum_touched[:n_t]).flatten()]
+        self._blocks = []  # per kind: (kind, its rows, its rows of the sign matrix, its leads)
+        for kind in dict.fromkeys(self.kinds):
+            rows = [i for i, k in enumerate(self.kinds) if k is kind]
+            at = torch.tensor(rows, dtype=torch.long).to(device)
+            self._blocks.append((kind, at, self.signs[at], self.lead_index[at]))
 
     def __len__(self) -> int:
         return len(self.symmetries)
 
     def charges(self, qq: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
         """Q per symmetry from per-tensor |q|^2 and sum(q), each (n_tensors,)."""
-        return torch.where(self.translation, self.signs @ qs, self.signs @ qq)
+        x = {"QQ": qq, "QS": qs}
+        out = torch.zeros(len(self), dtype=torch.float64, device=self.signs.device)
+        for kind, at, signs, _ in self._blocks:
+            out = out.index_copy(0, at, kind.charge(signs, x))
+        return out
 
     def rows(
         self,
@@ -99,43 +105,30 @@ class ChargeMatrix:
         lam: torch.Tensor,
         beta: torch.Tensor,
     ) -> torch.Tensor:
-        """The (n_symmetries, len(CHARGE_COLUMNS)) float64 rows of one logged step.
+        """The (n_symmetries, len(CHARGE_COLUMNS)) float64 rows of one logged step, the
+        ``predicted`` column 0.
 
         Args:
             stats: (n_tensors, len(STATS)) per-tensor statistics of the step.
             eta, lam, beta: (n_tensors,) rate, weight decay and momentum of each tensor's group.
         """
-        S, A = self.signs, self.abs
         x = {name: stats[:, i] for name, i in S_.items()}
-        trans = self.translation
-        eta_lead, beta_lead = eta[self.lead_index], beta[self.lead_index]
-        out = torch.zeros(len(self), len(CHARGE_COLUMNS), dtype=torch.float64, device=S.device)
-
-        charge = torch.where(trans, S @ x["QS"], S @ x["QQ"])
-        decay = torch.where(trans, -(S @ (eta * lam * x["QS"])), -2.0 * (S @ (eta * lam * x["QQ"])))
-        first = torch.where(trans, S @ x["DS"], 2.0 * (S @ x["DQ"]))
-        ksb = torch.where(trans, torch.zeros_like(charge), S @ x["DD"])
         half_m = (1.0 + beta) / 2.0  # m / eta
-        nld_charge = torch.where(trans, S @ (half_m * x["GDS"]), S @ (half_m * x["GDQ"]))
-        nld_ksb = torch.where(trans, torch.zeros_like(charge), S @ (half_m / eta * x["GDD"]))
-        xi_sq = torch.where(trans, A @ x["NUMEL"], A @ x["QQ"])
-        g_xi = torch.where(trans, S @ x["GS"], S @ x["GQ"])
-        defect = g_xi.abs() / torch.sqrt((A @ x["GG"]) * xi_sq)
-
-        norm_sq, cross, step_sq = A @ x["QQ"], A @ x["DQ"], A @ x["DD"]
-        nan = torch.full_like(charge, float("nan"))
-        effective_lr = torch.where(self.scale, eta_lead / ((1.0 - beta_lead) * norm_sq), nan)
-        sine = torch.sqrt(torch.clamp(norm_sq * step_sq - cross.square(), min=0.0))
-        angular = torch.where(self.scale, torch.atan2(sine, norm_sq + cross), nan)
-
-        out[:, COL["charge"]] = charge
-        out[:, COL["decay"]] = decay
-        out[:, COL["rule"]] = first - decay
-        out[:, COL["ksb"]] = ksb
-        out[:, COL["defect"]] = defect
-        out[:, COL["nld_charge"]] = nld_charge
-        out[:, COL["nld_ksb"]] = nld_ksb
-        out[:, COL["grad_sq"]] = S @ x["GG"]
-        out[:, COL["effective_lr"]] = effective_lr
-        out[:, COL["angular_update"]] = angular
+        out = torch.zeros(len(self), len(CHARGE_COLUMNS), dtype=torch.float64, device=stats.device)
+        for kind, at, signs, lead in self._blocks:
+            cols = kind.columns(signs, x, eta, lam, half_m, (eta[lead], beta[lead]))
+            g_xi, xi_sq = cols.pop("g_xi"), cols.pop("xi_sq")
+            cols["defect"] = g_xi.abs() / torch.sqrt((signs.abs() @ x["GG"]) * xi_sq)
+            cols["grad_sq"] = signs @ x["GG"]
+            zero = torch.zeros_like(g_xi)
+            nan = torch.full_like(g_xi, float("nan"))
+            block = torch.stack(
+                [cols.get(c, nan if c in _OPTIONAL else zero) for c in CHARGE_COLUMNS], dim=1
+            )
+            out = out.index_copy(0, at, block)
         return out
+
+
+_SUMS = frozenset({"QS", "GS", "DS", "GDS"})
+_OPTIONAL = ("effective_lr", "angular_update")
+"""Columns a kind may leave out (NaN for it); the others it leaves out are 0 (``predicted``)."""

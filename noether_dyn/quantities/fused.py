@@ -24,19 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch._inductor
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from noether_dyn.quantities.charges import STATS
+from noether_dyn.records import COEF_WIDTH, STATS, Rule
 
-COEF_WIDTH = 6
-"""Columns of the per-tensor coefficient matrix a rule reads (unused columns hold 0)."""
-
-Rule = Callable[
-    [torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor],
-    tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-]
-"""``rule(q1, g, state, c) -> (dq, G, 1/G or None)``."""
+__all__ = ["COEF_WIDTH", "MAX_VARIANTS", "Rule", "StatsProgram", "tensor_stats"]
 
 
 def tensor_stats(
@@ -170,7 +161,7 @@ class StatsProgram:
         self._compile = compile
         self._variants: list[_Variant] = []
         self._dynamo: Callable | None = None
-        if compile and getattr(torch._inductor, "standalone_compile", None) is None:
+        if compile and getattr(_inductor(), "standalone_compile", None) is None:
             self._dynamo = torch.compile(
                 self._entry, dynamic=False, fullgraph=True, options=_OPTIONS
             )
@@ -217,8 +208,10 @@ class StatsProgram:
             return out
 
         with torch.no_grad(), _quiet_tf32():
+            from torch.fx.experimental.proxy_tensor import make_fx
+
             graph = make_fx(flat_entry)(*flat)
-            fn = torch._inductor.standalone_compile(
+            fn = _inductor().standalone_compile(
                 graph,
                 list(flat),
                 dynamic_shapes="from_example_inputs",
@@ -228,6 +221,16 @@ class StatsProgram:
 
 
 _OPTIONS = {"cpp_wrapper": True}
+
+
+def _inductor():
+    """``torch._inductor``, imported on the first program built (about a second of import time
+    that ``import noether_dyn`` does not pay)."""
+    import torch._inductor
+
+    return torch._inductor
+
+
 _LEAF = 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from noether_dyn.optimizers.base import GroupHyper
+from noether_dyn.records import GroupHyper
 
 
 def kinetic_coefficients(hypers: Sequence[GroupHyper]) -> list[float]:

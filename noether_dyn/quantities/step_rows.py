@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from noether_dyn.optimizers.base import GroupHyper
-from noether_dyn.quantities.charges import COL, S_, ChargeMatrix
+from noether_dyn.quantities.charges import ChargeMatrix
 from noether_dyn.quantities.lagrangian import kinetic_coefficients, l2_coefficients
 from noether_dyn.quantities.theory import advance_charge
+from noether_dyn.records import COL, S_, GroupHyper
 
 HYPER_COLUMNS = ("kinetic", "l2", "lr", "weight_decay", "beta")
 """Per group: T / (dq^T G dq), V_L2 / |q|^2, eta, lambda, beta."""
@@ -101,7 +101,7 @@ class StepRows:
                 signs = self.matrix.signs
                 advanced = advance_charge(
                     self.regime,
-                    self.matrix.translation,
+                    self.matrix.linear,
                     value,
                     velocity,
                     constants,

@@ -1,24 +1,15 @@
-"""Normalization as implicit adaptive optimization (THEORY §4; Tanaka & Kunin 2021 NLD §4,
-Wan et al. 2021 SMD, Kosson et al. 2024 RE), per normalized (scale-symmetric) layer.
-
-For a scale group write q = r qhat with r^2 = |q_A|^2 (the stored ``charge``):
-
-* effective learning rate of the direction: eta_eff = eta / ((1 - beta) r^2) (stored column
-  ``effective_lr``);
-* r^4 follows an accumulator like RMSprop's v: with L2 weight decay an exponential moving average
-  with per-step decay rho_eff = 1 - 4 eta lambda / (1 - beta), without it a plain sum (Adagrad);
-  r^2 plays the part of sqrt(v), one accumulator per layer;
-* equilibrium angular update per step: sqrt(2 eta lambda / (1 + beta)) for SGD(M) with L2 decay
-  (SMD), sqrt(2 eta lambda (1 - beta1) / (1 + beta1)) for AdamW (RE);
-* noise-dominated equilibrium norm r*^4 = eta E|ghat|^2 / (2 lambda (1 - beta)) (SMD, RE) with
-  |ghat|^2 = |g_A|^2 r^2 (stored ``grad_sq`` times ``charge``).
-"""
+"""The per-layer table of THEORY §4 (normalization as implicit adaptive optimization) from a saved
+run: one row per scale symmetry, its measured r^2 = |q_A|^2, effective rate and angular update
+beside the theory's values. The theory lives in :mod:`noether_dyn.quantities.normalization`,
+chosen by the field ``normalization`` that the run's optimizer adapter declares."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from noether_dyn.optimizers import adapter_named
+from noether_dyn.quantities import normalization as sec4
 from noether_dyn.report.data import (
     charge_cube,
     first_last,
@@ -28,6 +19,7 @@ from noether_dyn.report.data import (
     tail_mask,
 )
 from noether_dyn.store import Run
+from noether_dyn.symmetries.kinds import normalized_kinds
 
 COLUMNS = (
     "symmetry",
@@ -53,42 +45,6 @@ COLUMNS = (
 )
 
 
-def equilibrium_angle(optimizer: str, lr: float, wd: float, beta: float, decoupled: bool) -> float:
-    """Equilibrium angular update per step of a scale-invariant group (radians), NaN when the
-    theory does not cover the rule: SGD(M) with L2 decay sqrt(2 eta lambda/(1 + beta)) (Wan et
-    al. 2021 SMD); AdamW sqrt(2 eta lambda (1 - beta1)/(1 + beta1)) (Kosson et al. 2024 RE)."""
-    if not (wd > 0 and lr > 0):
-        return np.nan
-    if optimizer == "SGD" and not decoupled:
-        return float(np.sqrt(2 * lr * wd / (1 + beta)))
-    if optimizer in ("AdamW", "Adam") and decoupled:
-        return float(np.sqrt(2 * lr * wd * (1 - beta) / (1 + beta)))
-    return np.nan
-
-
-def implied_decay(optimizer: str, lr: float, wd: float, beta: float, decoupled: bool) -> float:
-    """rho_eff = 1 - 4 eta lambda / (1 - beta), the per-step decay of the r^4 accumulator
-    implied by SGD(M) with L2 weight decay (THEORY §4, NLD §4); 1 without weight decay
-    (Adagrad-like sum); NaN for rules the theory does not cover."""
-    if optimizer != "SGD" or decoupled or not beta < 1:
-        return np.nan
-    return float(1.0 - 4.0 * lr * wd / (1.0 - beta))
-
-
-def equilibrium_steps(optimizer: str, lr: float, wd: float, beta: float, decoupled: bool) -> float:
-    """Steps over which a scale group approaches equilibrium: the r^4 accumulator's time
-    1/(1 - rho_eff) = (1 - beta)/(4 eta lambda) for SGD(M) with L2 decay (THEORY §4), the decay
-    time 1/(2 eta lambda) of |q|^2 under decoupled decay for AdamW (Kosson et al. 2024 RE); NaN
-    when there is no weight decay or the rule is not covered."""
-    if not (wd > 0 and lr > 0):
-        return np.nan
-    if optimizer == "SGD" and not decoupled:
-        return _time_constant(implied_decay(optimizer, lr, wd, beta, decoupled))
-    if optimizer in ("AdamW", "Adam") and decoupled:
-        return 1.0 / (2.0 * lr * wd)
-    return np.nan
-
-
 def scale_table(run: Run, tail: float = 0.2) -> pd.DataFrame:
     """One row per scale symmetry with the quantities of this module's docstring.
 
@@ -98,9 +54,11 @@ def scale_table(run: Run, tail: float = 0.2) -> pd.DataFrame:
     """
     cube = charge_cube(run)
     syms = run.symmetries
+    adapter = adapter_named((run.meta.get("optimizer") or {}).get("adapter"))
+    rule = adapter.normalization if adapter is not None else None
     rows = []
     mask = tail_mask(len(cube.steps), tail)
-    for _, sym in syms[syms["kind"] == "scale"].iterrows():
+    for _, sym in syms[syms["kind"].isin(normalized_kinds())].iterrows():
         j = cube.index(sym["symmetry"])
         h = hyper_for(run, sym["params"])
         opt = h.optimizer if h else "?"
@@ -119,18 +77,12 @@ def scale_table(run: Run, tail: float = 0.2) -> pd.DataFrame:
         e0, e1 = first_last(eff)
         ang = cube["angular_update"][:, j][mask]
         angular = float(np.nanmean(ang)) if np.isfinite(ang).any() else np.nan
-        theory = equilibrium_angle(opt, lr, wd, beta, decoupled)
-        rho = implied_decay(opt, lr, wd, beta, decoupled)
+        theory = sec4.equilibrium_angle(rule, lr, wd, beta, decoupled)
+        rho = sec4.implied_decay(rule, lr, wd, beta, decoupled)
         ghat_sq = (cube["grad_sq"][:, j] * r2)[mask]
-        r2_eq = np.nan
-        if opt == "SGD" and not decoupled and wd > 0 and np.isfinite(ghat_sq).any():
-            r2_eq = float(np.sqrt(lr * np.nanmean(ghat_sq) / (2 * wd * (1 - beta))))
-        if opt == "SGD" and not decoupled:
-            regime = "RMSprop-like EMA" if wd > 0 else "Adagrad-like sum (no weight decay)"
-        elif decoupled and wd > 0:
-            regime = "decoupled decay (RE)"
-        else:
-            regime = "not covered by THEORY §4"
+        ghat_mean = float(np.nanmean(ghat_sq)) if np.isfinite(ghat_sq).any() else np.nan
+        r2_eq = sec4.equilibrium_r2(rule, lr, wd, beta, decoupled, ghat_mean)
+        regime = sec4.regime(rule, wd, decoupled)
         rows.append(
             {
                 "symmetry": sym["symmetry"],
@@ -146,8 +98,8 @@ def scale_table(run: Run, tail: float = 0.2) -> pd.DataFrame:
                 "eff_lr_last": e1,
                 "eff_lr_change": e1 / e0 if e0 > 0 else np.nan,
                 "rho_eff": rho,
-                "accumulator_steps": _time_constant(rho),
-                "equilibrium_steps": equilibrium_steps(opt, lr, wd, beta, decoupled),
+                "accumulator_steps": sec4.time_constant(rho),
+                "equilibrium_steps": sec4.equilibrium_steps(rule, lr, wd, beta, decoupled),
                 "regime": regime,
                 "angular_measured": angular,
                 "angular_theory": theory,
@@ -156,11 +108,3 @@ def scale_table(run: Run, tail: float = 0.2) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=list(COLUMNS))
-
-
-def _time_constant(rho: float) -> float:
-    """Steps over which an accumulator with per-step decay ``rho`` forgets: 1/(1 - rho); inf for a
-    sum (rho = 1), NaN when rho is unknown."""
-    if not np.isfinite(rho):
-        return np.nan
-    return 1.0 / (1.0 - rho) if rho < 1 else np.inf

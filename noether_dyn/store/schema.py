@@ -39,48 +39,18 @@ defect, note)``
 
 from __future__ import annotations
 
+from noether_dyn.records import CHARGE_COLUMNS, GROUP_COLUMNS, STEP_COLUMNS, TENSOR_COLUMNS
+
 SCHEMA_VERSION = 1
 STORE_FILENAME = "run.sqlite"
 
-STEP_COLUMNS = (
-    "step",
-    "time",
-    "lr",
-    "loss",
-    "l2",
-    "potential",
-    "kinetic",
-    "log_prefactor",
-    "param_norm",
-    "grad_norm",
-    "update_norm",
-    "wall_time",
-)
-GROUP_COLUMNS = (
-    "step",
-    "grp",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "mass",
-    "kinetic",
-    "l2",
-    "log_prefactor",
-)
-CHARGE_COLUMNS = (
-    "charge",
-    "predicted",
-    "decay",
-    "rule",
-    "ksb",
-    "defect",
-    "nld_charge",
-    "nld_ksb",
-    "grad_sq",
-    "effective_lr",
-    "angular_update",
-)
-TENSOR_COLUMNS = ("sq_norm", "grad_sq", "update_sq", "metric_update_sq", "inv_metric")
+__all__ = [
+    "CHARGE_COLUMNS",
+    "GROUP_COLUMNS",
+    "STEP_COLUMNS",
+    "TENSOR_COLUMNS",
+]
+
 DEPTH_COLUMNS = ("step", "layer", "sigma_max", "sigma_min", "defect", "transmission", "stability")
 
 DDL = f"""

@@ -114,8 +114,21 @@ class RunWriter:
                 [(step, int(r[0]), *map(float, r[1:])) for r in rows.tolist()],
             )
 
-    def truncate(self, first_dropped: int) -> None:
-        """Drop every step >= ``first_dropped`` (a resume from an earlier checkpoint)."""
+    def add_event(self, step: int, kind: str, message: str) -> None:
+        """Record one event (``events(step, kind, message)``) in its own transaction."""
+        with self.con:
+            self.con.execute("INSERT INTO events VALUES (?, ?, ?)", (step, kind, message))
+
+    def truncate(
+        self,
+        first_dropped: int,
+        *,
+        meta: dict[str, Any] | None = None,
+        event: tuple[str, str] | None = None,
+    ) -> None:
+        """Drop every step >= ``first_dropped`` (a resume from an earlier checkpoint); in the same
+        transaction set the ``meta`` items and record ``event`` = (kind, message) at step
+        ``first_dropped``, so that a reader never sees the store truncated without them."""
         with self.con:
             self.con.execute("DELETE FROM steps WHERE step >= ?", (first_dropped,))
             self.con.execute("DELETE FROM groups WHERE step >= ?", (first_dropped,))
@@ -123,6 +136,15 @@ class RunWriter:
             self.con.execute("DELETE FROM depth_profile WHERE step >= ?", (first_dropped,))
             for table in BLOCK_TABLES:
                 self._truncate_blocks(table, first_dropped)
+            if event is not None:
+                self.con.execute(
+                    "INSERT INTO events VALUES (?, ?, ?)", (first_dropped, event[0], event[1])
+                )
+            if meta:
+                self.con.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [(k, json.dumps(v)) for k, v in meta.items()],
+                )
 
     def _truncate_blocks(self, table: str, first_dropped: int) -> None:
         rows = self.con.execute(f"SELECT first_step, n_steps, steps, data FROM {table}").fetchall()

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-KINDS = ("scale", "rescale", "translation")
+from noether_dyn.symmetries.kinds import kind_names, kind_of
+
+KINDS = kind_names()
+"""The built-in kinds (more can be registered: :mod:`noether_dyn.symmetries.kinds`)."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,9 @@ class Symmetry:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Symmetry.name must be a non-empty string, got {self.name!r}.")
-        if self.kind not in KINDS:
+        if self.kind not in kind_names():
             raise ValueError(
-                f"Symmetry {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}."
+                f"Symmetry {self.name!r}: kind must be one of {kind_names()}, got {self.kind!r}."
             )
         params = tuple(self.params)
         if not params:
@@ -89,9 +92,8 @@ class Symmetry:
         missing = [n for n in self.params if n not in params]
         if missing:
             raise KeyError(f"Symmetry {self.name!r}: no tensor given for {missing}.")
-        if self.kind == "translation":
-            return {n: torch.full_like(params[n], s) for n, s in zip(self.params, self.signs)}
-        return {n: params[n] * s for n, s in zip(self.params, self.signs)}
+        kind = kind_of(self.kind)
+        return {n: kind.generator(params[n], s) for n, s in zip(self.params, self.signs)}
 
     def charge(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The gradient-flow charge Q: <q, xi(q)> for scale and rescale, <q, xi> = signed sum
