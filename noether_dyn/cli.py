@@ -89,7 +89,7 @@ def _seconds(text: str) -> int:
 
 
 def _version() -> str:
-    from noether_dyn import __version__
+    from noether_dyn.records import VERSION as __version__
 
     return f"{PROG} {__version__}"
 

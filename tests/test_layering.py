@@ -21,8 +21,11 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"records", "symmetries"},
     "capture": {"records", "symmetries", "quantities", "optimizers", "store"},
     "report": {"records", "symmetries", "quantities", "optimizers", "store", "depth"},
+    "export": {"records", "store"},
+    "serve": {"records", "store", "report"},
+    "integrations": {"records", "capture"},
     "demo": _PIPELINE,
-    "cli": _PIPELINE | {"depth", "demo"},
+    "cli": _PIPELINE | {"depth", "demo", "export", "serve"},
     "top": _PIPELINE | {"depth"},
 }
 """Layer -> the layers it may import (its own always). capture -> quantities -> store ->

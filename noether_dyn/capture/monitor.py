@@ -135,7 +135,7 @@ class Monitor:
         return list(self.tracked.symmetries)
 
     def log_loss(self, loss: torch.Tensor | float) -> None:
-        """Record the loss (the potential V) of the coming step. No host-device sync."""
+        """Record the loss V of the coming step (no sync); inside ``step(closure)`` it wins."""
         self._state.loss = checks.as_loss(loss)
 
     def log_depth_profile(self, profile: Any, step: int | None = None) -> None:
@@ -218,7 +218,7 @@ class Monitor:
             pred, closure = self._prediction, has_closure(args, kwargs)
             self._plan = self._planner.plan(optimizer, self.step, pred.waiting,
                                             pred.predictor.needs_update_sq, closure)  # fmt: skip
-            self._state.closure_loss = None
+            self._state.closure_loss, self._loss_at_pre = None, self._state.loss
             return wrap_closure(args, kwargs, lambda v: setattr(self._state, "closure_loss", v))
         except Exception as exc:  # never let the monitor stop the training
             self._fail("pre-step", exc)
@@ -232,8 +232,8 @@ class Monitor:
             if self._depth > 0 or self._plan is None:
                 return
             plan, self._plan, s = self._plan, None, self._state
-            loss = s.closure_loss if s.closure_loss is not None else s.loss
-            s.loss = s.closure_loss = None
+            closure_wins = s.closure_loss is not None and s.loss is self._loss_at_pre
+            loss = s.closure_loss if closure_wins else s.loss            s.loss = s.closure_loss = None
             plan.loss_logged = loss is not None
             with torch.no_grad():
                 if plan.logged:

@@ -54,9 +54,10 @@ class LoggedLossWins:
     """A step post-hook that makes the loss given to ``monitor.log_loss`` during a step win over
     the loss returned by a closure passed to ``optimizer.step(closure)``.
 
-    The monitor records a closure's return in preference to ``log_loss``; Lightning's closure
-    returns the last micro-batch's loss divided by the accumulation count, not the step's loss.
-    Registered before ``watch`` attaches the monitor, so it runs before the monitor's post-hook.
+    The monitor prefers a loss logged while the step runs (Lightning's ``on_before_optimizer_step``
+    runs inside the step's closure) over the closure's return, which for Lightning is the last
+    micro-batch's loss divided by the accumulation count, not the step's loss. This hook only
+    tracks whether the callback logged in the current step.
     """
 
     def __init__(self) -> None:
@@ -64,9 +65,6 @@ class LoggedLossWins:
         self.logged = False
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if self.logged and self.monitor is not None:
-            # Monitor has no public switch for this precedence yet (see docs/integrations.md).
-            self.monitor._closure_loss = None
         self.logged = False
 
     def log(self, loss: torch.Tensor | None) -> None:
