@@ -310,7 +310,7 @@ def charges_figure(run: Run, names: Sequence[str], regime: str = "") -> Figure:
             )
             right.axhline(0.0, color="0.4", linewidth=0.8)
             last = rel[np.isfinite(rel)]
-            tail = f" (last {last[-1]:+.2%})" if len(last) else ""
+            tail = f" (last {100 * last[-1]:+.2g}%)" if len(last) else ""
             right.set_title(f"relative residual{tail}", loc="left")
             for ax in (left, right):
                 ax.set_xlabel("step" if row == len(names) - 1 else "")

@@ -4,18 +4,18 @@ Wan et al. 2021 SMD, Kosson et al. 2024 RE)."""
 
 from __future__ import annotations
 
-from noether_dyn.report.mathml import frac, m, paren, sqrt, sub, sup
+from noether_dyn.report.mathml import frac, m, paren, sqrt, sub, sup, words
 
 Q_N = sub("Q", "n")
 Q_NEXT = sub("Q", "n+1")
 ETA_EFF = sub("η", "eff")
 RHO_EFF = sub("ρ", "eff")
 
-SPLIT = m(Q_NEXT, " − ", Q_N, " = decay + rule + ksb")
+SPLIT = m(Q_NEXT, " − ", Q_N, " = ", words("decay + rule + ksb"))
 """Exact per-step split of a charge's change (THEORY §3.1; NLD)."""
 
-DECAY_TERM = m("decay = −2 η λ ", Q_N)
-KSB_TERM = m("ksb = ", sup(m("|", sub("dq", "n"), "|"), "2"))
+DECAY_TERM = m(words("decay"), " = −2 η λ ", Q_N)
+KSB_TERM = m(words("ksb"), " = ", sup(m("|", sub("dq", "n"), "|"), "2"))
 
 SGD_RECURSION = m(
     Q_NEXT,
@@ -37,10 +37,11 @@ FLOW = m("Q(t) = ", sup("e", "−2 λ t"), " Q(0)")
 """What gradient flow conserves, up to weight decay (THEORY §3; NM)."""
 
 RELATIVE_RESIDUAL = m(
-    "relative residual = ",
+    words("relative residual"),
+    " = ",
     frac(
-        m(sub("Q", "measured"), " − ", sub("Q", "predicted")),
-        m("max(|", sub("Q", "predicted"), "|, |", sub("Q", "0"), "|)"),
+        m(sub("Q", words("measured")), " − ", sub("Q", words("predicted"))),
+        m("max(|", sub("Q", words("predicted")), "|, |", sub("Q", "0"), "|)"),
     ),
 )
 
@@ -58,7 +59,7 @@ LAGRANGIAN = m(
 )
 """The Lagrangian of a learning rule (THEORY §2; NLD)."""
 
-POTENTIAL = m("V = loss + ", frac("λ", "2"), " ", sup("|q|", "2"))
+POTENTIAL = m("V = ", words("loss"), " + ", frac("λ", "2"), " ", sup("|q|", "2"))
 
 EFFECTIVE_RATE = m(ETA_EFF, " = ", frac("η", m(paren("1 − β"), " ", sup("r", "2"))))
 """Effective rate of a normalized layer's direction under SGD(M) (THEORY §4; NLD §4)."""

@@ -57,6 +57,19 @@ class Token(Node):
 
 
 @dataclass(frozen=True)
+class Text(Node):
+    """Words set upright as text (``<mtext>``), spaces kept."""
+
+    value: str
+
+    def mathml(self) -> str:
+        return f"<mtext>{html.escape(self.value)}</mtext>"
+
+    def text(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
 class Space(Node):
     """A visible space in the text form (MathML spaces operators itself)."""
 
@@ -171,6 +184,11 @@ def m(*parts: Part) -> Node:
     """A row of ``parts``: strings are tokenized (numbers, identifiers, operators), nodes kept."""
     nodes = [_node(p) for p in parts if p != ""]
     return nodes[0] if len(nodes) == 1 else Row(tuple(nodes))
+
+
+def words(text: str) -> Node:
+    """Plain words inside a formula (``relative residual``), set as text."""
+    return Text(text)
 
 
 def frac(num: Part, den: Part) -> Node:
