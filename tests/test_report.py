@@ -191,8 +191,16 @@ def test_findings_carry_their_numbers(runs):
     # ranked: severities never go back up the list
     rank = frame["severity"].map({"problem": 0, "check": 1, "info": 2}).to_numpy()
     assert (np.diff(rank) >= 0).all()
-    assert set(frame["figure"]) <= {"fig-lagrangian", "fig-normalization", "fig-charges",
-                                    "fig-ksb", "symmetries", "summary", "events", "diagnostics"}
+    assert set(frame["figure"]) <= {
+        "fig-lagrangian",
+        "fig-normalization",
+        "fig-charges",
+        "fig-ksb",
+        "symmetries",
+        "summary",
+        "events",
+        "diagnostics",
+    }
 
 
 def test_run_without_loss_still_reports(tmp_path):
@@ -287,7 +295,11 @@ def test_findings_flag_events_fallback_and_failed_symmetries(tmp_path):
     w.close()
     frame = findings(nd.load_run(run_dir))
     warned = frame[frame["warning"] != ""]
-    assert warned["finding"].str.contains("2 'nonfinite_loss' event\\(s\\), the first at step 17").any()
+    assert (
+        warned["finding"]
+        .str.contains("2 'nonfinite_loss' event\\(s\\), the first at step 17")
+        .any()
+    )
     assert warned["finding"].str.contains("Lion has no known kinetic metric").any()
     assert warned["finding"].str.contains("verification defect 0.3").any()
     assert frame["severity"].iloc[0] == "problem"  # the non-finite events lead

@@ -479,4 +479,6 @@ def compare(run_a: RunLike, run_b: RunLike, path: str | Path, format: str | None
     fmt = output_format(path, format)
     a, b = as_run(run_a), as_run(run_b)
     check_writable(path)
-    return write_document(compare_document(a, b), path, fmt)
+    with np.errstate(all="ignore"):  # non-finite data is shown, numpy's warnings add nothing
+        doc = compare_document(a, b)
+    return write_document(doc, path, fmt)
