@@ -15,6 +15,7 @@ diagnostics (:func:`closure_check`), and become a finding only when they fail.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -62,6 +63,11 @@ class Row:
     action: str = ""
     figure: str = ""
     weight: float = 0.0
+
+
+def _layer(name: str) -> str:
+    """A layer's name for a sentence: ``fc1`` stays, a bare index ``0`` becomes ``layer 0``."""
+    return f"layer {name}" if re.fullmatch(r"[\d.]+", name) else name
 
 
 def _g(x: float) -> str:
@@ -278,6 +284,7 @@ def _normalization(run: Run) -> Iterator[Row]:
     params = dict(zip(run.symmetries["symmetry"], run.symmetries["params"]))
     for _, r in table.iterrows():
         layer, name = r["layer"], r["symmetry"]
+        who = _layer(layer)
         growth, change = r["norm_growth"], r["eff_lr_change"]
         hyper = hyper_for(run, params.get(name, ()))
         group = f"param group {hyper.group}" if hyper else "its param group"
@@ -289,7 +296,7 @@ def _normalization(run: Run) -> Iterator[Row]:
                 sev,
                 layer,
                 name,
-                f"The effective learning rate of {layer} {_factor(change, 'rose', 'fell')} over "
+                f"The effective learning rate of {who} {_factor(change, 'rose', 'fell')} over "
                 f"{span} steps.",
                 f"without weight decay its weight norm only grows ({_factor(growth)}): r⁴ "
                 "accumulates like Adagrad's sum, so η_eff = η/((1 − β) r²) keeps shrinking",
@@ -314,7 +321,7 @@ def _normalization(run: Run) -> Iterator[Row]:
                 "info",
                 layer,
                 name,
-                f"{layer} turns at its rotational equilibrium rate.",
+                f"{who} turns at its rotational equilibrium rate.",
                 why,
                 "",
                 "fig-normalization",
@@ -325,7 +332,7 @@ def _normalization(run: Run) -> Iterator[Row]:
                 "info",
                 layer,
                 name,
-                f"{layer} has not reached rotational equilibrium yet.",
+                f"{who} has not reached rotational equilibrium yet.",
                 f"{why}; the run ({span} steps) is shorter than 3 equilibrium times "
                 f"({_g(horizon)} steps each)",
                 "train longer before reading the equilibrium",
@@ -337,7 +344,7 @@ def _normalization(run: Run) -> Iterator[Row]:
                 "check",
                 layer,
                 name,
-                f"{layer} stays away from rotational equilibrium.",
+                f"{who} stays away from rotational equilibrium.",
                 f"{why}; after {span} steps, more than 3 equilibrium times ({_g(horizon)} steps)",
                 "check that the layer is really scale-invariant and that its rate schedule is "
                 "not changing faster than the equilibrium time",
