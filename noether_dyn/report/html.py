@@ -76,7 +76,11 @@ def _parts(parts: list) -> str:
 def _findings(block: FindingList) -> str:
     items = []
     for f in block.items:
-        link = f' <a href="#{_anchor(f.figure)}">see the figure &rarr;</a>' if f.figure else ""
+        link = (
+            f' <a href="#{_anchor(f.figure)}">{html.escape(link_text(f.figure))} &rarr;</a>'
+            if f.figure
+            else ""
+        )
         todo = f'<span class="todo">What to do: {_inline(f.action)}</span>' if f.action else ""
         where = f"<b>{_inline(f.where)}</b>: " if f.where else ""
         items.append(
@@ -85,6 +89,13 @@ def _findings(block: FindingList) -> str:
             f'<span class="why">Why: {_inline(f.why)}</span>{todo}{link}</li>'
         )
     return '<ol class="findings">' + "".join(items) + "</ol>"
+
+
+def link_text(anchor: str) -> str:
+    """Link text of a finding: ``fig-charges`` -> ``see the charges figure``."""
+    if anchor.startswith("fig-"):
+        return f"see the {anchor[4:]} figure"
+    return f"see the {anchor} section"
 
 
 def _anchor(key: str) -> str:

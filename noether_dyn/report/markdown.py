@@ -23,6 +23,7 @@ from noether_dyn.report.document import (
     Table,
     format_frame,
 )
+from noether_dyn.report.html import link_text
 from noether_dyn.report.mathml import Node, to_text
 
 _MARKUP = re.compile(r"([\\`*_\[\]{}#+!|~])")
@@ -79,7 +80,7 @@ def _findings(block: FindingList) -> str:
         if f.action:
             line += f"  \n   What to do: {inline(f.action)}"
         if f.figure:
-            line += f" ([see the figure](#{_anchor(f.figure)}))"
+            line += f" ([{link_text(f.figure)}](#{_anchor(f.figure)}))"
         out.append(line)
     return "\n".join(out)
 
