@@ -397,6 +397,7 @@ def _residuals(run: Run) -> Iterator[Row]:
         elif regime == "flow":
             scale = max(abs(q0), 1e-12)
             dq = q1 - q0
+            effect, action = FLOW_EFFECT.get(cube.kinds[j], FLOW_EFFECT["scale"])
             yield Row(
                 "info",
                 layer,
@@ -405,11 +406,29 @@ def _residuals(run: Run) -> Iterator[Row]:
                 "which gradient flow would keep constant up to weight decay.",
                 f"the learning-rule term sums to {_g(terms['rule'][j])} and the finite-step KSB "
                 f"term to {_g(terms['ksb'][j])}: the optimizer's preconditioner and step size, "
-                "not the loss, shift norm between the parameters of this symmetry",
-                "",
+                f"not the loss, {effect}",
+                action,
                 "fig-ksb",
                 rel[j],
             )
+
+
+FLOW_EFFECT = {
+    "scale": (
+        "changed the norm of this normalized layer, and with it its effective rate η/r²",
+        "nothing required; weight decay on this layer bounds its norm if the rate drifts",
+    ),
+    "rescale": (
+        "moved norm between the weights into and out of these units (|q_in|² − |q_out|²)",
+        "nothing required unless one side's norm runs away; weight decay pulls the charge "
+        "toward 0 and keeps the layers balanced",
+    ),
+    "translation": (
+        "shifted the logits' column sums, which the softmax ignores",
+        "nothing required: the loss does not see this drift; weight decay bounds it",
+    ),
+}
+"""Per symmetry kind: what a charge moved by the optimizer means, and what (if anything) to do."""
 
 
 def closure_check(run: Run) -> tuple[str, float]:
