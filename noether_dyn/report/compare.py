@@ -2,9 +2,9 @@
 network) against a real adaptive optimizer (RMSprop or Adam on its un-normalized twin): THEORY §4,
 Tanaka & Kunin 2021 NLD §4.
 
-Per layer, the normalized run gives eta_eff = eta/((1-beta) r^2), the implied RMSprop state
-(r^2 in the part of sqrt(v), decay rho_eff) and the angular update against its theory; the
-adaptive run gives its real per-layer rate eta/(sqrt(v)+eps), averaged over the layer's
+Per layer, the normalized run gives η_eff = η/((1 − β) r²), the implied RMSprop state
+(r² in the part of √v, decay ρ_eff) and the angular update against its theory; the
+adaptive run gives its real per-layer rate η/(√v + ε), averaged over the layer's
 coordinates, from the per-tensor table of its store (``run.tensors``, see :data:`RATE_NOTE`).
 """
 
@@ -42,11 +42,11 @@ from noether_dyn.report.render import check_writable, output_format, write_docum
 from noether_dyn.store import Run
 
 RATE_NOTE = (
-    "B's per-layer rate is the mean over the layer's coordinates of eta/G_ii, the rate at which "
-    "the optimizer moves a raw coordinate per unit gradient: eta/(sqrt(v_i)+eps) for RMSprop and "
-    "Adam (bias-corrected v), eta for SGD. It comes from the run's per-tensor table "
+    "B's per-layer rate is the mean over the layer's coordinates of η/G_ii, the rate at which "
+    "the optimizer moves a raw coordinate per unit gradient: η/(√v_i + ε) for RMSprop and "
+    "Adam (bias-corrected v), η for SGD. It comes from the run's per-tensor table "
     "(run.tensors: lr x inv_metric, averaged over the layer's tensors by size) at each logged "
-    "step. For a normalized layer of A the same role is played by eta_eff = eta/((1-beta) r^2), "
+    "step. For a normalized layer of A the same role is played by η_eff = η/((1 − β) r²), "
     "which moves the unit direction; compare time courses and decays, not raw magnitudes."
 )
 
@@ -66,6 +66,13 @@ def layer_rate(run: Run, params: tuple[str, ...]) -> tuple[np.ndarray, np.ndarra
     inv = data[:, pos, 4]  # inv_metric column
     rates = inv * lr[groups].to_numpy()
     return steps, rates @ sizes / sizes.sum()
+
+
+def _time_constant(rho: float) -> float:
+    """1/(1 - rho) steps; inf for a sum (rho = 1), NaN when rho is unknown."""
+    if not np.isfinite(rho):
+        return np.nan
+    return 1 / (1 - rho) if rho < 1 else np.inf
 
 
 def _label(run: Run, other: Run, tag: str) -> str:
@@ -128,7 +135,7 @@ def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
         layer_b = _tail_mean(rate_layer) if len(rate_layer) else np.nan
         if params in b_scale:
             eff_b = _tail_mean(cube_b["effective_lr"][:, cube_b.index(b_scale[params])])
-            status = f"scale symmetry {b_scale[params]}: eta_eff shown"
+            status = f"scale symmetry {b_scale[params]}: η_eff shown"
         elif set(params) <= b_params:
             eff_b = np.nan
             status = "same parameters" if len(rate_layer) else "no per-tensor table in B's store"
@@ -138,16 +145,16 @@ def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
         rows.append(
             {
                 "layer": layer_of(params),
-                "A eta_eff first": r["eff_lr_first"],
-                "A eta_eff last": r["eff_lr_last"],
-                "A r^2 last (sqrt(v) scale)": r["r2_last"],
-                "A rho_eff": r["rho_eff"],
-                "A 1/(1-rho_eff)": r["accumulator_steps"],
+                "A η_eff first": r["eff_lr_first"],
+                "A η_eff last": r["eff_lr_last"],
+                "A r² last (√v scale)": r["r2_last"],
+                "A ρ_eff": r["rho_eff"],
+                "A 1/(1 − ρ_eff) (steps)": r["accumulator_steps"],
                 "A angular / theory": r["angular_ratio"],
-                f"B {cls_b} rho": rho_b,
-                "B 1/(1-rho)": 1 / (1 - rho_b) if rho_b < 1 else (np.inf if rho_b == 1 else np.nan),
-                "B eta/G per coordinate (layer mean)": layer_b,
-                "B eta_eff (scale layer)": eff_b,
+                f"B {cls_b} ρ": rho_b,
+                "B 1/(1 − ρ) (steps)": _time_constant(rho_b),
+                "B η/G per coordinate (layer mean)": layer_b,
+                "B η_eff (scale layer)": eff_b,
                 "B |dq|/|g| run-wide": _tail_mean(rate_b),
                 "B per-layer state": status,
             }
@@ -348,11 +355,11 @@ def _rates_series(
     if cube is not None:
         for j, (name, kind) in enumerate(zip(cube.names, cube.kinds)):
             if kind == "scale" and len(series) < 8:
-                series.append((f"eta_eff {name}", cube.steps, cube["effective_lr"][:, j]))
+                series.append((f"η_eff {name}", cube.steps, cube["effective_lr"][:, j]))
     for params in layers[:8]:
         steps, rate = layer_rate(run, params)
         if len(rate):
-            series.append((f"eta/G {layer_of(params)}", steps, rate))
+            series.append((f"η/G {layer_of(params)}", steps, rate))
     steps, rate = realized_rate(run)
     if np.isfinite(rate).any():
         series.append(("|dq|/|g| run-wide", steps, rate))
@@ -404,14 +411,18 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
     )
     blocks: list = [
         Paragraph(
-            "THEORY §4 (Tanaka & Kunin 2021 NLD §4): a normalized layer trained with SGD(M) and L2 "
-            "weight decay behaves like an adaptive optimizer with one accumulator per layer: its "
-            "direction moves at eta_eff = eta/((1-beta) r^2), r^2 plays sqrt(v) and r^4 is an "
-            "exponential average with decay rho_eff = 1 - 4 eta lambda/(1-beta). Below, "
-            f"A = {ln} (the normalized run) beside B = {ladapt}, layers matched by parameter name. "
-            "The rates are not in the same units: eta_eff is the rate of the unit direction, "
-            "eta/(sqrt(v)+eps) the rate of raw coordinates; compare their time courses and "
-            "accumulator decays."
+            [
+                "THEORY §4 (Tanaka & Kunin 2021 NLD §4): a normalized layer trained with SGD(M) "
+                "and L2 weight decay behaves like an adaptive optimizer with one accumulator per "
+                "layer: its direction moves at ",
+                F.EFFECTIVE_RATE,
+                ", r² plays √v and r⁴ is an exponential average with decay ",
+                F.IMPLIED_DECAY,
+                f". Below, A = {ln} (the normalized run) beside B = {ladapt}, layers matched by "
+                "parameter name. The rates are not in the same units: η_eff is the rate of the "
+                "unit direction, η/(√v + ε) the rate of raw coordinates; compare their time "
+                "courses and accumulator decays.",
+            ]
         )
     ]
     if not (has_a or has_b):
@@ -429,9 +440,9 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
         blocks.append(
             plot_or_note(
                 "rates",
-                "Effective rates over time: per normalized layer of A eta_eff, per same-named "
-                "layer of B the mean per-coordinate rate eta/G, and each run's realized rate "
-                "|dq|/|g|.",
+                "Effective rates per step (log scale): per normalized layer of A its η_eff, per "
+                "same-named layer of B the mean per-coordinate rate η/G, and each run's realized "
+                "rate |dq|/|g|.",
                 lambda: figures.rates_figure(
                     _rates_series(norm), _rates_series(adapt, scale_params), ln, ladapt
                 ),
