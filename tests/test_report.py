@@ -243,7 +243,7 @@ def test_compare_shows_the_adaptive_runs_per_layer_rate(runs, tmp_path):
     assert np.isfinite(table["B η/G per coordinate (layer mean)"]).all()
     assert len(embedded_pngs(html)) >= 3
     md = compare(nd.load_run(runs["rmsprop"]), runs["sgd"], tmp_path / "c.md")
-    assert "RMSprop rho" in md.read_text()  # roles found from the runs, not the order
+    assert "RMSprop ρ" in md.read_text()  # roles found from the runs, not the order
 
 
 def test_decimation_keeps_extremes():
