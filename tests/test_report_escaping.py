@@ -92,7 +92,8 @@ def test_html_and_compare_escape_names(tmp_path, monkeypatch):
 
 
 def test_markdown_escape_helpers():
-    assert escape("<b>&</b>") == "&lt;b&gt;&amp;&lt;/b&gt;"
+    assert escape("<b>&</b>") == "&lt;b&gt;&&lt;/b&gt;"  # a bare & is text in Markdown
+    assert escape("&lt;x&gt; &#60;") == "&amp;lt;x&amp;gt; &amp;\\#60;"  # entities stay text
     assert escape("[x](javascript:alert(1))") == "\\[x\\](javascript:alert(1))"
     assert escape("a_b*c|d") == "a\\_b\\*c\\|d"
     assert code_span("a`b") == "``a`b``"

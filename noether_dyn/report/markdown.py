@@ -26,13 +26,16 @@ from noether_dyn.report.document import (
 from noether_dyn.report.html import link_text
 from noether_dyn.report.mathml import Node, to_text
 
+_ENTITY = re.compile(r"&(?=#?[A-Za-z0-9]+;)")
+"""An ``&`` that would start a character reference (a bare ``&`` stays as it is)."""
 _MARKUP = re.compile(r"([\\`*_\[\]{}#+!|~])")
 
 
 def escape(text: str) -> str:
-    """``text`` as literal Markdown: HTML-significant characters as entities, Markdown markup
+    """``text`` as literal Markdown: ``<``, ``>`` and an ``&`` that would start a character
+    reference as entities, Markdown markup
     characters backslash-escaped, line breaks as spaces."""
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _ENTITY.sub("&amp;", text).replace("<", "&lt;").replace(">", "&gt;")
     return _MARKUP.sub(r"\\\1", " ".join(text.splitlines()))
 
 

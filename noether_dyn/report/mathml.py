@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass
 
 _TOKEN = re.compile(r"\d+(?:\.\d+)?|[^\W\d_]+[′″*]*|\S")
-_SUP = str.maketrans("0123456789+-−()n", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁻⁽⁾ⁿ")
+_SUP = str.maketrans("0123456789+-−()nT", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁻⁽⁾ⁿᵀ")
 _SUB = str.maketrans("0123456789+-−()", "₀₁₂₃₄₅₆₇₈₉₊₋₋₍₎")
-_SUP_OK = set("0123456789+-−()n")
+_SUP_OK = set("0123456789+-−()nT")
 _SUB_OK = set("0123456789+-−()")
 
 

@@ -184,7 +184,7 @@ def symmetry_section(run: Run) -> Section:
         Paragraph(
             "Symmetries of the loss whose Noether charges are tracked (THEORY §3; Kunin et al. "
             "2021 NM). size: parameters in the group; verified: checked numerically before "
-            "training; defect |<g, xi>|/(|g||xi|): 0 for an exact symmetry, measured every "
+            "training; defect |⟨g, ξ⟩|/(|g| |ξ|): 0 for an exact symmetry, measured every "
             f"logged step from the step's own gradient. {note.rstrip('.')}."
         ),
         Table(pd.DataFrame(rows)),
