@@ -458,8 +458,8 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
             block_list = [
                 plot_or_note(
                     f"charges-{tag}",
-                    f"Charges of {label}: measured (solid) and predicted (dashed) charge Q, and the "
-                    "signed relative residual (Q − P)/max(|P|, |Q₀|) beside it.",
+                    f"Charges of {label}: measured (solid) and predicted (dashed) charge Q, "
+                    "and the signed relative residual (Q − P)/max(|P|, |Q₀|) beside it.",
                     lambda r=run, n=names, g=regime: figures.charges_figure(r, n, g),
                 )
             ]
