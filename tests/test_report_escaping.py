@@ -132,3 +132,26 @@ def test_dangling_symlink_target_is_not_created(tmp_path, monkeypatch):
     (run_dir / "report.html").symlink_to(ghost)
     report(run_dir, run_dir / "report.html")
     assert not ghost.exists()
+
+
+def test_inspect_prints_no_terminal_escape_sequences(tmp_path, monkeypatch, capsys):
+    evil = "\x1b[2J\x1b[31mEvil"
+    cls = type(evil, (nn.Sequential,), {})
+    model = cls(nn.Linear(6, 4)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(sys, "argv", ["train.py", "\x1b]0;title\x07"])
+    x, y = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with nd.watch(model, opt, tmp_path / "run", inputs=x) as mon:
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            mon.log_loss(loss)
+            opt.step()
+    assert nd.load_run(tmp_path / "run").meta["model"]["class"] == evil  # guards the setup
+    assert main(["inspect", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b[31mEvil" in out  # shown, harmlessly
+    html = report(tmp_path / "run", tmp_path / "r.html").read_text()
+    assert "\x1b" not in html

@@ -3,6 +3,7 @@ the HTML and Markdown writers render. Builders never touch a file; writers never
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,15 @@ def plot_or_note(name: str, caption: str, draw: Callable[[], Figure], alt: str =
         return Note(f"Figure '{name}' could not be drawn ({type(exc).__name__}: {exc}).")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape sequences among them) shown as
+    ``\\xNN`` instead of acting on a terminal; tabs and newlines are kept."""
+    return _CONTROL.sub(lambda c: f"\\x{ord(c.group()):02x}", text)
+
+
 def format_value(value: object) -> str:
     """A table cell: 4 significant digits for floats, ``n/a`` for NaN, ``-`` for None."""
     if value is None:
@@ -153,8 +163,8 @@ def format_value(value: object) -> str:
             return f"{v:.3e}"
         return f"{v:.4g}"
     if isinstance(value, tuple | list):
-        return ", ".join(str(v) for v in value)
-    return str(value)
+        return printable(", ".join(str(v) for v in value))
+    return printable(str(value))
 
 
 def format_frame(frame: pd.DataFrame) -> list[list[str]]:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from noether_dyn.report.data import charge_cube, first_last, hyper_for, layer_of
-from noether_dyn.report.document import SEVERITIES, Finding
+from noether_dyn.report.document import SEVERITIES, Finding, printable
 from noether_dyn.report.figures import relative_residual
 from noether_dyn.report.normalization import scale_table
 from noether_dyn.store import Run
@@ -557,6 +557,8 @@ def findings(run: Run) -> pd.DataFrame:
         ],
         columns=list(COLUMNS),
     )
+    for col in ("layer", "symmetry", "what", "why", "action", "finding", "warning"):
+        frame[col] = frame[col].astype(str).map(printable)
     rank = frame["severity"].map({s: i for i, s in enumerate(SEVERITIES)})
     order = np.lexsort((-frame["weight"].to_numpy(dtype=float), rank.to_numpy()))
     return frame.iloc[order].reset_index(drop=True)

@@ -18,6 +18,7 @@ from noether_dyn.report.document import (
     Plot,
     Table,
     format_frame,
+    printable,
 )
 from noether_dyn.report.mathml import Node, to_mathml
 
@@ -181,4 +182,4 @@ def render_html(doc: Document) -> str:
         "Kunin 2021 (NLD), Kunin et al. 2021 (NM), Wan et al. 2021 (SMD), Kosson et al. 2024 "
         "(RE).</footer></body></html>"
     )
-    return "\n".join(parts)
+    return printable("\n".join(parts))

@@ -32,6 +32,7 @@ from noether_dyn.report.document import (
     Section,
     Table,
     plot_or_note,
+    printable,
 )
 from noether_dyn.report.findings import (
     CLOSURE_TOLERANCE,
@@ -100,7 +101,7 @@ def run_facts(run: Run) -> pd.DataFrame:
             ("symmetries", f"{len(run.symmetries)} ({meta.get('symmetry_note') or 'no note'})"),
         ],
         columns=["item", "value"],
-    )
+    ).map(printable)
 
 
 def summary_section(run: Run) -> Section:
