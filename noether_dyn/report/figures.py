@@ -48,6 +48,9 @@ PALETTE = [
 NONFINITE_COLOR = "#B42318"
 """Shading of the steps where a drawn quantity is NaN or infinite."""
 
+DRAW_LIMIT = 1e300
+"""Largest magnitude drawn as a line; larger finite values are shaded like Inf."""
+
 UNITS = {
     "charge": "charge Q (param²)",
     "translation": "charge Q (param)",
@@ -123,7 +126,7 @@ def shade_nonfinite(ax: Axes, series: Sequence[tuple[str, np.ndarray, np.ndarray
             color=NONFINITE_COLOR,
             alpha=0.18,
             linewidth=0,
-            label="NaN/Inf (not drawn)" if i == 0 else None,
+            label="NaN/Inf or beyond 1e300 (not drawn)" if i == 0 else None,
         )
     return count
 
@@ -139,7 +142,7 @@ def finite_limits(ax: Axes, values: Sequence[np.ndarray], log: bool = False) -> 
     if not len(flat):
         return
     lo, hi = float(flat.min()), float(flat.max())
-    big = np.finfo(np.float64).max / 4
+    big = DRAW_LIMIT * 1.5
     if log:
         ax.set_ylim(max(lo / 1.5, 1e-300), min(hi * 1.5, big))
         return
@@ -165,6 +168,11 @@ def lines(
     (:func:`shade_nonfinite`), before decimation, so a blow-up is always visible. ``log`` uses a
     log y scale when every finite value is positive and within 1e±200.
     """
+    # beyond DRAW_LIMIT matplotlib's axis arithmetic overflows: such values are shaded like Inf
+    series = [
+        (label, x, np.where(np.abs(y) <= DRAW_LIMIT, y, np.where(np.isnan(y), np.nan, np.inf)))
+        for label, x, y in ((lab, x, np.asarray(y, dtype=float)) for lab, x, y in series)
+    ]
     shade_nonfinite(ax, series)
     ax.set_ylabel(ylabel)
     parts = []
