@@ -145,3 +145,13 @@ def test_values_near_float_max_give_finite_axis_limits():
     assert ax.get_yscale() == "linear"  # beyond 1e200 the log locator would overflow
     spans = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches]
     assert spans == [(2.5, 4.5)]  # 1.7e308 (too large to draw) and NaN, shaded
+
+
+def test_overlapping_stretches_of_several_series_make_one_band():
+    fig = Figure()
+    ax = fig.subplots()
+    x = np.arange(10)
+    a = np.where(x >= 5, np.nan, 1.0)
+    b = np.where(x >= 6, np.inf, 2.0)
+    figs.lines(ax, [("a", x, a), ("b", x + 1, b)])
+    assert [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches] == [(4.5, 10.5)]

@@ -119,7 +119,13 @@ def shade_nonfinite(ax: Axes, series: Sequence[tuple[str, np.ndarray, np.ndarray
         y = np.asarray(y, dtype=float)
         count += int((~np.isfinite(y)).sum())
         spans += nonfinite_spans(x, y)
-    for i, (a, b) in enumerate(sorted(set(spans))):
+    merged: list[list[float]] = []
+    for a, b in sorted(spans):  # one band per stretch, however many series share it
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    for i, (a, b) in enumerate(merged):
         ax.axvspan(
             a - 0.5,
             b + 0.5,
