@@ -168,7 +168,7 @@ def lines(
     ylabel: str = "",
     log: bool = False,
 ) -> None:
-    """Draw named (x, y) lines with seaborn, each decimated; ``dashes`` names the dashed ones.
+    """Draw named (x, y) lines, each decimated; ``dashes`` names the dashed ones.
 
     Non-finite values cannot be drawn as a line: the steps that hold them are shaded instead
     (:func:`shade_nonfinite`), before decimation, so a blow-up is always visible. ``log`` uses a
@@ -181,44 +181,36 @@ def lines(
     ]
     shade_nonfinite(ax, series)
     ax.set_ylabel(ylabel)
-    parts = []
-    for label, x, y in series:
-        xs, ys = decimate(np.asarray(x), np.asarray(y, dtype=float))
-        parts.append(pd.DataFrame({"step": xs, "value": ys, "series": label}))
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    if frame.empty:
+    drawn = [(label, *decimate(np.asarray(x), y)) for label, x, y in series]
+    drawn = [(label, xs, ys) for label, xs, ys in drawn if len(ys)]
+    if not drawn:
         ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small", loc="best")
         return
-    values = frame["value"].to_numpy()
+    values = np.concatenate([ys for _, _, ys in drawn])
     # beyond ~1e±200 matplotlib's log locator overflows float64: a blown-up run is drawn linear
     log = log and bool((values > 0).all() and values.max() < 1e200 and values.min() > 1e-200)
     if log:
         ax.set_yscale("log")
-    labels = [s[0] for s in series if (frame["series"] == s[0]).any()]
-    sns.lineplot(
-        data=frame,
-        x="step",
-        y="value",
-        hue="series",
-        hue_order=labels,
-        style="series",
-        style_order=labels,
-        dashes={lab: (4, 2) if lab in dashes else "" for lab in labels},
-        palette=[list(colors or PALETTE)[i % len(colors or PALETTE)] for i in range(len(labels))],
-        estimator=None,
-        errorbar=None,
-        linewidth=1.4,
-        ax=ax,
-        legend=legend,
-    )
-    ax.set_ylabel(ylabel)
+    palette = list(colors or PALETTE)
+    for i, (label, xs, ys) in enumerate(drawn):
+        ax.plot(
+            xs,
+            ys,
+            color=palette[i % len(palette)],
+            linestyle=(0, (4, 2)) if label in dashes else "-",
+            linewidth=1.4,
+            label=label,
+        )
     finite_limits(ax, [values], log)
-    if legend and ax.get_legend() is not None:
-        ax.legend(fontsize="small", title=None, loc="best")
-    elif ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", loc="best")
+    shaded = any(p.get_label() and not p.get_label().startswith("_") for p in ax.patches)
+    if legend or shaded:
+        handles, labels = ax.get_legend_handles_labels()
+        if not legend:  # only the shading's entry
+            keep = [i for i, lab in enumerate(labels) if lab.startswith("NaN/Inf")]
+            handles, labels = [handles[i] for i in keep], [labels[i] for i in keep]
+        ax.legend(handles, labels, fontsize="small", loc="best")
 
 
 def select_symmetries(
