@@ -155,7 +155,9 @@ def test_markdown_report_writes_figures_beside_it(runs, tmp_path):
     for ref in refs:
         img = mpimg.imread(path.parent / ref)
         assert img.shape[0] > 150
-    assert "| layer | symmetry | finding | warning |" in text
+    assert "## Findings" in text and "   Why: " in text
+    assert "<math" not in text  # formulas as Unicode text in Markdown
+    assert "η_eff = η/((1 − β) r²)" in text
 
 
 def test_normalization_table_follows_theory(runs):
@@ -176,20 +178,35 @@ def test_normalization_table_follows_theory(runs):
 def test_findings_carry_their_numbers(runs):
     run = nd.load_run(runs["sgd"])
     frame = findings(run)
-    assert list(frame.columns) == ["layer", "symmetry", "finding", "warning"]
+    assert list(frame.columns) == [
+        "severity", "layer", "symmetry", "what", "why", "action", "figure", "weight", "finding",
+        "warning",
+    ]  # fmt: skip
     row = scale_table(run).iloc[0]
-    text = frame.loc[frame["symmetry"] == row["symmetry"], "finding"].iloc[0]
-    growth = row["norm_growth"]
-    word = "grew" if growth >= 1 else "fell"
-    assert f"weight norm {word} {max(growth, 1 / growth):.3g}x" in text
-    closure = frame[frame["finding"].str.startswith("exact split")]
-    assert len(closure) == 1 and closure["warning"].iloc[0] == ""  # float64 run: it closes
+    why = frame.loc[frame["symmetry"] == row["symmetry"], "why"].iloc[0]
+    assert f"ratio {row['angular_ratio']:.3g}" in why
+    assert f"θ* = {row['angular_theory']:.3g} rad/step" in why
+    # the closure self-test is a diagnostics line, not a finding (float64 run: it closes)
+    assert not frame["why"].str.contains("exact split").any()
+    # ranked: severities never go back up the list
+    rank = frame["severity"].map({"problem": 0, "check": 1, "info": 2}).to_numpy()
+    assert (np.diff(rank) >= 0).all()
+    assert set(frame["figure"]) <= {
+        "fig-lagrangian",
+        "fig-normalization",
+        "fig-charges",
+        "fig-ksb",
+        "symmetries",
+        "summary",
+        "events",
+        "diagnostics",
+    }
 
 
 def test_run_without_loss_still_reports(tmp_path):
     run_dir = train_small(tmp_path / "noloss", steps=8, log_loss=False)
     html = report(run_dir, tmp_path / "r.html").read_text()
-    assert "no loss was logged" in html
+    assert "No loss was logged" in html
     assert len(embedded_pngs(html)) == 4  # the Lagrangian figure still draws T and t/tau
 
 
@@ -220,13 +237,13 @@ def test_compare_shows_the_adaptive_runs_per_layer_rate(runs, tmp_path):
     path = compare(runs["sgd"], runs["rmsprop"], tmp_path / "c.html")
     html = path.read_text()
     assert "Normalization vs adaptive optimization" in html
-    assert "B eta/G per coordinate (layer mean)" in html
+    assert "B η/G per coordinate (layer mean)" in html
     assert "same parameters" in html  # layer 0 of the ReLU twin, matched by name
     table = layer_table(nd.load_run(runs["sgd"]), nd.load_run(runs["rmsprop"]))
-    assert np.isfinite(table["B eta/G per coordinate (layer mean)"]).all()
+    assert np.isfinite(table["B η/G per coordinate (layer mean)"]).all()
     assert len(embedded_pngs(html)) >= 3
     md = compare(nd.load_run(runs["rmsprop"]), runs["sgd"], tmp_path / "c.md")
-    assert "RMSprop rho" in md.read_text()  # roles found from the runs, not the order
+    assert "RMSprop ρ" in md.read_text()  # roles found from the runs, not the order
 
 
 def test_decimation_keeps_extremes():
@@ -278,11 +295,16 @@ def test_findings_flag_events_fallback_and_failed_symmetries(tmp_path):
     w.close()
     frame = findings(nd.load_run(run_dir))
     warned = frame[frame["warning"] != ""]
-    assert warned["finding"].str.contains("2 'nonfinite_loss' event\\(s\\), first at step 17").any()
+    assert (
+        warned["finding"]
+        .str.contains("2 'nonfinite_loss' event\\(s\\), the first at step 17")
+        .any()
+    )
     assert warned["finding"].str.contains("Lion has no known kinetic metric").any()
-    assert warned["finding"].str.contains("failed verification \\(defect 0.3\\)").any()
+    assert warned["finding"].str.contains("verification defect 0.3").any()
+    assert frame["severity"].iloc[0] == "problem"  # the non-finite events lead
     html = report(run_dir, tmp_path / "r.html").read_text()
-    assert "Events" in html and 'class="warn"' in html
+    assert "Events" in html and 'class="badge problem"' in html
 
 
 def test_depth_section_when_profiled(tmp_path):
@@ -307,7 +329,8 @@ def test_depth_section_when_profiled(tmp_path):
     html = report(run, tmp_path / "r.html").read_text()
     assert "Depth dynamics" in html and len(embedded_pngs(html)) == 5
     depth = findings(run).query("layer == 'depth'")
-    assert depth["warning"].iloc[0] == "gradients vanish through depth"  # 1e-5 at layer 5
+    assert depth["what"].iloc[0] == "Gradients vanish through depth."  # 1e-5 at layer 5
+    assert depth["severity"].iloc[0] == "problem" and "1e-05 (layer 5)" in depth["why"].iloc[0]
 
 
 def test_unwritable_output_fails_before_rendering(runs, tmp_path):
@@ -342,7 +365,7 @@ def test_run_without_steps_still_reports(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     nd.watch(model, opt, tmp_path / "empty", symmetries=declared("bn")).close()
     html = report(tmp_path / "empty", tmp_path / "r.html").read_text()
-    assert "no training step reached the store" in html
+    assert "The run holds no logged step." in html
     assert html.count("skipped: the run holds no") >= 2 and not embedded_pngs(html)
 
 

@@ -13,6 +13,13 @@ Method, chosen to be robust without a browser-driver dependency:
    declared width. Every report image must pass and the control must fail, which shows the
    check can fail.
 
+4. A measuring script reports, from the rendered page: its height, each section's height, each
+   figure's alt text and caption, each MathML formula's rendered size, and the findings' text.
+   The test asserts every figure has both, every formula takes space (MathML is rendered), no
+   finding shows "nan", and the page height is sane.
+5. One screenshot per section (the page with every other section hidden), kept as CI artifacts
+   in ``artifacts/report/<nn>-<section>.png`` for a person to look at.
+
 Skipped, with a message, when no Chromium is installed (CI installs it with
 ``apt-get install -y chromium``).
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -54,6 +62,33 @@ window.addEventListener("load", function () {
   out.textContent = "report " + report.filter(ok).length + "/" + report.length +
     " control " + (ok(control) ? "loaded" : "broken");
   document.body.appendChild(out);
+});
+</script>
+"""
+
+
+MEASURE = """
+<script>
+window.addEventListener("load", function () {
+  var box = function (e) { var r = e.getBoundingClientRect(); return [r.width, r.height]; };
+  var out = {
+    page: document.documentElement.scrollHeight,
+    sections: Array.prototype.map.call(document.querySelectorAll("section"), function (s) {
+      return {id: s.id, height: box(s)[1]};
+    }),
+    figures: Array.prototype.map.call(document.querySelectorAll("figure"), function (f) {
+      var img = f.querySelector("img"), cap = f.querySelector("figcaption");
+      return {id: f.id, alt: img ? img.getAttribute("alt") : "",
+              caption: cap ? cap.textContent : ""};
+    }),
+    math: Array.prototype.map.call(document.getElementsByTagName("math"), box),
+    findings: Array.prototype.map.call(document.querySelectorAll("ol.findings li"),
+                                       function (li) { return li.textContent; })
+  };
+  var pre = document.createElement("pre");
+  pre.id = "measure";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
 });
 </script>
 """
@@ -131,3 +166,67 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
     assert result is not None, "the checker script did not run"
     assert result.group(1) == f"report {len(figures)}/{len(figures)} control broken"
     assert console_lines(proc.stderr) == []
+
+
+def test_report_sections_measured_and_screenshotted(report_path, tmp_path):
+    """Measure the rendered page and keep one screenshot per section in artifacts/report/."""
+    binary = chromium()
+    if binary is None:
+        pytest.skip(
+            "chromium is not installed (apt-get install -y chromium); browser check skipped"
+        )
+    html = report_path.read_text()
+    measured = tmp_path / "measured.html"
+    measured.write_text(html.replace("</body>", MEASURE + "</body>"))
+    proc = run_chromium(
+        binary,
+        tmp_path,
+        "--virtual-time-budget=10000",
+        "--window-size=1280,2000",
+        "--dump-dom",
+        measured.as_uri(),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r'<pre id="measure">([^<]*)</pre>', proc.stdout)
+    assert found is not None, "the measuring script did not run"
+    m = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+    assert 2000 < m["page"] < 40000  # one long page, not a blank or a runaway layout
+    assert len(m["figures"]) == 4
+    for fig in m["figures"]:
+        assert fig["id"].startswith("fig-") and len(fig["alt"]) > 20 and len(fig["caption"]) > 40
+    assert len(m["math"]) >= 8
+    assert all(w > 5 and h > 5 for w, h in m["math"])  # MathML is laid out, not dropped
+    assert m["findings"]
+    for text in m["findings"]:
+        assert not re.search(r"\bnan\b", text, flags=re.I), text
+        assert "Why:" in text
+    heights = {s["id"]: s["height"] for s in m["sections"]}
+    assert all(h > 40 for h in heights.values()), heights
+
+    out = ARTIFACTS / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    for i, section in enumerate(m["sections"], 1):
+        key = section["id"]
+        only = tmp_path / f"only-{key}.html"
+        hide = (
+            f"<style>body > h1, .subtitle, nav, footer, section:not(#{key}) "
+            "{ display: none !important; }</style>"
+        )
+        only.write_text(html.replace("</head>", hide + "</head>"))
+        shot = out / f"{i:02d}-{key}.png"
+        height = int(min(max(section["height"] + 120, 300), 8000))
+        proc = run_chromium(
+            binary,
+            tmp_path,
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            f"--window-size=1280,{height}",
+            only.as_uri(),
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        image = mpimg.imread(shot)
+        assert image.shape[:2] == (height, 1280)
+        assert np.std(image[..., :3]) > 0.02, f"section {key} rendered blank"

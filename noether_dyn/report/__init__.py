@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from noether_dyn.report.compare import compare
 from noether_dyn.report.data import MissingData, RunLike, as_run
 from noether_dyn.report.figures import plot_charges
@@ -34,7 +36,10 @@ def report(run: RunLike, path: str | Path, format: str | None = None) -> Path:
     fmt = output_format(path, format)
     run = as_run(run)
     check_writable(path)
-    return write_document(run_document(run), path, fmt)
+    # non-finite data is shown as such (shaded spans, "n/a"); numpy's warnings add nothing
+    with np.errstate(all="ignore"):
+        doc = run_document(run)
+    return write_document(doc, path, fmt)
 
 
 __all__ = ["MissingData", "compare", "findings", "plot_charges", "report"]

@@ -2,9 +2,9 @@
 network) against a real adaptive optimizer (RMSprop or Adam on its un-normalized twin): THEORY §4,
 Tanaka & Kunin 2021 NLD §4.
 
-Per layer, the normalized run gives eta_eff = eta/((1-beta) r^2), the implied RMSprop state
-(r^2 in the part of sqrt(v), decay rho_eff) and the angular update against its theory; the
-adaptive run gives its real per-layer rate eta/(sqrt(v)+eps), averaged over the layer's
+Per layer, the normalized run gives η_eff = η/((1 − β) r²), the implied RMSprop state
+(r² in the part of √v, decay ρ_eff) and the angular update against its theory; the
+adaptive run gives its real per-layer rate η/(√v + ε), averaged over the layer's
 coordinates, from the per-tensor table of its store (``run.tensors``, see :data:`RATE_NOTE`).
 """
 
@@ -16,26 +16,37 @@ import numpy as np
 import pandas as pd
 
 from noether_dyn.report import figures
+from noether_dyn.report import formulas as F
 from noether_dyn.report.data import (
     MissingData,
     RunLike,
     as_run,
     charge_cube,
     layer_of,
+    param_group_table,
     tail_mask,
 )
-from noether_dyn.report.document import Document, Note, Paragraph, Section, Table, plot_or_note
-from noether_dyn.report.findings import findings
+from noether_dyn.report.document import (
+    Document,
+    FindingList,
+    Formula,
+    Note,
+    Paragraph,
+    Section,
+    Table,
+    plot_or_note,
+)
+from noether_dyn.report.findings import finding_items, findings
 from noether_dyn.report.normalization import scale_table
 from noether_dyn.report.render import check_writable, output_format, write_document
 from noether_dyn.store import Run
 
 RATE_NOTE = (
-    "B's per-layer rate is the mean over the layer's coordinates of eta/G_ii, the rate at which "
-    "the optimizer moves a raw coordinate per unit gradient: eta/(sqrt(v_i)+eps) for RMSprop and "
-    "Adam (bias-corrected v), eta for SGD. It comes from the run's per-tensor table "
+    "B's per-layer rate is the mean over the layer's coordinates of η/G_ii, the rate at which "
+    "the optimizer moves a raw coordinate per unit gradient: η/(√v_i + ε) for RMSprop and "
+    "Adam (bias-corrected v), η for SGD. It comes from the run's per-tensor table "
     "(run.tensors: lr x inv_metric, averaged over the layer's tensors by size) at each logged "
-    "step. For a normalized layer of A the same role is played by eta_eff = eta/((1-beta) r^2), "
+    "step. For a normalized layer of A the same role is played by η_eff = η/((1 − β) r²), "
     "which moves the unit direction; compare time courses and decays, not raw magnitudes."
 )
 
@@ -55,6 +66,13 @@ def layer_rate(run: Run, params: tuple[str, ...]) -> tuple[np.ndarray, np.ndarra
     inv = data[:, pos, 4]  # inv_metric column
     rates = inv * lr[groups].to_numpy()
     return steps, rates @ sizes / sizes.sum()
+
+
+def _time_constant(rho: float) -> float:
+    """1/(1 - rho) steps; inf for a sum (rho = 1), NaN when rho is unknown."""
+    if not np.isfinite(rho):
+        return np.nan
+    return 1 / (1 - rho) if rho < 1 else np.inf
 
 
 def _label(run: Run, other: Run, tag: str) -> str:
@@ -117,7 +135,7 @@ def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
         layer_b = _tail_mean(rate_layer) if len(rate_layer) else np.nan
         if params in b_scale:
             eff_b = _tail_mean(cube_b["effective_lr"][:, cube_b.index(b_scale[params])])
-            status = f"scale symmetry {b_scale[params]}: eta_eff shown"
+            status = f"scale symmetry {b_scale[params]}: η_eff shown"
         elif set(params) <= b_params:
             eff_b = np.nan
             status = "same parameters" if len(rate_layer) else "no per-tensor table in B's store"
@@ -127,16 +145,16 @@ def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
         rows.append(
             {
                 "layer": layer_of(params),
-                "A eta_eff first": r["eff_lr_first"],
-                "A eta_eff last": r["eff_lr_last"],
-                "A r^2 last (sqrt(v) scale)": r["r2_last"],
-                "A rho_eff": r["rho_eff"],
-                "A 1/(1-rho_eff)": r["accumulator_steps"],
+                "A η_eff first": r["eff_lr_first"],
+                "A η_eff last": r["eff_lr_last"],
+                "A r² last (√v scale)": r["r2_last"],
+                "A ρ_eff": r["rho_eff"],
+                "A 1/(1 − ρ_eff) (steps)": r["accumulator_steps"],
                 "A angular / theory": r["angular_ratio"],
-                f"B {cls_b} rho": rho_b,
-                "B 1/(1-rho)": 1 / (1 - rho_b) if rho_b < 1 else (np.inf if rho_b == 1 else np.nan),
-                "B eta/G per coordinate (layer mean)": layer_b,
-                "B eta_eff (scale layer)": eff_b,
+                f"B {cls_b} ρ": rho_b,
+                "B 1/(1 − ρ) (steps)": _time_constant(rho_b),
+                "B η/G per coordinate (layer mean)": layer_b,
+                "B η_eff (scale layer)": eff_b,
                 "B |dq|/|g| run-wide": _tail_mean(rate_b),
                 "B per-layer state": status,
             }
@@ -144,34 +162,188 @@ def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def loss_stats(run: Run) -> dict[str, float]:
+    """``final`` (mean of the last 10% of finite logged losses), ``min`` and ``min_step``,
+    ``first`` (mean of the first 10%) and ``diverged_at`` (first step whose gradient or
+    parameter norm is not finite; NaN when none)."""
+    s = run.steps
+    loss = s["loss"].to_numpy(dtype=float)
+    steps = s["step"].to_numpy()
+    ok = np.isfinite(loss)
+    bad = ~np.isfinite(s["grad_norm"].to_numpy(dtype=float)) | ~np.isfinite(
+        s["param_norm"].to_numpy(dtype=float)
+    )
+    out = {"final": np.nan, "first": np.nan, "min": np.nan, "min_step": np.nan}
+    out["diverged_at"] = float(steps[np.flatnonzero(bad)[0]]) if bad.any() else np.nan
+    if ok.any():
+        finite = loss[ok]
+        k = max(1, len(finite) // 10)
+        i = int(np.argmin(finite))
+        out.update(
+            final=float(np.mean(finite[-k:])),
+            first=float(np.mean(finite[:k])),
+            min=float(finite[i]),
+            min_step=float(steps[ok][i]),
+        )
+    return out
+
+
+def _hyper_text(run: Run) -> str:
+    """Every param group's hyperparameters in one line (``g0: lr=0.1, ...; g1: ...``)."""
+    frame, differ = param_group_table(run)
+    keys = ("lr", "momentum", "alpha", "betas", "weight_decay", "eps")
+    parts = []
+    for r in frame.to_dict("records"):
+        shown = [f"{k}={r[k]}" for k in keys if k in r and r[k] is not None]
+        parts.append(f"g{r['group']}: " + ", ".join(shown))
+    text = "; ".join(parts) or "?"
+    return text + (f" (groups differ in {', '.join(differ)})" if differ else "")
+
+
 def _summary(a: Run, b: Run, la: str, lb: str) -> Table:
     def facts(run: Run) -> dict:
         opt = _opt(run)
-        g = (opt.get("param_groups") or [{}])[0]
         s = run.steps
-        loss = s["loss"].to_numpy()
-        finite = loss[np.isfinite(loss)]
-        k = max(1, len(finite) // 10)
-        hyper = ", ".join(
-            f"{k_}={g[k_]}"
-            for k_ in ("lr", "momentum", "alpha", "betas", "weight_decay", "eps")
-            if k_ in g
-        )
+        stats = loss_stats(run)
         return {
             "model": (run.meta.get("model") or {}).get("class", "?"),
             "parameters": (run.meta.get("model") or {}).get("n_parameters", "?"),
             "optimizer": opt.get("class", "?"),
-            "hyperparameters (group 0)": hyper,
-            "param groups": len(opt.get("param_groups") or []),
+            "hyperparameters (every param group)": _hyper_text(run),
             "logged steps": len(s),
             "wall time (s)": float(s["wall_time"].max()) if len(s) else np.nan,
-            "final loss (mean of last 10%)": float(np.mean(finite[-k:])) if len(finite) else np.nan,
+            "final loss (mean of last 10%)": stats["final"],
+            "minimum loss": stats["min"],
             "symmetries": len(run.symmetries),
             "scale (normalized) layers": int((run.symmetries["kind"] == "scale").sum()),
         }
 
     fa, fb = facts(a), facts(b)
     return Table(pd.DataFrame({"item": list(fa), la: list(fa.values()), lb: list(fb.values())}))
+
+
+def _g(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _scale_story(run: Run, label: str) -> list[str]:
+    """Sentences on a run's normalized layers: effective-rate trend, weight decay, equilibrium."""
+    table = scale_table(run)
+    out = []
+    for r in table.itertuples(index=False):
+        if not np.isfinite(r.eff_lr_change):
+            continue
+        trend = (
+            f"fell {_g(1 / r.eff_lr_change)}x"
+            if r.eff_lr_change < 1
+            else f"rose {_g(r.eff_lr_change)}x"
+        )
+        if r.weight_decay == 0:
+            out.append(
+                f"In {label}, {r.layer} has no weight decay: its norm grew {_g(r.norm_growth)}x "
+                f"and its effective rate η_eff = η/((1 − β) r²) {trend} (an Adagrad-like sum)."
+            )
+        elif np.isfinite(r.angular_ratio):
+            out.append(
+                f"In {label}, {r.layer}'s η_eff {trend} and it turns at "
+                f"{_g(r.angular_ratio)} times its equilibrium angle θ* "
+                f"({'at' if 2 / 3 <= r.angular_ratio <= 1.5 else 'away from'} equilibrium)."
+            )
+    return out
+
+
+def _breaking_story(run: Run, label: str) -> list[str]:
+    """A sentence on how much the learning rule moved the charges, relative to |Q_0|."""
+    if _opt(run).get("prediction") != "flow":
+        return []
+    cube = charge_cube(run)
+    if not len(cube.steps):
+        return []
+    with np.errstate(over="ignore", invalid="ignore"):
+        rule = np.nansum(cube["rule"], axis=0)
+    q0 = np.array([_first(cube["charge"][:, j]) for j in range(len(cube.names))])
+    rel = np.abs(rule) / np.fmax(np.abs(q0), 1e-12)
+    if not np.isfinite(rel).any():
+        return []
+    j = int(np.nanargmax(rel))
+    return [
+        f"In {label}, the optimizer's metric (not the loss) moved the charges gradient flow "
+        f"would keep: the learning-rule term of {cube.names[j]} sums to {_g(rule[j])}, "
+        f"{_g(100 * rel[j])}% of |Q₀|; the preconditioner redistributes norm between layers."
+    ]
+
+
+def _first(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite[0]) if len(finite) else np.nan
+
+
+def verdict_blocks(a: Run, b: Run, la: str, lb: str) -> list:
+    """The comparison's lead: which run trained better (final and minimum loss, with numbers)
+    and why, in the terms of the theory (effective rates, charges, equilibrium)."""
+    sa, sb = loss_stats(a), loss_stats(b)
+    blocks: list = []
+    div = [(lab, st["diverged_at"]) for lab, st in ((la, sa), (lb, sb))]
+    if np.isfinite(sa["final"]) and np.isfinite(sb["final"]):
+        better, worse = ((la, sa), (lb, sb)) if sa["final"] <= sb["final"] else ((lb, sb), (la, sa))
+        gap = (worse[1]["final"] - better[1]["final"]) / max(abs(worse[1]["final"]), 1e-12)
+        head = (
+            f"{better[0]} trained better: final loss {_g(better[1]['final'])} against "
+            f"{_g(worse[1]['final'])} for {worse[0]} ({_g(100 * gap)}% lower; means of the last "
+            f"10% of logged steps). Minimum loss: {_g(sa['min'])} for {la} (step "
+            f"{int(sa['min_step'])}), {_g(sb['min'])} for {lb} (step {int(sb['min_step'])})."
+        )
+        if gap < 0.01:
+            head = (
+                f"Neither run trained clearly better: final losses {_g(sa['final'])} ({la}) and "
+                f"{_g(sb['final'])} ({lb}) differ by {_g(100 * gap)}%."
+            )
+    elif np.isfinite(sa["final"]) or np.isfinite(sb["final"]):
+        ok, other = (la, sa) if np.isfinite(sa["final"]) else (lb, sb)
+        head = (
+            f"Only {ok} has a finite logged loss (final {_g(other['final'])}); the other run "
+            "logged none or diverged, so it cannot be ranked by loss."
+        )
+    else:
+        head = (
+            "Neither run logged a finite loss (call monitor.log_loss(loss)), so they cannot be "
+            "ranked by loss."
+        )
+    blocks.append(Paragraph(head))
+    for lab, at in div:
+        if np.isfinite(at):
+            blocks.append(
+                Note(
+                    f"{lab} diverged: its gradients or parameters are NaN/Inf from step {int(at)}."
+                )
+            )
+    why = _scale_story(a, la) + _scale_story(b, lb) + _breaking_story(a, la)
+    why += _breaking_story(b, lb)
+    rate_a, rate_b = _tail_mean(realized_rate(a)[1]), _tail_mean(realized_rate(b)[1])
+    if np.isfinite(rate_a) and np.isfinite(rate_b):
+        why.append(
+            f"Realized step per unit gradient |dq|/|g| over the last 20% of steps: "
+            f"{_g(rate_a)} for {la}, {_g(rate_b)} for {lb}."
+        )
+    if why:
+        blocks.append(
+            Paragraph(
+                "Why, in the theory's terms (THEORY §4; Tanaka & Kunin 2021 NLD): a normalized "
+                "layer under SGD(M) is an adaptive optimizer with one accumulator per layer, "
+                "whose rate is"
+            )
+        )
+        blocks.append(Formula(F.EFFECTIVE_RATE))
+        blocks.append(Paragraph(" ".join(why)))
+    blocks.append(
+        Paragraph(
+            "These are measurements beside the loss, not a proof of cause: a rate that keeps "
+            "falling (no weight decay) slows a layer down; a layer at equilibrium keeps a "
+            "constant angular speed; a large learning-rule term means the preconditioner, not "
+            "the loss, reshapes the weights."
+        )
+    )
+    return blocks
 
 
 def _rates_series(
@@ -183,11 +355,11 @@ def _rates_series(
     if cube is not None:
         for j, (name, kind) in enumerate(zip(cube.names, cube.kinds)):
             if kind == "scale" and len(series) < 8:
-                series.append((f"eta_eff {name}", cube.steps, cube["effective_lr"][:, j]))
+                series.append((f"η_eff {name}", cube.steps, cube["effective_lr"][:, j]))
     for params in layers[:8]:
         steps, rate = layer_rate(run, params)
         if len(rate):
-            series.append((f"eta/G {layer_of(params)}", steps, rate))
+            series.append((f"η/G {layer_of(params)}", steps, rate))
     steps, rate = realized_rate(run)
     if np.isfinite(rate).any():
         series.append(("|dq|/|g| run-wide", steps, rate))
@@ -199,30 +371,36 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
     la, lb = _label(run_a, run_b, "A"), _label(run_b, run_a, "B")
     sections = [
         Section(
+            "verdict",
+            "Which run trained better",
+            [
+                *verdict_blocks(run_a, run_b, la, lb),
+                plot_or_note(
+                    "loss",
+                    "Training loss per logged step of both runs (one colour each; dots: each "
+                    "run's minimum). Red bands: steps where a loss is NaN/Inf.",
+                    lambda: figures.loss_figure([(la, run_a), (lb, run_b)]),
+                    alt=f"Loss curves of {la} and {lb}.",
+                ),
+            ],
+        ),
+        Section(
             "runs",
             "Runs",
             [
                 Paragraph(f"A = {la} ({run_a.path}), B = {lb} ({run_b.path})."),
                 _summary(run_a, run_b, la, lb),
             ],
-        )
+        ),
     ]
-    fa, fb = findings(run_a), findings(run_b)
-    frame = pd.concat([fa.assign(run=la), fb.assign(run=lb)], ignore_index=True)
-    frame = frame[["run", "layer", "symmetry", "finding", "warning"]]
-    frame = frame.iloc[np.argsort(frame["warning"].eq("").to_numpy(), kind="stable")]
-    sections.append(Section("findings", "Findings", [Table(frame.reset_index(drop=True))]))
+    items = finding_items(findings(run_a), la) + finding_items(findings(run_b), lb)
+    rank = {"problem": 0, "check": 1, "info": 2}
+    items.sort(key=lambda f: rank.get(f.severity, 3))
     sections.append(
         Section(
-            "loss",
-            "Loss",
-            [
-                plot_or_note(
-                    "loss",
-                    "Logged loss of both runs.",
-                    lambda: figures.loss_figure([(la, run_a), (lb, run_b)]),
-                )
-            ],
+            "findings",
+            "Findings of both runs",
+            [FindingList(items)] if items else [Note("No findings.")],
         )
     )
 
@@ -233,14 +411,18 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
     )
     blocks: list = [
         Paragraph(
-            "THEORY §4 (Tanaka & Kunin 2021 NLD §4): a normalized layer trained with SGD(M) and L2 "
-            "weight decay behaves like an adaptive optimizer with one accumulator per layer: its "
-            "direction moves at eta_eff = eta/((1-beta) r^2), r^2 plays sqrt(v) and r^4 is an "
-            "exponential average with decay rho_eff = 1 - 4 eta lambda/(1-beta). Below, "
-            f"A = {ln} (the normalized run) beside B = {ladapt}, layers matched by parameter name. "
-            "The rates are not in the same units: eta_eff is the rate of the unit direction, "
-            "eta/(sqrt(v)+eps) the rate of raw coordinates; compare their time courses and "
-            "accumulator decays."
+            [
+                "THEORY §4 (Tanaka & Kunin 2021 NLD §4): a normalized layer trained with SGD(M) "
+                "and L2 weight decay behaves like an adaptive optimizer with one accumulator per "
+                "layer: its direction moves at ",
+                F.EFFECTIVE_RATE,
+                ", r² plays √v and r⁴ is an exponential average with decay ",
+                F.IMPLIED_DECAY,
+                f". Below, A = {ln} (the normalized run) beside B = {ladapt}, layers matched by "
+                "parameter name. The rates are not in the same units: η_eff is the rate of the "
+                "unit direction, η/(√v + ε) the rate of raw coordinates; compare their time "
+                "courses and accumulator decays.",
+            ]
         )
     ]
     if not (has_a or has_b):
@@ -258,9 +440,9 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
         blocks.append(
             plot_or_note(
                 "rates",
-                "Effective rates over time: per normalized layer of A eta_eff, per same-named "
-                "layer of B the mean per-coordinate rate eta/G, and each run's realized rate "
-                "|dq|/|g|.",
+                "Effective rates per step (log scale): per normalized layer of A its η_eff, per "
+                "same-named layer of B the mean per-coordinate rate η/G, and each run's realized "
+                "rate |dq|/|g|.",
                 lambda: figures.rates_figure(
                     _rates_series(norm), _rates_series(adapt, scale_params), ln, ladapt
                 ),
@@ -276,7 +458,8 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
             block_list = [
                 plot_or_note(
                     f"charges-{tag}",
-                    f"Charges of {label}: measured (solid), predicted (dashed), residual.",
+                    f"Charges of {label}: measured (solid) and predicted (dashed) charge Q, "
+                    "and the signed relative residual (Q − P)/max(|P|, |Q₀|) beside it.",
                     lambda r=run, n=names, g=regime: figures.charges_figure(r, n, g),
                 )
             ]
@@ -308,4 +491,6 @@ def compare(run_a: RunLike, run_b: RunLike, path: str | Path, format: str | None
     fmt = output_format(path, format)
     a, b = as_run(run_a), as_run(run_b)
     check_writable(path)
-    return write_document(compare_document(a, b), path, fmt)
+    with np.errstate(all="ignore"):  # non-finite data is shown, numpy's warnings add nothing
+        doc = compare_document(a, b)
+    return write_document(doc, path, fmt)

@@ -203,3 +203,44 @@ def _num(value: object) -> float:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return np.nan
+
+
+NOISY_GROUP_KEYS = frozenset(
+    {"params", "foreach", "differentiable", "fused", "capturable", "maximize", "n_params"}
+)
+"""Param-group entries that are implementation switches, not hyperparameters."""
+
+
+def param_group_table(run: Run) -> tuple[pd.DataFrame, list[str]]:
+    """Every param group's hyperparameters, one row per group, and the hyperparameters whose
+    values differ between groups (shown first, after ``group`` and ``parameters``).
+
+    ``parameters`` names the modules whose tensors the group holds (from ``meta["parameters"]``).
+    """
+    opt = run.meta.get("optimizer") or {}
+    groups = opt.get("param_groups") or []
+    members: dict[int, list[str]] = {}
+    for p in run.meta.get("parameters", []) or []:
+        members.setdefault(int(p.get("group", 0)), []).append(str(p.get("name")))
+    rows = []
+    for i, g in enumerate(groups):
+        names = members.get(i, [])
+        shown = layer_of(names).replace(" -> ", ", ")
+        rows.append(
+            {
+                "group": i,
+                "parameters": f"{len(names)} tensors: {shown}" if names else "-",
+                **{k: _cell(v) for k, v in g.items() if k not in NOISY_GROUP_KEYS},
+            }
+        )
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame, []
+    keys = [c for c in frame.columns if c not in ("group", "parameters")]
+    differ = [c for c in keys if frame[c].astype(str).nunique(dropna=False) > 1]
+    order = ["group", "parameters", *differ, *[c for c in keys if c not in differ]]
+    return frame[order], differ
+
+
+def _cell(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value

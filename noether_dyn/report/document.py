@@ -3,7 +3,9 @@ the HTML and Markdown writers render. Builders never touch a file; writers never
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,13 +14,56 @@ from matplotlib.figure import Figure
 
 from noether_dyn.report.data import MissingData
 from noether_dyn.report.figures import to_png
+from noether_dyn.report.mathml import Node
+
+Inline = str | Node
+"""A piece of running text: plain text (writers escape it; backticks mark code) or a formula."""
 
 
 @dataclass
 class Paragraph:
-    """Plain text (no markup; writers escape it). Backticks mark code."""
+    """Running text: a string, or a sequence of strings and inline formulas."""
 
-    text: str
+    text: str | Sequence[Inline]
+
+    def parts(self) -> list[Inline]:
+        return [self.text] if isinstance(self.text, str) else list(self.text)
+
+
+@dataclass
+class Formula:
+    """A formula on its own line, with an optional plain-text gloss after it."""
+
+    node: Node
+    gloss: str = ""
+
+
+SEVERITIES = ("problem", "check", "info")
+"""Finding severities, most important first: ``problem`` needs a change to the training,
+``check`` deserves a look, ``info`` is a measurement with nothing to do."""
+
+
+@dataclass
+class Finding:
+    """One finding: what happened, why (with the number), what to do, and where to look.
+
+    ``figure`` is the anchor of the figure or section that shows it (``fig-charges``, ``summary``)
+    or empty.
+    """
+
+    severity: str
+    where: str
+    what: str
+    why: str
+    action: str = ""
+    figure: str = ""
+
+
+@dataclass
+class FindingList:
+    """Findings in the order given (rank them before)."""
+
+    items: list[Finding]
 
 
 @dataclass
@@ -31,11 +76,14 @@ class Table:
 
 @dataclass
 class Plot:
-    """A rendered figure: PNG bytes, a file-safe ``name`` and a caption."""
+    """A rendered figure: PNG bytes, a file-safe ``name`` (its anchor is ``fig-<name>``), a
+    caption saying what it shows, and ``alt``, a text description for readers without images
+    (defaults to the caption)."""
 
     png: bytes
     name: str
     caption: str = ""
+    alt: str = ""
 
 
 @dataclass
@@ -53,7 +101,7 @@ class Code:
     summary: str
 
 
-Block = Paragraph | Table | Plot | Note | Code
+Block = Paragraph | Formula | Table | Plot | Note | Code | FindingList
 
 
 @dataclass
@@ -74,14 +122,29 @@ class Document:
     sections: list[Section]
 
 
-def plot_or_note(name: str, caption: str, draw: Callable[[], Figure]) -> Block:
+def plot_or_note(name: str, caption: str, draw: Callable[[], Figure], alt: str = "") -> Block:
     """``Plot`` of ``draw()``, or a ``Note`` saying which data is missing when it raises
-    :class:`MissingData`."""
+    :class:`MissingData`.
+
+    Any other error while drawing becomes a note naming it (and a ``RuntimeWarning``), so one
+    figure that cannot be drawn never loses the rest of the report.
+    """
     try:
-        fig = draw()
+        return Plot(to_png(draw()), name, caption, alt)
     except MissingData as exc:
         return Note(f"Figure '{name}' skipped: {exc}.")
-    return Plot(to_png(fig), name, caption)
+    except Exception as exc:  # noqa: BLE001 - the report must survive any bad data
+        warnings.warn(f"report figure '{name}' failed: {exc!r}", RuntimeWarning, stacklevel=2)
+        return Note(f"Figure '{name}' could not be drawn ({type(exc).__name__}: {exc}).")
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape sequences among them) shown as
+    ``\\xNN`` instead of acting on a terminal; tabs and newlines are kept."""
+    return _CONTROL.sub(lambda c: f"\\x{ord(c.group()):02x}", text)
 
 
 def format_value(value: object) -> str:
@@ -100,8 +163,8 @@ def format_value(value: object) -> str:
             return f"{v:.3e}"
         return f"{v:.4g}"
     if isinstance(value, tuple | list):
-        return ", ".join(str(v) for v in value)
-    return str(value)
+        return printable(", ".join(str(v) for v in value))
+    return printable(str(value))
 
 
 def format_frame(frame: pd.DataFrame) -> list[list[str]]:

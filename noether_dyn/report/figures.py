@@ -25,13 +25,58 @@ from noether_dyn.report.data import (
     as_run,
     charge_cube,
     decimate,
+    first_last,
 )
 from noether_dyn.store import Run
 
 MAX_PANELS = 8
 """Most symmetries drawn in one charge or KSB figure (the others are in the tables)."""
 
-PALETTE = sns.color_palette("colorblind", 10)
+PALETTE = [
+    "#0072B2",  # blue
+    "#E69F00",  # orange
+    "#009E73",  # bluish green
+    "#D55E00",  # vermillion
+    "#CC79A7",  # reddish purple
+    "#56B4E9",  # sky blue
+    "#000000",  # black
+    "#F0E442",  # yellow
+]
+"""One qualitative palette with distinct hues, safe for colour-blind readers (Okabe & Ito 2008,
+"Color Universal Design"); lines beyond eight repeat the hues with a dotted style."""
+
+NONFINITE_COLOR = "#B42318"
+"""Shading of the steps where a drawn quantity is NaN or infinite."""
+
+DRAW_LIMIT = 1e300
+"""Largest magnitude drawn as a line; larger finite values are shaded like Inf."""
+
+UNITS = {
+    "charge": "charge Q (param²)",
+    "translation": "charge Q (param)",
+    "relative": "relative residual (1)",
+    "kinetic": "T (loss units)",
+    "potential": "V, loss (loss units)",
+    "log_prefactor": "t/τ (1)",
+    "effective_lr": "η_eff (1/(step·param²))",
+    "angular": "angular update (rad/step)",
+    "r2": "r² = |q|² (param²)",
+    "loss": "loss (training objective)",
+    "rate": "rate (per step)",
+    "term": "change of Q (param²)",
+}
+"""Y-axis labels with units. ``param`` is the unit of a parameter's value; a scale or rescale
+charge is a squared norm (param²), a translation charge a column sum (param). Rates are per
+optimizer step; t/τ and residuals are dimensionless (1)."""
+
+DEPTH_UNITS = {
+    "sigma_max": "σ_max (gain, 1)",
+    "sigma_min": "σ_min (gain, 1)",
+    "transmission": "|∂L/∂y_j| / |∂L/∂y_L| (1)",
+    "defect": "|MᵀJM − J|_F / |J|_F (1)",
+    "stability": "max|1 + hλ| (1)",
+}
+"""Y labels of the depth panels: all are ratios of like quantities (dimensionless)."""
 
 
 @contextmanager
@@ -54,6 +99,65 @@ def to_png(fig: Figure, dpi: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def nonfinite_spans(x: np.ndarray, y: np.ndarray) -> list[tuple[float, float]]:
+    """(first x, last x) of each run of consecutive non-finite ``y`` values."""
+    bad = ~np.isfinite(np.asarray(y, dtype=float))
+    if not bad.any():
+        return []
+    edges = np.diff(np.concatenate([[0], bad.astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+    x = np.asarray(x)
+    return [(float(x[a]), float(x[b])) for a, b in zip(starts, ends)]
+
+
+def shade_nonfinite(ax: Axes, series: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> int:
+    """Shade, on ``ax``, every stretch of steps where any of ``series`` is NaN or infinite (half a
+    step beyond each end, so a single step shows); returns the number of non-finite values."""
+    count = 0
+    spans: list[tuple[float, float]] = []
+    for _, x, y in series:
+        y = np.asarray(y, dtype=float)
+        count += int((~np.isfinite(y)).sum())
+        spans += nonfinite_spans(x, y)
+    merged: list[list[float]] = []
+    for a, b in sorted(spans):  # one band per stretch, however many series share it
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    for i, (a, b) in enumerate(merged):
+        ax.axvspan(
+            a - 0.5,
+            b + 0.5,
+            color=NONFINITE_COLOR,
+            alpha=0.18,
+            linewidth=0,
+            label="NaN/Inf or beyond 1e300 (not drawn)" if i == 0 else None,
+        )
+    return count
+
+
+def finite_limits(ax: Axes, values: Sequence[np.ndarray], log: bool = False) -> None:
+    """Set ``ax``'s y limits from the finite ``values`` with a 5% margin computed without
+    overflow (values near the float64 maximum would otherwise give infinite limits, which
+    matplotlib cannot draw)."""
+    flat = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values] or [np.zeros(0)])
+    flat = flat[np.isfinite(flat)]
+    if log:
+        flat = flat[flat > 0]
+    if not len(flat):
+        return
+    lo, hi = float(flat.min()), float(flat.max())
+    big = DRAW_LIMIT * 1.5
+    if log:
+        ax.set_ylim(max(lo / 1.5, 1e-300), min(hi * 1.5, big))
+        return
+    pad = 0.05 * hi - 0.05 * lo
+    if pad == 0:
+        pad = 0.05 * abs(hi) or 1.0
+    ax.set_ylim(max(lo - pad, -big), min(hi + pad, big))
+
+
 def lines(
     ax: Axes,
     series: Sequence[tuple[str, np.ndarray, np.ndarray]],
@@ -61,36 +165,52 @@ def lines(
     dashes: Sequence[str] = (),
     colors: Sequence | None = None,
     legend: bool = True,
+    ylabel: str = "",
+    log: bool = False,
 ) -> None:
-    """Draw named (x, y) lines with seaborn, each decimated; ``dashes`` names the dashed ones."""
-    parts = []
-    for label, x, y in series:
-        xs, ys = decimate(np.asarray(x), np.asarray(y, dtype=float))
-        parts.append(pd.DataFrame({"step": xs, "value": ys, "series": label}))
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    if frame.empty:
+    """Draw named (x, y) lines, each decimated; ``dashes`` names the dashed ones.
+
+    Non-finite values cannot be drawn as a line: the steps that hold them are shaded instead
+    (:func:`shade_nonfinite`), before decimation, so a blow-up is always visible. ``log`` uses a
+    log y scale when every finite value is positive and within 1e±200.
+    """
+    # beyond DRAW_LIMIT matplotlib's axis arithmetic overflows: such values are shaded like Inf
+    series = [
+        (label, x, np.where(np.abs(y) <= DRAW_LIMIT, y, np.where(np.isnan(y), np.nan, np.inf)))
+        for label, x, y in ((lab, x, np.asarray(y, dtype=float)) for lab, x, y in series)
+    ]
+    shade_nonfinite(ax, series)
+    ax.set_ylabel(ylabel)
+    drawn = [(label, *decimate(np.asarray(x), y)) for label, x, y in series]
+    drawn = [(label, xs, ys) for label, xs, ys in drawn if len(ys)]
+    if not drawn:
         ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small", loc="best")
         return
-    labels = [s[0] for s in series if (frame["series"] == s[0]).any()]
-    sns.lineplot(
-        data=frame,
-        x="step",
-        y="value",
-        hue="series",
-        hue_order=labels,
-        style="series",
-        style_order=labels,
-        dashes={lab: (4, 2) if lab in dashes else "" for lab in labels},
-        palette=list(colors or PALETTE)[: len(labels)] if len(labels) <= 10 else None,
-        estimator=None,
-        errorbar=None,
-        linewidth=1.2,
-        ax=ax,
-        legend=legend,
-    )
-    ax.set_ylabel("")
-    if legend and ax.get_legend() is not None:
-        ax.legend(fontsize="small", title=None, loc="best")
+    values = np.concatenate([ys for _, _, ys in drawn])
+    # beyond ~1e±200 matplotlib's log locator overflows float64: a blown-up run is drawn linear
+    log = log and bool((values > 0).all() and values.max() < 1e200 and values.min() > 1e-200)
+    if log:
+        ax.set_yscale("log")
+    palette = list(colors or PALETTE)
+    for i, (label, xs, ys) in enumerate(drawn):
+        ax.plot(
+            xs,
+            ys,
+            color=palette[i % len(palette)],
+            linestyle=(0, (4, 2)) if label in dashes else "-",
+            linewidth=1.4,
+            label=label,
+        )
+    finite_limits(ax, [values], log)
+    shaded = any(p.get_label() and not p.get_label().startswith("_") for p in ax.patches)
+    if legend or shaded:
+        handles, labels = ax.get_legend_handles_labels()
+        if not legend:  # only the shading's entry
+            keep = [i for i, lab in enumerate(labels) if lab.startswith("NaN/Inf")]
+            handles, labels = [handles[i] for i in keep], [labels[i] for i in keep]
+        ax.legend(handles, labels, fontsize="small", loc="best")
 
 
 def select_symmetries(
@@ -148,14 +268,33 @@ def relative_residual(cube: ChargeCube) -> np.ndarray:
     return out
 
 
+def relative_residual_series(cube: ChargeCube, j: int) -> np.ndarray:
+    """(Q_n - P_n) / max(|P_n|, |Q_0|) per logged step for symmetry column ``j``: the signed
+    relative residual whose last value :func:`relative_residual` reports (NaN where Q or P is
+    not finite, +-inf never)."""
+    q, p = cube["charge"][:, j], cube["predicted"][:, j]
+    finite = np.flatnonzero(np.isfinite(q))
+    q0 = abs(q[finite[0]]) if len(finite) else np.nan
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        scale = np.fmax(np.abs(p), q0)
+        out = (q - p) / np.fmax(scale, 1e-12)
+    return np.where(np.isfinite(q) & np.isfinite(p), out, np.nan)
+
+
+def charge_label(kind: str) -> str:
+    """Y label of a charge of ``kind`` with its unit."""
+    return UNITS["translation"] if kind == "translation" else UNITS["charge"]
+
+
 def charges_figure(run: Run, names: Sequence[str], regime: str = "") -> Figure:
-    """Measured charge Q_n beside the theory's prediction (left) and their residual (right), one
-    row per symmetry (THEORY §3.2-3.3; Kunin et al. 2021 NM, Tanaka & Kunin 2021 NLD)."""
+    """Measured charge Q_n beside the theory's prediction (left) and their signed relative
+    residual (Q - P)/max(|P|, |Q_0|) (right), one row per symmetry (THEORY §3.2-3.3; Kunin et al.
+    2021 NM, Tanaka & Kunin 2021 NLD)."""
     cube = charge_cube(run)
     pred_label = "predicted (gradient flow)" if regime == "flow" else "predicted"
     with style():
-        fig = new_figure(11, 2.2 * len(names) + 0.4)
-        axes = fig.subplots(len(names), 2, squeeze=False)
+        fig = new_figure(11, 2.3 * len(names) + 0.5)
+        axes = fig.subplots(len(names), 2, squeeze=False, width_ratios=(3, 2))
         for row, name in enumerate(names):
             j = cube.index(name)
             q, p = cube["charge"][:, j], cube["predicted"][:, j]
@@ -164,11 +303,21 @@ def charges_figure(run: Run, names: Sequence[str], regime: str = "") -> Figure:
                 left,
                 [("measured", cube.steps, q), (pred_label, cube.steps, p)],
                 dashes=[pred_label],
+                ylabel=charge_label(cube.kinds[j]),
             )
-            left.set_title(f"{name} ({cube.kinds[j]}): charge Q", loc="left")
-            lines(right, [("charge - predicted", cube.steps, q - p)], colors=[PALETTE[3]])
+            left.set_title(f"{name} ({cube.kinds[j]}): measured vs predicted", loc="left")
+            rel = relative_residual_series(cube, j)
+            lines(
+                right,
+                [("(Q − P)/max(|P|, |Q₀|)", cube.steps, rel)],
+                colors=[PALETTE[3]],
+                legend=False,
+                ylabel=UNITS["relative"],
+            )
             right.axhline(0.0, color="0.4", linewidth=0.8)
-            right.set_title("residual", loc="left")
+            last = rel[np.isfinite(rel)]
+            tail = f" (last {100 * last[-1]:+.2g}%)" if len(last) else ""
+            right.set_title(f"relative residual{tail}", loc="left")
             for ax in (left, right):
                 ax.set_xlabel("step" if row == len(names) - 1 else "")
     return fig
@@ -207,9 +356,21 @@ def plot_charges(
         xs, ys = decimate(cube.steps, cube["predicted"][:, j])
         ax.plot(xs, ys, color=color, linestyle="--", label=f"{name} predicted")
     ax.set_xlabel("step")
-    ax.set_ylabel("charge Q")
+    ax.set_ylabel(UNITS["charge"])
     ax.legend(fontsize="small")
     return ax.figure
+
+
+def accumulate(terms: np.ndarray) -> np.ndarray:
+    """Running sum of per-step ``terms``; NaN from the first non-finite term (or overflow) on,
+    so an accumulation that blew up shows as a shaded stretch, never as a made-up number."""
+    terms = np.asarray(terms, dtype=float)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.cumsum(np.where(np.isfinite(terms), terms, 0.0))
+    bad = np.flatnonzero(~np.isfinite(terms) | ~np.isfinite(out))
+    if len(bad):
+        out[bad[0] :] = np.nan
+    return out
 
 
 def ksb_figure(run: Run, names: Sequence[str]) -> Figure:
@@ -224,20 +385,29 @@ def ksb_figure(run: Run, names: Sequence[str]) -> Figure:
     with style():
         n_cols = 2 if len(names) > 1 else 1
         n_rows = -(-len(names) // n_cols)
-        fig = new_figure(11, 2.5 * n_rows + 0.4)
+        fig = new_figure(11, 2.6 * n_rows + 0.4)
         axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
         for ax, name in zip(axes, names):
             j = cube.index(name)
-            terms = [np.nan_to_num(cube[c][:, j]) for c in ("decay", "rule", "ksb")]
+            terms = [cube[c][:, j] for c in ("decay", "rule", "ksb")]
+            unit = charge_label(cube.kinds[j]).replace("charge Q", "change of Q")
             if every == 1:
                 x_next = cube.steps + 1
-                series = [(lab, x_next, np.cumsum(t)) for lab, t in zip(labels, terms)]
+                series = [(lab, x_next, accumulate(t)) for lab, t in zip(labels, terms)]
                 q = cube["charge"][:, j]
-                series.append(("measured Q - Q_0", cube.steps, q - q[np.isfinite(q)][0]))
-                lines(ax, series, dashes=["measured Q - Q_0"], colors=[*PALETTE[:3], "0.15"])
-                ax.set_title(f"{name}: accumulated change", loc="left")
+                q0, _ = first_last(q)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    series.append(("measured Q − Q₀", cube.steps, q - q0))
+                lines(
+                    ax,
+                    series,
+                    dashes=["measured Q − Q₀"],
+                    colors=[*PALETTE[:3], "0.15"],
+                    ylabel=unit,
+                )
+                ax.set_title(f"{name}: accumulated change since step {cube.steps[0]}", loc="left")
             else:
-                lines(ax, [(lab, cube.steps, t) for lab, t in zip(labels, terms)])
+                lines(ax, [(lab, cube.steps, t) for lab, t in zip(labels, terms)], ylabel=unit)
                 ax.set_title(f"{name}: per-step terms (every={every})", loc="left")
             ax.set_xlabel("step")
         for ax in axes[len(names) :]:
@@ -255,20 +425,19 @@ def lagrangian_figure(run: Run) -> Figure:
     with style():
         fig = new_figure(11, 3.0)
         ax_t, ax_v, ax_tau = fig.subplots(1, 3)
-        kinetic = s["kinetic"].to_numpy()
-        lines(ax_t, [("T (kinetic)", x, kinetic)], legend=False)
-        if np.nanmin(np.where(kinetic > 0, kinetic, np.nan), initial=np.inf) < np.inf and (
-            np.nanmin(kinetic) > 0
-        ):
-            ax_t.set_yscale("log")
+        kinetic = s["kinetic"].to_numpy(dtype=float)
+        lines(ax_t, [("T (kinetic)", x, kinetic)], legend=False, ylabel=UNITS["kinetic"], log=True)
         ax_t.set_title("kinetic energy T", loc="left")
+        loss = s["loss"].to_numpy(dtype=float)
+        l2 = s["l2"].to_numpy(dtype=float)
         v_series = []
-        if np.isfinite(s["loss"]).any():
-            v_series += [("V = loss + L2", x, s["potential"].to_numpy()), ("loss", x, s["loss"])]
-        if np.nanmax(np.abs(s["l2"].to_numpy()), initial=0.0) > 0:
-            v_series.append(("L2 term", x, s["l2"].to_numpy()))
+        if np.isfinite(loss).any():
+            potential = s["potential"].to_numpy(dtype=float)
+            v_series += [("V = loss + L2", x, potential), ("loss", x, loss)]
+        if np.nanmax(np.abs(np.where(np.isfinite(l2), l2, np.nan)), initial=0.0) > 0:
+            v_series.append(("L2 term", x, l2))
         if v_series:
-            lines(ax_v, v_series, dashes=["L2 term"])
+            lines(ax_v, v_series, dashes=["L2 term"], ylabel=UNITS["potential"])
         else:
             ax_v.text(
                 0.5,
@@ -278,12 +447,16 @@ def lagrangian_figure(run: Run) -> Figure:
                 va="center",
                 transform=ax_v.transAxes,
             )
-        title = "potential V" if np.isfinite(s["loss"]).any() else "potential (loss not logged)"
+        title = "potential V" if np.isfinite(loss).any() else "potential (loss not logged)"
         ax_v.set_title(title, loc="left")
         lines(
-            ax_tau, [("t/tau", x, s["log_prefactor"].to_numpy())], legend=False, colors=[PALETTE[2]]
+            ax_tau,
+            [("t/τ", x, s["log_prefactor"].to_numpy(dtype=float))],
+            legend=False,
+            colors=[PALETTE[2]],
+            ylabel=UNITS["log_prefactor"],
         )
-        ax_tau.set_title("log-prefactor t/tau", loc="left")
+        ax_tau.set_title("log-prefactor t/τ", loc="left")
         for ax in (ax_t, ax_v, ax_tau):
             ax.set_xlabel("step")
     return fig
@@ -298,27 +471,31 @@ def normalization_figure(run: Run, table: pd.DataFrame) -> Figure:
     cube = charge_cube(run)
     if not len(cube.steps):
         raise MissingData("the run holds no charge rows yet (no step was logged)")
-    names = list(table["symmetry"])[:10]
+    names = list(table["symmetry"])[: len(PALETTE)]
     with style():
-        fig = new_figure(11, 3.2)
+        fig = new_figure(11, 3.4)
         ax_lr, ax_ang, ax_r = fig.subplots(1, 3)
-        for i, name in enumerate(names):
-            j = cube.index(name)
-            color = PALETTE[i % len(PALETTE)]
-            for ax, col in ((ax_lr, "effective_lr"), (ax_ang, "angular_update"), (ax_r, "charge")):
-                xs, ys = decimate(cube.steps, cube[col][:, j])
-                ax.plot(xs, ys, color=color, linewidth=1.1, label=name)
+        for ax, col, label in (
+            (ax_lr, "effective_lr", UNITS["effective_lr"]),
+            (ax_ang, "angular_update", UNITS["angular"]),
+            (ax_r, "charge", UNITS["r2"]),
+        ):
+            lines(
+                ax,
+                [(name, cube.steps, cube[col][:, cube.index(name)]) for name in names],
+                legend=ax is ax_lr,
+                ylabel=label,
+                log=col != "angular_update",
+            )
+        for i in range(len(names)):
             theory = table["angular_theory"].iloc[i]
             if np.isfinite(theory):
-                ax_ang.axhline(theory, color=color, linestyle="--", linewidth=1.0)
-        ax_lr.set_yscale("log")
-        ax_r.set_yscale("log")
-        ax_lr.set_title("effective learning rate", loc="left")
-        ax_ang.set_title("angular update (dashed: theory)", loc="left")
-        ax_r.set_title("r^2 = |q|^2 (implied sqrt(v))", loc="left")
+                ax_ang.axhline(theory, color=PALETTE[i], linestyle="--", linewidth=1.0)
+        ax_lr.set_title("effective learning rate η_eff", loc="left")
+        ax_ang.set_title("angular update (dashed: equilibrium θ*)", loc="left")
+        ax_r.set_title("r² = |q|² (plays √v of RMSprop)", loc="left")
         for ax in (ax_lr, ax_ang, ax_r):
             ax.set_xlabel("step")
-        ax_lr.legend(fontsize="small")
     return fig
 
 
@@ -357,6 +534,7 @@ def depth_figure(run: Run) -> Figure:
             if np.isfinite(values).any() and np.nanmin(values) > 0:
                 ax.set_yscale("log")
             ax.set_title(title, loc="left")
+            ax.set_ylabel(DEPTH_UNITS.get(col, col))
             ax.set_xlabel("layer j")
         axes[0].legend(fontsize="small")
         for ax in axes[len(panels) :]:
@@ -365,19 +543,22 @@ def depth_figure(run: Run) -> Figure:
 
 
 def loss_figure(runs: Sequence[tuple[str, Run]]) -> Figure:
-    """The logged loss of several runs on one axis."""
+    """The logged loss of several runs on one axis, each run's minimum marked."""
     series = [
-        (label, r.steps["step"].to_numpy(), r.steps["loss"].to_numpy())
+        (label, r.steps["step"].to_numpy(), r.steps["loss"].to_numpy(dtype=float))
         for label, r in runs
-        if np.isfinite(r.steps["loss"]).any()
+        if np.isfinite(r.steps["loss"].to_numpy(dtype=float)).any()
     ]
     if not series:
         raise MissingData("none of the runs logged a loss (call monitor.log_loss(loss))")
     with style():
-        fig = new_figure(11, 3.0)
+        fig = new_figure(11, 3.2)
         ax = fig.subplots()
-        lines(ax, series)
-        ax.set_title("loss", loc="left")
+        lines(ax, series, ylabel=UNITS["loss"])
+        for i, (_, x, y) in enumerate(series):
+            k = int(np.nanargmin(np.where(np.isfinite(y), y, np.nan)))
+            ax.plot(x[k], y[k], marker="o", color=PALETTE[i % len(PALETTE)], linestyle="")
+        ax.set_title("loss per logged step (dots: each run's minimum)", loc="left")
         ax.set_xlabel("step")
     return fig
 
@@ -392,12 +573,11 @@ def rates_figure(
     if not series_a and not series_b:
         raise MissingData("neither run holds an effective learning rate")
     with style():
-        fig = new_figure(11, 3.2)
-        axes = fig.subplots(1, 2, sharey=True)
+        fig = new_figure(11, 3.4)
+        axes = fig.subplots(1, 2)
         for ax, series, title in ((axes[0], series_a, title_a), (axes[1], series_b, title_b)):
             if series:
-                lines(ax, series)
-                ax.set_yscale("log")
+                lines(ax, series, ylabel=UNITS["rate"], log=True)
             else:
                 ax.text(
                     0.5, 0.5, "not in the store", ha="center", va="center", transform=ax.transAxes

@@ -11,12 +11,16 @@ from noether_dyn.report.document import (
     Block,
     Code,
     Document,
+    FindingList,
+    Formula,
     Note,
     Paragraph,
     Plot,
     Table,
     format_frame,
+    printable,
 )
+from noether_dyn.report.mathml import Node, to_mathml
 
 CSS = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328;
@@ -41,6 +45,20 @@ figcaption { color: #57606a; font-size: 13px; }
 code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12.5px; }
 pre { background: #f6f8fa; padding: .8em; overflow-x: auto; }
 footer { margin-top: 3em; color: #8c959f; font-size: 12px; }
+math { font-size: 1.08em; }
+math[display="block"] { margin: .6em 0 .2em; }
+.gloss { color: #57606a; font-size: 13px; margin-top: 0; }
+ol.findings { padding-left: 1.6em; }
+ol.findings li { margin: .55em 0; }
+.badge { display: inline-block; font-size: 11px; font-weight: 700; text-transform: uppercase;
+         border-radius: 4px; padding: 0 6px; margin-right: .4em; color: #fff; }
+.badge.problem { background: #b42318; }
+.badge.check { background: #b54708; }
+.badge.info { background: #57606a; }
+.why, .todo { display: block; color: #424a53; }
+.todo { color: #1a7f37; font-weight: 600; }
+.verdict { font-size: 1.08em; background: #f0f6ff; border-left: 4px solid #0969da;
+           padding: .6em 1em; }
 """
 
 _NUMERIC = re.compile(r"^-?(\d[\d,]*\.?\d*(e[-+]?\d+)?|n/a|inf|-inf)$")
@@ -50,6 +68,40 @@ def _inline(text: str) -> str:
     """Escape ``text``; spans in backticks become <code>."""
     parts = html.escape(text).split("`")
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _parts(parts: list) -> str:
+    return "".join(to_mathml(p) if isinstance(p, Node) else _inline(p) for p in parts)
+
+
+def _findings(block: FindingList) -> str:
+    items = []
+    for f in block.items:
+        link = (
+            f' <a href="#{_anchor(f.figure)}">{html.escape(link_text(f.figure))} &rarr;</a>'
+            if f.figure
+            else ""
+        )
+        todo = f'<span class="todo">What to do: {_inline(f.action)}</span>' if f.action else ""
+        where = f"<b>{_inline(f.where)}</b>: " if f.where else ""
+        items.append(
+            f'<li class="{_anchor(f.severity)}"><span class="badge {_anchor(f.severity)}">'
+            f"{html.escape(f.severity)}</span>{where}{_inline(f.what)}"
+            f'<span class="why">Why: {_inline(f.why)}</span>{todo}{link}</li>'
+        )
+    return '<ol class="findings">' + "".join(items) + "</ol>"
+
+
+def link_text(anchor: str) -> str:
+    """Link text of a finding: ``fig-charges`` -> ``see the charges figure``."""
+    if anchor.startswith("fig-"):
+        return f"see the {anchor[4:]} figure"
+    return f"see the {anchor} section"
+
+
+def _anchor(key: str) -> str:
+    """An id/href fragment: letters, digits, ``-`` and ``_`` only."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", key)
 
 
 def png_size(png: bytes) -> tuple[int, int]:
@@ -79,7 +131,12 @@ def _table(block: Table) -> str:
 
 def _block(block: Block) -> str:
     if isinstance(block, Paragraph):
-        return f"<p>{_inline(block.text)}</p>"
+        return f"<p>{_parts(block.parts())}</p>"
+    if isinstance(block, Formula):
+        gloss = f'<p class="gloss">{_inline(block.gloss)}</p>' if block.gloss else ""
+        return to_mathml(block.node, display=True) + gloss
+    if isinstance(block, FindingList):
+        return _findings(block)
     if isinstance(block, Note):
         return f'<p class="note">{_inline(block.text)}</p>'
     if isinstance(block, Table):
@@ -92,9 +149,9 @@ def _block(block: Block) -> str:
     if isinstance(block, Plot):
         width, height = png_size(block.png)
         data = base64.b64encode(block.png).decode("ascii")
-        alt = html.escape(block.caption or block.name, quote=True)
+        alt = html.escape(block.alt or block.caption or block.name, quote=True)
         return (
-            f'<figure id="fig-{html.escape(block.name)}"><img src="data:image/png;base64,{data}" '
+            f'<figure id="fig-{_anchor(block.name)}"><img src="data:image/png;base64,{data}" '
             f'width="{width}" height="{height}" alt="{alt}">'
             f"<figcaption>{_inline(block.caption)}</figcaption></figure>"
         )
@@ -104,7 +161,7 @@ def _block(block: Block) -> str:
 def render_html(doc: Document) -> str:
     """The whole report as one HTML string."""
     toc = "".join(
-        f'<li><a href="#{html.escape(s.key)}">{html.escape(s.title)}</a></li>' for s in doc.sections
+        f'<li><a href="#{_anchor(s.key)}">{html.escape(s.title)}</a></li>' for s in doc.sections
     )
     parts = [
         "<!DOCTYPE html>",
@@ -116,7 +173,7 @@ def render_html(doc: Document) -> str:
         f"<nav><ol>{toc}</ol></nav>",
     ]
     for section in doc.sections:
-        parts.append(f'<section id="{html.escape(section.key)}">')
+        parts.append(f'<section id="{_anchor(section.key)}">')
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
         parts.extend(_block(b) for b in section.blocks)
         parts.append("</section>")
@@ -125,4 +182,4 @@ def render_html(doc: Document) -> str:
         "Kunin 2021 (NLD), Kunin et al. 2021 (NM), Wan et al. 2021 (SMD), Kosson et al. 2024 "
         "(RE).</footer></body></html>"
     )
-    return "\n".join(parts)
+    return printable("\n".join(parts))

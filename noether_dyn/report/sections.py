@@ -13,39 +13,58 @@ import numpy as np
 import pandas as pd
 
 from noether_dyn.report import figures
+from noether_dyn.report import formulas as F
 from noether_dyn.report.data import (
     MissingData,
     charge_cube,
     first_last,
     layer_of,
+    param_group_table,
     param_sizes,
 )
 from noether_dyn.report.document import (
     Code,
     Document,
+    FindingList,
+    Formula,
     Note,
     Paragraph,
     Section,
     Table,
     plot_or_note,
+    printable,
 )
-from noether_dyn.report.findings import findings
+from noether_dyn.report.findings import (
+    CLOSURE_TOLERANCE,
+    closure_check,
+    finding_items,
+    findings,
+)
 from noether_dyn.report.normalization import scale_table
 from noether_dyn.store import Run
 
-_NOISY_KEYS = {"params", "foreach", "differentiable", "fused", "capturable", "maximize"}
-
 PREDICTION_TEXT = {
-    "sgd": "SGD without momentum: the exact recursion Q_(n+1) = (1 - eta lambda)^2 Q_n + "
-    "eta^2 |g_A|^2 (THEORY §3.2), rolled from the first step with the measured gradients; the "
-    "residual is the symmetry defect alone.",
-    "momentum": "SGD with momentum: the damped oscillator Q'' + 2 gamma Q' + omega^2 Q = "
-    "2|q'_A|^2 of Neural Mechanics (Kunin et al. 2021; THEORY §3.3), driven by the measured "
-    "updates; the residual is the finite-step error of that continuous theory.",
-    "flow": "a preconditioned or unknown rule: the prediction is what gradient flow conserves, "
-    "Q decaying by weight decay alone, so the residual is the whole breaking by the metric and "
-    "the finite step, which the learning-rule and KSB terms split (THEORY §3.1).",
+    "sgd": (
+        F.SGD_RECURSION,
+        "SGD without momentum: the exact recursion above (THEORY §3.2), rolled from the first "
+        "step with the measured gradients. It is exact when the symmetry is, so the residual is "
+        "the symmetry defect alone.",
+    ),
+    "momentum": (
+        F.MOMENTUM_ODE,
+        "SGD with momentum: the damped oscillator above, from Neural Mechanics (Kunin et al. "
+        "2021; THEORY §3.3), driven by the measured updates. The residual is the finite-step "
+        "error of that continuous theory (first order in η).",
+    ),
+    "flow": (
+        F.FLOW,
+        "a preconditioned or unknown rule: the prediction is what gradient flow conserves, the "
+        "charge decaying by weight decay alone (THEORY §3). The residual is then the whole "
+        "breaking by the optimizer's metric and finite step, which the decomposition below "
+        "splits into its learning-rule and KSB terms (THEORY §3.1).",
+    ),
 }
+"""Per prediction regime: the formula and what its residual means."""
 
 
 def run_facts(run: Run) -> pd.DataFrame:
@@ -82,26 +101,30 @@ def run_facts(run: Run) -> pd.DataFrame:
             ("symmetries", f"{len(run.symmetries)} ({meta.get('symmetry_note') or 'no note'})"),
         ],
         columns=["item", "value"],
-    )
+    ).map(printable)
 
 
 def summary_section(run: Run) -> Section:
-    """Model, optimizer and hyperparameters, steps, wall time."""
-    meta = run.meta
-    model = meta.get("model") or {}
-    opt = meta.get("optimizer") or {}
-    facts = run_facts(run)
-    groups = [
-        {"group": i, **{k: v for k, v in g.items() if k not in _NOISY_KEYS}}
-        for i, g in enumerate(opt.get("param_groups") or [])
-    ]
-    blocks = [Table(facts)]
-    if groups:
+    """Model, optimizer, steps, wall time, and every param group's hyperparameters."""
+    model = run.meta.get("model") or {}
+    blocks: list = [Table(run_facts(run))]
+    groups, differ = param_group_table(run)
+    if not groups.empty:
+        if len(groups) > 1:
+            diff = (
+                f"they differ in {', '.join(differ)} (columns shown first)"
+                if differ
+                else "all hold the same hyperparameters"
+            )
+            caption = f"{len(groups)} param groups; {diff}."
+        else:
+            caption = "One param group."
         blocks.append(
             Table(
-                pd.DataFrame(groups),
-                "Param groups (beta: the momentum of the "
-                "kinetic metric; decoupled: weight decay as friction, as in AdamW)",
+                groups,
+                caption + " beta: the momentum of the kinetic metric (SGD momentum, Adam "
+                "beta1); decoupled_weight_decay: weight decay as a friction (AdamW) instead of "
+                "an L2 term.",
             )
         )
     if model.get("summary"):
@@ -110,16 +133,19 @@ def summary_section(run: Run) -> Section:
 
 
 def findings_section(run: Run) -> Section:
-    """The plain-language findings table (warnings first)."""
+    """The ranked findings: what happened, why, what to do, each linked to its figure."""
     frame = findings(run)
-    n_warn = int((frame["warning"] != "").sum())
-    blocks = [
+    counts = frame["severity"].value_counts()
+    blocks: list = [
         Paragraph(
-            f"{len(frame)} findings, {n_warn} with a warning. Each states the number "
-            "behind it; the other sections show the curves."
-        ),
-        Table(frame),
+            f"{len(frame)} findings, most important first: {counts.get('problem', 0)} problems "
+            f"(change the training), {counts.get('check', 0)} to check, {counts.get('info', 0)} "
+            "for information. Each says what happened, why (with the number) and what to do, "
+            "and links to the figure that shows it."
+        )
     ]
+    if len(frame):
+        blocks.append(FindingList(finding_items(frame)))
     return Section("findings", "Findings", blocks)
 
 
@@ -159,7 +185,7 @@ def symmetry_section(run: Run) -> Section:
         Paragraph(
             "Symmetries of the loss whose Noether charges are tracked (THEORY §3; Kunin et al. "
             "2021 NM). size: parameters in the group; verified: checked numerically before "
-            "training; defect |<g, xi>|/(|g||xi|): 0 for an exact symmetry, measured every "
+            "training; defect |⟨g, ξ⟩|/(|g| |ξ|): 0 for an exact symmetry, measured every "
             f"logged step from the step's own gradient. {note.rstrip('.')}."
         ),
         Table(pd.DataFrame(rows)),
@@ -168,22 +194,44 @@ def symmetry_section(run: Run) -> Section:
 
 
 def charges_section(run: Run) -> Section:
-    """Measured charge against the prediction, with the residual."""
+    """Measured charge against the prediction, with the relative residual beside it."""
+    title = "Charges: measured vs predicted"
     regime = (run.meta.get("optimizer") or {}).get("prediction", "")
-    blocks: list = [Paragraph("Prediction used: " + PREDICTION_TEXT.get(regime, f"{regime!r}."))]
+    formula, text = PREDICTION_TEXT.get(regime, (None, f"prediction regime {regime!r}."))
+    blocks: list = [
+        Paragraph(
+            "A charge Q is the quantity a symmetry of the loss would conserve under gradient "
+            "flow (Noether; Kunin et al. 2021 NM): |q_A|² for a scale symmetry, the norm "
+            "difference between a unit's incoming and outgoing weights for rescale, a column "
+            "sum for translation. The optimizer's finite steps and metric move it; the theory "
+            "predicts how."
+        )
+    ]
+    if formula is not None:
+        blocks.append(Formula(formula, "Prediction used: " + text))
+    else:
+        blocks.append(Paragraph("Prediction used: " + text))
+    blocks.append(
+        Formula(
+            F.RELATIVE_RESIDUAL,
+            "Right-hand panels: 0 means the theory explains the charge exactly; ±0.01 is 1% off.",
+        )
+    )
     try:
         names, choice = figures.select_symmetries(run)
     except MissingData as exc:
-        return Section(
-            "charges", "Charges: measured vs predicted", [Note(f"No charge figure: {exc}.")]
-        )
+        return Section("charges", title, [*blocks, Note(f"No charge figure: {exc}.")])
     if choice:
         blocks.append(Note(choice.capitalize() + "."))
     blocks.append(
         plot_or_note(
             "charges",
-            "Charge Q (solid) and prediction (dashed); right: residual.",
+            "One row per symmetry. Left: measured charge Q (solid) and the prediction (dashed), "
+            "in parameter units squared (param² ; a translation charge is in param). Right: the "
+            "signed relative residual (Q − P)/max(|P|, |Q₀|) (dimensionless; the title gives "
+            "its last value). Red bands: steps where Q or P is NaN/Inf.",
             lambda: figures.charges_figure(run, names, regime),
+            alt=f"Measured vs predicted charges and relative residuals of {', '.join(names)}.",
         )
     )
     cube = charge_cube(run)
@@ -198,44 +246,61 @@ def charges_section(run: Run) -> Section:
                 "Q first": q0,
                 "Q last": q1,
                 "predicted last": p1,
-                "residual last": q1 - p1,
+                "Q − P last": q1 - p1,
                 "relative residual": rel[j],
             }
         )
     blocks.append(
         Table(
             pd.DataFrame(rows),
-            "relative residual: |Q - predicted| / max(|predicted|, |Q_0|) at the last logged step",
+            "relative residual: |Q − P| / max(|P|, |Q₀|) at the last logged step",
         )
     )
-    return Section("charges", "Charges: measured vs predicted", blocks)
+    return Section("charges", title, blocks)
 
 
 def ksb_section(run: Run) -> Section:
     """The exact decomposition decay / rule / ksb over time, and its totals."""
     title = "Kinetic symmetry breaking: decay, rule, KSB"
-    intro = Paragraph(
-        "Each charge's change splits exactly (THEORY §3.1; Tanaka & Kunin 2021 NLD): "
-        "Q_(n+1) - Q_n = decay + rule + ksb, with decay the weight-decay part -2 eta lambda Q_n, "
-        "rule what the learning rule adds (zero for plain SGD, nonzero for momentum and "
-        "preconditioned rules) and ksb |dq_n|^2, the finite-step kinetic symmetry breaking."
-    )
+    intro: list = [
+        Paragraph(
+            "Each step's change of a charge splits exactly (THEORY §3.1; Tanaka & Kunin 2021 "
+            "NLD) into what weight decay removes, what the learning rule adds (zero for plain "
+            "SGD; nonzero for momentum and preconditioned rules) and the kinetic symmetry "
+            "breaking of the finite step:"
+        ),
+        Formula(F.SPLIT),
+        Paragraph(
+            [
+                "with ",
+                F.DECAY_TERM,
+                " (without momentum) and ",
+                F.KSB_TERM,
+                " for a scale "
+                "charge. A term that dominates the accumulated change names what moves the charge.",
+            ]
+        ),
+    ]
     try:
         names, choice = figures.select_symmetries(run)
     except MissingData as exc:
-        return Section("ksb", title, [intro, Note(f"No decomposition figure: {exc}.")])
-    blocks: list = [intro]
+        return Section("ksb", title, [*intro, Note(f"No decomposition figure: {exc}.")])
+    blocks: list = list(intro)
     if choice:
         blocks.append(Note(choice.capitalize() + "."))
     blocks.append(
         plot_or_note(
             "ksb",
-            "Accumulated decay, rule and KSB terms beside the measured change (dashed).",
+            "Per symmetry: the three terms summed from the first logged step (solid) beside the "
+            "measured change Q − Q₀ (dashed), in the charge's units; the solid lines add up to "
+            "the dashed one. Red bands: steps where a term is NaN/Inf (the sums stop there).",
             lambda: figures.ksb_figure(run, names),
+            alt=f"Accumulated decay, rule and KSB terms of {', '.join(names)}.",
         )
     )
     cube = charge_cube(run)
-    totals = {c: np.nansum(cube[c], axis=0) for c in ("decay", "rule", "ksb")}
+    with np.errstate(over="ignore", invalid="ignore"):
+        totals = {c: np.nansum(cube[c], axis=0) for c in ("decay", "rule", "ksb")}
     rows = []
     for j, name in enumerate(cube.names):
         q0, q1 = first_last(cube["charge"][:, j])
@@ -251,8 +316,8 @@ def ksb_section(run: Run) -> Section:
     blocks.append(
         Table(
             pd.DataFrame(rows),
-            "Totals over the logged steps (the sums equal the "
-            "measured change up to the last step's own terms when every = 1).",
+            "Totals over the logged steps (the sums equal the measured change up to the last "
+            "step's own terms when every = 1).",
         )
     )
     return Section("ksb", title, blocks)
@@ -263,15 +328,22 @@ def lagrangian_section(run: Run) -> Section:
     s = run.steps
     blocks: list = [
         Paragraph(
-            "L = e^(t/tau) (T - V) (THEORY §2; Tanaka & Kunin 2021 NLD): kinetic T = (m/2) "
-            "q'^T G q' with mass m = eta(1+beta)/2 and the optimizer's metric G, potential "
-            "V = loss + (lambda/2)|q|^2 (coupled weight decay), and the log-prefactor t/tau with "
-            "tau = m/(1-beta); e^(t/tau) itself is never formed."
+            "A learning rule with momentum β is a mechanical system (THEORY §2; Tanaka & Kunin "
+            "2021 NLD) with mass m, the optimizer's metric G and friction 1 − β:"
+        ),
+        Formula(F.LAGRANGIAN),
+        Formula(
+            F.POTENTIAL,
+            "with coupled (L2) weight decay. The exponential prefactor is never formed; t/τ is "
+            "drawn instead.",
         ),
         plot_or_note(
             "lagrangian",
-            "Kinetic energy, potential and log-prefactor per step.",
+            "Left: kinetic energy T per step (log scale when positive). Middle: potential V = "
+            "loss + L2 term and the loss, in loss units. Right: the log-prefactor t/τ "
+            "(dimensionless). Red bands: steps where a value is NaN/Inf.",
             lambda: figures.lagrangian_figure(run),
+            alt="Kinetic energy, potential and loss, and log-prefactor per logged step.",
         ),
     ]
     if not s.empty:
@@ -279,56 +351,71 @@ def lagrangian_section(run: Run) -> Section:
         rows = [
             {
                 "quantity": c,
-                "first": first_last(s[c].to_numpy())[0],
-                "last": first_last(s[c].to_numpy())[1],
+                "first": first_last(s[c].to_numpy(dtype=float))[0],
+                "last": first_last(s[c].to_numpy(dtype=float))[1],
+                "non-finite steps": int((~np.isfinite(s[c].to_numpy(dtype=float))).sum()),
             }
             for c in cols
         ]
-        blocks.append(Table(pd.DataFrame(rows)))
-    return Section("lagrangian", "The Lagrangian: T, V and t/tau", blocks)
+        blocks.append(Table(pd.DataFrame(rows), "first and last finite values"))
+    return Section("lagrangian", "The Lagrangian: T, V and t/τ", blocks)
 
 
 NORMALIZATION_HEADERS = {
     "symmetry": "symmetry",
     "layer": "layer",
-    "lr": "eta",
-    "weight_decay": "lambda",
-    "beta": "beta",
+    "lr": "η",
+    "weight_decay": "λ",
+    "beta": "β",
     "norm_growth": "|q| last/first",
-    "eff_lr_first": "eta_eff first",
-    "eff_lr_last": "eta_eff last",
-    "r2_last": "r^2 last (sqrt(v) scale)",
-    "rho_eff": "rho_eff",
+    "eff_lr_first": "η_eff first",
+    "eff_lr_last": "η_eff last",
+    "r2_last": "r² last (√v scale)",
+    "rho_eff": "ρ_eff",
     "equilibrium_steps": "equilibrium time (steps)",
     "regime": "regime",
-    "angular_measured": "angular update",
-    "angular_theory": "theory",
-    "r2_equilibrium": "r*^2 noise theory",
+    "angular_measured": "angular update (rad/step)",
+    "angular_theory": "θ* (rad/step)",
+    "r2_equilibrium": "r*² noise theory",
 }
 
 
 def normalization_section(run: Run) -> Section:
     """Normalization as adaptive optimization, per normalized layer (THEORY §4)."""
     title = "Normalization as adaptive optimization"
-    intro = Paragraph(
-        "A scale-invariant (normalized) layer with q = r qhat moves its direction with effective "
-        "rate eta_eff = eta/((1-beta) r^2); r^4 accumulates squared gradients like RMSprop's v "
-        "(an exponential average with per-step decay rho_eff = 1 - 4 eta lambda/(1-beta) under "
-        "weight decay, a sum like Adagrad's without), so r^2 plays sqrt(v), one accumulator per "
-        "layer (Tanaka & Kunin 2021 NLD §4; THEORY §4). At equilibrium the angular update per "
-        "step is sqrt(2 eta lambda/(1+beta)) for SGD(M) with L2 decay (Wan et al. 2021 SMD) and "
-        "sqrt(2 eta lambda (1-beta1)/(1+beta1)) for AdamW (Kosson et al. 2024 RE); measured "
-        "values average the last 20% of logged steps. Equilibrium time: 1/(1-rho_eff) for "
-        "SGD(M), 1/(2 eta lambda) (the decay time of |q|^2) for AdamW. r*^2 noise theory: "
-        "sqrt(eta E|ghat|^2/(2 lambda (1-beta))) with |ghat|^2 = |g_A|^2 r^2 (SMD, RE)."
-    )
+    intro: list = [
+        Paragraph(
+            "A layer followed by a normalization is scale-invariant: only its direction q/|q| "
+            "matters. Write q = r q̂. Under SGD(M) the direction moves with the effective rate "
+            "(Tanaka & Kunin 2021 NLD §4; THEORY §4)"
+        ),
+        Formula(F.EFFECTIVE_RATE),
+        Paragraph(
+            [
+                "and r⁴ accumulates squared gradients like RMSprop's v: an exponential average "
+                "with per-step decay ",
+                F.IMPLIED_DECAY,
+                " under L2 weight decay, a growing sum like Adagrad's without it. So r² plays "
+                "√v with one accumulator per layer. With weight decay the layer settles where it "
+                "turns by a fixed angle per step: ",
+                F.ANGLE_SGD,
+                " for SGD(M) with L2 decay (Wan et al. 2021 SMD), ",
+                F.ANGLE_ADAMW,
+                " for AdamW (Kosson et al. 2024 RE). Measured values average the last 20% of "
+                "logged steps; the equilibrium time is 1/(1 − ρ_eff) for SGD(M) and 1/(2ηλ) for "
+                "AdamW; r*² (noise theory) is the square root of ",
+                F.RADIUS_NOISE,
+                ".",
+            ]
+        ),
+    ]
     table = scale_table(run)
     if table.empty:
         return Section(
             "normalization",
             title,
             [
-                intro,
+                *intro,
                 Note(
                     "No normalized layer: the run tracks no scale symmetry, so there is no implied "
                     "RMSprop state to show."
@@ -336,7 +423,10 @@ def normalization_section(run: Run) -> Section:
             ],
         )
     shown = table[list(NORMALIZATION_HEADERS)].rename(columns=NORMALIZATION_HEADERS)
-    blocks: list = [intro, Table(shown)]
+    blocks: list = [
+        *intro,
+        Table(shown, "η: rate, λ: weight decay, β: momentum; angular update in rad/step"),
+    ]
     opt = (run.meta.get("optimizer") or {}).get("class", "")
     if opt not in ("SGD",):
         blocks.append(
@@ -350,9 +440,13 @@ def normalization_section(run: Run) -> Section:
     blocks.append(
         plot_or_note(
             "normalization",
-            "Per normalized layer: effective learning rate, "
-            "angular update (dashed: equilibrium theory), r^2.",
+            "One colour per normalized layer. Left: effective learning rate η_eff = "
+            "η/((1 − β) r²) per step (log scale). Middle: angular update of the layer's "
+            "direction in rad/step, dashed at its equilibrium θ*. Right: r² = |q|², the "
+            "implied √v of RMSprop (log scale). Red bands: NaN/Inf steps.",
             lambda: figures.normalization_figure(run, table),
+            alt="Effective learning rate, angular update and squared weight norm per "
+            "normalized layer.",
         )
     )
     return Section("normalization", title, blocks)
@@ -417,6 +511,26 @@ def events_section(run: Run) -> Section | None:
     return Section("events", "Events", blocks)
 
 
+def diagnostics_section(run: Run) -> Section:
+    """Self-checks of the toolkit on this run (not findings about the training)."""
+    text, worst = closure_check(run)
+    status = (
+        "passes"
+        if np.isfinite(worst) and worst <= CLOSURE_TOLERANCE
+        else ("FAILS (see Findings)" if np.isfinite(worst) else "not checked")
+    )
+    return Section(
+        "diagnostics",
+        "Diagnostics (self-checks)",
+        [
+            Paragraph(
+                f"Exact split check {status}: {text}. This identity holds by construction "
+                "(THEORY §3.1); it checks the store and the toolkit, not the training."
+            )
+        ],
+    )
+
+
 SECTIONS: list[Callable[[Run], Section | None]] = [
     summary_section,
     findings_section,
@@ -427,8 +541,11 @@ SECTIONS: list[Callable[[Run], Section | None]] = [
     normalization_section,
     depth_section,
     events_section,
+    diagnostics_section,
 ]
-"""The report's sections in order."""
+"""The report's sections, in page order: the one place to add a section. Each entry is a
+function ``(run) -> Section | None`` (None: nothing to show for this run); it builds blocks from
+the run alone and never writes files (see docs/contributing-report.md)."""
 
 
 def run_document(run: Run) -> Document:
