@@ -232,8 +232,8 @@ class Monitor:
             if self._depth > 0 or self._plan is None:
                 return
             plan, self._plan, s = self._plan, None, self._state
-            closure_wins = s.closure_loss is not None and s.loss is self._loss_at_pre
-            loss = s.closure_loss if closure_wins else s.loss            s.loss = s.closure_loss = None
+            c = s.closure_loss if s.loss is self._loss_at_pre else None  # a log_loss in step wins
+            loss, s.loss, s.closure_loss = (s.loss if c is None else c), None, None
             plan.loss_logged = loss is not None
             with torch.no_grad():
                 if plan.logged:
