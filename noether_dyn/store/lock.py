@@ -4,7 +4,8 @@ the writer's lifetime and released by the operating system when its process dies
 The lock file also holds the holder's identity (JSON: ``pid``, ``host``, ``since`` in ISO 8601
 UTC, ``mode``) so that a refused writer, or a reader, can name it. The file is never deleted (a
 deleted lock file would let a second writer lock a new file of the same name). Locks are per open
-file, so a second writer in the same process is refused too. A forked child closes its copy of
+file, so a second writer in the same process is refused too; a writer dropped without
+``close()`` releases it when garbage-collected. A forked child closes its copy of
 the descriptor, so that a child outliving a killed writer (a data-loader worker) cannot keep the
 run locked.
 """
@@ -81,6 +82,9 @@ class WriterLock:
         lock = cls(fd, path)
         _HELD.add(lock)
         return lock
+
+    def __del__(self) -> None:  # a writer dropped without close(): nothing can use the lock
+        self.release()
 
     @property
     def held(self) -> bool:
