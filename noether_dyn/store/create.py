@@ -16,8 +16,10 @@ from noether_dyn.store.schema import DDL
 from noether_dyn.symmetries.symmetry import Symmetry
 
 CREATING_SUFFIX = ".creating"
-# Charge blocks are large blobs; WAL traffic per flush is bounded by the pages a flush touches.
-PAGE_SIZE = 65536
+# A flush touches a few pages of each table, each written whole to the write-ahead log: 4 KiB
+# pages log about 9x fewer bytes per flush than 64 KiB ones, and read large blocks as fast
+# (benchmarks/store_wal.py). Stores written before keep their 64 KiB pages.
+PAGE_SIZE = 4096
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 
 

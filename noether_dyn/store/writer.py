@@ -37,9 +37,10 @@ from noether_dyn.store.schema import (
 )
 from noether_dyn.symmetries.symmetry import Symmetry
 
-# The write-ahead log is checkpointed into the store once it holds this many pages (of
-# create.PAGE_SIZE bytes: 2 MiB) and truncated back to JOURNAL_LIMIT bytes after a checkpoint.
-WAL_AUTOCHECKPOINT_PAGES = 32
+# The write-ahead log is checkpointed into the store once it holds this many bytes of pages and
+# truncated back to JOURNAL_LIMIT bytes after a checkpoint (SQLite's default, 1000 pages, let it
+# reach 64 MiB with the 64 KiB pages of earlier stores).
+WAL_CHECKPOINT_BYTES = 2 * 1024 * 1024
 JOURNAL_LIMIT = 4 * 1024 * 1024
 # At close, how long to wait for a reader's transaction before leaving the store in WAL mode.
 CLOSE_BUSY_MS = 2000
@@ -114,7 +115,8 @@ class RunWriter:
         try:
             con.execute("PRAGMA journal_mode = WAL")
             con.execute("PRAGMA synchronous = NORMAL")
-            con.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+            page = con.execute("PRAGMA page_size").fetchone()[0]
+            con.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_CHECKPOINT_BYTES // page)}")
             con.execute(f"PRAGMA journal_size_limit = {JOURNAL_LIMIT}")
             con.commit()
         except sqlite3.Error as exc:
