@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import warnings
 from pathlib import Path
@@ -84,12 +85,21 @@ def open_existing(
             f"'{file}' is not a noether-dyn run store (not an SQLite file; corrupted or another "
             "file). Point to the run.sqlite that noether_dyn.watch wrote."
         )
+    journal = Path(f"{file}-journal")
+    if readonly and _hot(journal) and os.access(file.parent, os.W_OK):
+        _roll_back(file)
     try:
         con = _connect(file, "ro" if readonly else "rw")
         version, tables = _version_and_tables(con)
     except sqlite3.DatabaseError as exc:
         if not readonly:
             raise StoreError(f"Cannot open the run store '{file}': {cause(exc)}.") from exc
+        if _hot(journal):
+            raise StoreError(
+                f"The run store '{file}' cannot be opened read-only ({cause(exc)}) and has a "
+                f"rollback journal '{journal}' from an interrupted write, which only a writable "
+                "open can roll back. Copy the run directory to writable storage and read it there."
+            ) from exc
         try:
             con = _connect(file, "ro", immutable=True)
             version, tables = _version_and_tables(con)
@@ -125,6 +135,26 @@ def open_existing(
             own_lock,
         )
     return con
+
+
+def _hot(journal: Path) -> bool:
+    try:
+        return journal.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _roll_back(file: Path) -> None:
+    """Let SQLite roll back the rollback journal of a write interrupted by a kill (a read-only
+    connection cannot); SQLite itself leaves a journal alone while its writer still lives."""
+    try:
+        con = _connect(file, "rw")
+        try:
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        pass  # the read-only open that follows reports what is wrong
 
 
 def _connect(file: Path, mode: str, immutable: bool = False) -> sqlite3.Connection:

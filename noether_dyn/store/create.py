@@ -94,6 +94,9 @@ def _build(tmp: Path, meta: dict[str, Any] | None, symmetries: Sequence[Symmetry
                 "INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?)", symmetry_rows(symmetries)
             )
         con.execute("COMMIT")
+        # Born in WAL mode: opening it for writing then needs no rollback-journal write (a kill
+        # during that switch would leave a hot journal that read-only readers cannot replay).
+        con.execute("PRAGMA journal_mode = WAL")
     finally:
         con.close()
 

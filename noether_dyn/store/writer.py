@@ -26,8 +26,8 @@ import numpy as np
 
 from noether_dyn.store.connection import cause, open_existing
 from noether_dyn.store.create import CREATING_SUFFIX, create_store, meta_rows, symmetry_rows
-from noether_dyn.store.errors import StoreError, StoreWarning, StoreWriteError
-from noether_dyn.store.lock import WriterLock
+from noether_dyn.store.errors import StoreError, StoreLockedError, StoreWarning, StoreWriteError
+from noether_dyn.store.lock import WriterLock, describe, live_writer
 from noether_dyn.store.schema import (
     BLOCK_TABLES,
     GENERATION_KEY,
@@ -78,6 +78,12 @@ class RunWriter:
                 f"run_dir '{self.run_dir}' is a file, not a directory. Pass a directory path."
             )
         if mode == "resume" and not self.path.exists():
+            holder = live_writer(self.run_dir)
+            if holder is not None:
+                raise StoreLockedError(
+                    f"Cannot resume '{self.path}': a live writer is creating it "
+                    f"({describe(holder)}). Wait for it to end, or pass another run_dir."
+                )
             raise StoreError(self._no_run_to_resume())
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
