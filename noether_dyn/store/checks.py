@@ -49,23 +49,38 @@ def fail(path: Path, what: str) -> StoreError:
     return StoreError(f"The run store '{path}' is malformed: {what}. It cannot be read.")
 
 
-def check_columns(con: sqlite3.Connection, path: Path) -> None:
-    """Every table has its columns, each holding only the storage classes it may hold."""
+def check_columns(
+    con: sqlite3.Connection, path: Path, scanned_elsewhere: frozenset[str] = frozenset()
+) -> None:
+    """Every table has its columns, each holding only the storage classes it may hold (the
+    tables in ``scanned_elsewhere`` are checked row by row as they are read, with
+    :func:`row_ok_sql` and :func:`raise_bad_value`)."""
     for table, types in COLUMN_TYPES.items():
         have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
         missing = [c for c in types if c not in have]
         if missing:
             raise fail(path, f"table {table} lacks the columns {missing}")
-        cols = list(types)
-        bad = " OR ".join(
-            f"typeof({c}) NOT IN ({', '.join(repr(t) for t in types[c])})" for c in cols
-        )
-        row = con.execute(
-            f"SELECT {', '.join(f'typeof({c})' for c in cols)} FROM {table} WHERE {bad} LIMIT 1"
-        ).fetchone()
-        if row is not None:
-            col, got = next((c, t) for c, t in zip(cols, row) if t not in types[c])
-            raise fail(path, f"{table}.{col} holds a {got} value where {types[col]} is expected")
+        if table not in scanned_elsewhere:
+            raise_bad_value(con, path, table)
+
+
+def row_ok_sql(table: str) -> str:
+    """An SQL expression, 1 where every column of the row holds an allowed storage class."""
+    types = COLUMN_TYPES[table]
+    return " AND ".join(f"typeof({c}) IN ({', '.join(repr(t) for t in types[c])})" for c in types)
+
+
+def raise_bad_value(con: sqlite3.Connection, path: Path, table: str) -> None:
+    """Raise ``StoreError`` naming the first value of ``table`` of a disallowed storage class."""
+    types = COLUMN_TYPES[table]
+    cols = list(types)
+    row = con.execute(
+        f"SELECT {', '.join(f'typeof({c})' for c in cols)} FROM {table} "
+        f"WHERE NOT ({row_ok_sql(table)}) LIMIT 1"
+    ).fetchone()
+    if row is not None:
+        col, got = next((c, t) for c, t in zip(cols, row) if t not in types[c])
+        raise fail(path, f"{table}.{col} holds a {got} value where {types[col]} is expected")
 
 
 def check_unique(path: Path, what: str, keys: np.ndarray) -> None:

@@ -31,6 +31,8 @@ from noether_dyn.store.schema import (
     TENSOR_COLUMNS,
 )
 
+_FRAME_TABLES = frozenset({"steps", "groups", "depth_profile"})
+
 
 @dataclass(frozen=True)
 class _BlockIndex:
@@ -82,7 +84,7 @@ class Run:
 
     def _read(self, con: sqlite3.Connection) -> None:
         path = self.path
-        checks.check_columns(con, path)
+        checks.check_columns(con, path, scanned_elsewhere=_FRAME_TABLES)
         meta: dict[str, Any] = {}
         for key, value in con.execute("SELECT key, value FROM meta ORDER BY key"):
             if key in meta:
@@ -228,9 +230,13 @@ def _frame(
     con: sqlite3.Connection, path: Path, table: str, columns: tuple[str, ...], key: tuple[str, ...]
 ) -> pd.DataFrame:
     rows = con.execute(
-        f"SELECT {', '.join(columns)} FROM {table} ORDER BY {', '.join(key)}"
+        f"SELECT {', '.join(columns)}, {checks.row_ok_sql(table)} FROM {table} "
+        f"ORDER BY {', '.join(key)}"
     ).fetchall()
-    frame = pd.DataFrame(rows, columns=list(columns))
+    frame = pd.DataFrame(rows, columns=[*columns, "_ok"])
+    if not frame["_ok"].all():
+        checks.raise_bad_value(con, path, table)
+    frame = frame.drop(columns="_ok")
     for c in columns:
         if c in key:
             frame[c] = frame[c].astype("int64")
