@@ -466,7 +466,7 @@ READ_ONLY_AND_FULL = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, {root!r})
     from tests.test_store_faults import META, SYMS, append, assert_consistent
-    from noether_dyn.store import RunWriter, StoreWriteError, load_run
+    from noether_dyn.store import RunWriter, StoreError, StoreWriteError, load_run
     base = Path({base!r})
     def mount(*args):
         subprocess.run(["mount", *args], check=True)
@@ -483,6 +483,12 @@ READ_ONLY_AND_FULL = textwrap.dedent(
         warnings.simplefilter("always")
         n = assert_consistent(load_run(ro / "killed_copy"))
     print("killed copy read", n, [str(c.message)[:60] for c in caught])
+    for target, mode in ((ro / "new", "new"), (ro / "done", "resume")):
+        try:
+            RunWriter(target, mode)
+        except StoreError as exc:
+            assert str(target) in str(exc), exc
+            print("read-only refused", mode)
     # a full disk: an 8 MiB tmpfs
     full = base / "full"; full.mkdir()
     mount("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(full))
@@ -513,14 +519,16 @@ def _can_mount() -> bool:
 @pytest.mark.skipif(not _can_mount(), reason="needs unshare -m (root) for real mounts")
 def test_real_read_only_mount_and_full_tmpfs(tmp_path):
     """On real storage, in a private mount namespace: a finished run and a killed writer's run
-    read from a read-only bind mount; an 8 MiB tmpfs fills up, the writer raises StoreWriteError
-    naming the path, close() does not raise, and the store holds every completed flush."""
+    read from a read-only bind mount, where new and resumed writers are refused with
+    StoreError; an 8 MiB tmpfs fills up, the writer raises StoreWriteError naming the path,
+    close() does not raise, and the store holds every completed flush."""
     code = READ_ONLY_AND_FULL.format(root=str(ROOT), base=str(tmp_path))
     proc = subprocess.run(
         ["unshare", "-m", sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "full ok" in proc.stdout and "killed copy read 4" in proc.stdout
+    assert "read-only refused new" in proc.stdout and "read-only refused resume" in proc.stdout
 
 
 def test_wal_stays_small_during_training(run_dir):

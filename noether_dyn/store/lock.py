@@ -84,7 +84,10 @@ class WriterLock:
         return lock
 
     def __del__(self) -> None:  # a writer dropped without close(): nothing can use the lock
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit the OS releases it anyway
+            pass
 
     @property
     def held(self) -> bool:
