@@ -193,6 +193,23 @@ def test_old_call_style_still_works(run_dir):
     assert assert_consistent(load_run(run_dir)) == 3
 
 
+def test_writer_arguments_are_checked_with_their_names(run_dir):
+    with pytest.raises(ValueError, match="mode must be"):
+        RunWriter(run_dir, "append")
+    with pytest.raises(TypeError, match="symmetries must be a sequence of noether_dyn.Symmetry"):
+        RunWriter(run_dir, "new", symmetries=["scale:a"])
+    with pytest.raises(TypeError, match=r"meta\['bad'\] is not JSON-serializable"):
+        RunWriter(run_dir, "new", meta={"bad": object()})
+    assert not (run_dir / "run.sqlite").exists()  # nothing half-created
+    write_run(run_dir)
+    with pytest.raises(ValueError, match="mode='resume'.*set_meta"):
+        RunWriter(run_dir, "resume", meta=META)
+    with RunWriter(run_dir, "resume") as w:
+        with pytest.raises(TypeError, match="meta must be a dict"):
+            w.set_meta([("every", 1)])
+    assert load_run(run_dir).meta == {**META, "monitor_state": {"step": 12}}
+
+
 # ---------------------------------------------------------------------- item 2: one snapshot
 def test_load_run_reads_one_snapshot_while_a_writer_appends(run_dir):
     """A forked writer appends flushes as fast as it can; every load_run sees every table (steps,

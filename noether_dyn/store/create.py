@@ -25,6 +25,12 @@ _SIDE_FILES = ("-wal", "-shm", "-journal")
 
 def symmetry_rows(symmetries: Sequence[Symmetry]) -> list[tuple]:
     """Rows of the ``symmetries`` table, ``idx`` in the given order."""
+    bad = [s for s in symmetries if not isinstance(s, Symmetry)]
+    if isinstance(symmetries, (str, bytes)) or bad:
+        raise TypeError(
+            "symmetries must be a sequence of noether_dyn.Symmetry, got "
+            f"{type(symmetries).__name__} holding {type(bad[0]).__name__ if bad else 'text'}."
+        )
     return [
         (
             i,
@@ -42,7 +48,15 @@ def symmetry_rows(symmetries: Sequence[Symmetry]) -> list[tuple]:
 
 def meta_rows(items: dict[str, Any]) -> list[tuple[str, str]]:
     """``(key, JSON value)`` rows of the ``meta`` table."""
-    return [(str(k), json.dumps(v)) for k, v in items.items()]
+    if not isinstance(items, dict):
+        raise TypeError(f"meta must be a dict of JSON values, got {type(items).__name__}.")
+    rows = []
+    for k, v in items.items():
+        try:
+            rows.append((str(k), json.dumps(v, allow_nan=True)))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"meta[{k!r}] is not JSON-serializable: {exc}.") from None
+    return rows
 
 
 def remove_store(path: Path) -> None:

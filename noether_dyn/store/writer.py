@@ -69,6 +69,11 @@ class RunWriter:
     ) -> None:
         if mode not in ("new", "overwrite", "resume"):
             raise ValueError(f"mode must be 'new', 'overwrite' or 'resume', got {mode!r}.")
+        if mode == "resume" and (meta or symmetries):
+            raise ValueError(
+                "meta= and symmetries= are written when a run is created; with mode='resume' "
+                "call set_meta()/set_symmetries() instead."
+            )
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / STORE_FILENAME
         self._tx = threading.Lock()
@@ -115,7 +120,7 @@ class RunWriter:
             except (sqlite3.Error, OSError) as exc:
                 raise StoreWriteError(
                     f"Creating the run store '{self.path}' failed: {_reason(exc)}. Nothing was "
-                    "stored."
+                    "stored; a run that was there is unchanged."
                 ) from exc
             con = open_existing(self.path, readonly=False, own_lock=True)
         try:
