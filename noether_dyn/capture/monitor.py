@@ -105,15 +105,14 @@ class Monitor:
         self._active = self.writes or self.sharded
         self._writer: RunWriter | None = None
         if self.writes:
-            self._writer = RunWriter(self.run_dir, "resume" if resume else
-                                     "overwrite" if overwrite else "new")  # fmt: skip
+            meta = None if resume else run_meta(model, optimizer, t, self.adapter, hypers,
+                                                predictor.regime, every, symmetry_note,
+                                                self._checkpoint())  # fmt: skip
+            self._writer = RunWriter(self.run_dir, "resume" if resume else "overwrite" if overwrite
+                                     else "new", meta=meta, symmetries=None if resume else
+                                     t.symmetries)  # fmt: skip
             if resume:
                 self._resume_from_store()
-            else:
-                self._writer.set_meta(run_meta(model, optimizer, t, self.adapter, hypers,
-                                               predictor.regime, every, symmetry_note,
-                                               self._checkpoint()))  # fmt: skip
-                self._writer.set_symmetries(t.symmetries)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -175,8 +174,9 @@ class Monitor:
         self._state.load_state_dict(state)
         self._prediction.predictor.load_state_dict(state["predictor"], self.device)
         if self._writer is not None:  # one transaction: no window without the resume event
-            self._writer.truncate(self.step, meta={"monitor_state": self._checkpoint()},
-                                  event=("resume", f"resumed at step {self.step}"))  # fmt: skip
+            n = self.step
+            self._writer.truncate(n, meta={"monitor_state": self._checkpoint()},
+                                  event=(n, "resume", f"resumed at step {n}"))  # fmt: skip
 
     def close(self) -> None:
         """Flush, detach the hooks and close the store. Idempotent."""

@@ -1,8 +1,16 @@
-"""Reading a run store: ``load_run(path) -> Run`` with pandas DataFrames."""
+"""Reading a run store: ``load_run(path) -> Run`` with pandas DataFrames.
+
+``load_run`` reads every table in one read transaction (one consistent snapshot, even while a
+writer appends) and checks what it reads (``noether_dyn.store.checks``). The large charge and
+tensor blocks are read on first use, in a second transaction that first checks that the blocks of
+the snapshot are unchanged (same file, same ``block_generation``), and fails otherwise.
+"""
 
 from __future__ import annotations
 
-import json
+import os
+import sqlite3
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -10,14 +18,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from noether_dyn.store.connection import open_existing, store_path
+from noether_dyn.store import checks
+from noether_dyn.store.connection import cause, open_existing, store_path
+from noether_dyn.store.errors import StoreError
 from noether_dyn.store.schema import (
+    BLOCK_TABLES,
     CHARGE_COLUMNS,
     DEPTH_COLUMNS,
+    GENERATION_KEY,
     GROUP_COLUMNS,
     STEP_COLUMNS,
     TENSOR_COLUMNS,
 )
+
+_FRAME_TABLES = frozenset({"steps", "groups", "depth_profile"})
+
+
+@dataclass(frozen=True)
+class _BlockIndex:
+    """The blocks of one block table in a snapshot: keys, step counts and all steps."""
+
+    first: list[int]
+    n_steps: list[int]
+    steps: np.ndarray
+    n_rows: int
+    n_col: int
 
 
 class Run:
@@ -46,76 +71,101 @@ class Run:
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         con = open_existing(path, readonly=True)
         try:
-            self.meta: dict[str, Any] = {
-                k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")
-            }
-            self.steps = _frame(con, "steps", STEP_COLUMNS, "step")
-            self.groups = _frame(con, "groups", GROUP_COLUMNS, "step, grp")
-            sym = con.execute(
-                "SELECT symmetry, kind, params, signs, verified, defect, note FROM symmetries "
-                "ORDER BY idx"
-            ).fetchall()
-            self.symmetries = pd.DataFrame(
-                [
-                    (
-                        name,
-                        kind,
-                        tuple(json.loads(params)),
-                        tuple(json.loads(signs)),
-                        None if verified is None else bool(verified),
-                        np.nan if defect is None else defect,
-                        note or "",
-                    )
-                    for name, kind, params, signs, verified, defect, note in sym
-                ],
-                columns=["symmetry", "kind", "params", "signs", "verified", "defect", "note"],
-            )
-            self.depth_profile = _frame(con, "depth_profile", DEPTH_COLUMNS, "step, layer")
-            self.events = pd.DataFrame(
-                con.execute("SELECT step, kind, message FROM events ORDER BY step").fetchall(),
-                columns=["step", "kind", "message"],
-            )
+            self._identity = _identity(self.path)
+            con.isolation_level = None
+            con.execute("BEGIN")  # one read transaction: every table from the same commit
+            self._read(con)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"The run store '{self.path}' is corrupted and cannot be read: {cause(exc)}."
+            ) from exc
         finally:
             con.close()
+
+    def _read(self, con: sqlite3.Connection) -> None:
+        path = self.path
+        checks.check_columns(con, path, scanned_elsewhere=_FRAME_TABLES)
+        meta: dict[str, Any] = {}
+        for key, value in con.execute("SELECT key, value FROM meta ORDER BY key"):
+            if key in meta:
+                raise checks.fail(path, f"meta holds the key {key[:80]!r} twice")
+            meta[key] = checks.decode_json(path, f"meta[{key[:80]!r}]", value)
+        checks.check_meta(path, meta)
+        self.meta = meta
+        self._generation = int(meta.get(GENERATION_KEY, 0))
+        self.steps = _frame(con, path, "steps", STEP_COLUMNS, ("step",))
+        self.groups = _frame(con, path, "groups", GROUP_COLUMNS, ("step", "grp"))
+        self.depth_profile = _frame(con, path, "depth_profile", DEPTH_COLUMNS, ("step", "layer"))
+        self.symmetries = _symmetries(con, path)
+        self.events = pd.DataFrame(
+            con.execute("SELECT step, kind, message FROM events ORDER BY step").fetchall(),
+            columns=["step", "kind", "message"],
+        )
+        n_rows = {
+            "charge_blocks": (len(self.symmetries), len(CHARGE_COLUMNS)),
+            "tensor_blocks": (len(meta.get("parameters", [])), len(TENSOR_COLUMNS)),
+        }
+        self._blocks = {t: _block_index(con, path, t, *n_rows[t]) for t in BLOCK_TABLES}
 
     def charge_array(self) -> tuple[np.ndarray, np.ndarray]:
         """The charge table as arrays: steps (n_steps,) int64 and data float64 of shape
         (n_steps, n_symmetries, len(CHARGE_COLUMNS)), symmetries in ``self.symmetries`` order.
-        Read from the store on first use (``load_run`` itself reads no charge data)."""
+        Read from the store on first use (``load_run`` itself reads no charge data); raises
+        ``StoreError`` if the run's blocks were rewritten (a resume from an earlier step) or the
+        file replaced since ``load_run``: load the run again."""
         if "charge_blocks" not in self._arrays:
-            self._arrays["charge_blocks"] = self._read_blocks(
-                "charge_blocks", len(self.symmetries), len(CHARGE_COLUMNS)
-            )
+            self._arrays["charge_blocks"] = self._read_blocks("charge_blocks")
         return self._arrays["charge_blocks"]
 
     def tensor_array(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-tensor statistics as arrays: steps (n_steps,) int64 and data float64 of shape
-        (n_steps, n_tensors, len(TENSOR_COLUMNS)), tensors in ``meta["parameters"]`` order."""
+        (n_steps, n_tensors, len(TENSOR_COLUMNS)), tensors in ``meta["parameters"]`` order.
+        Read on first use, like :meth:`charge_array`."""
         if "tensor_blocks" not in self._arrays:
-            self._arrays["tensor_blocks"] = self._read_blocks(
-                "tensor_blocks", len(self.meta.get("parameters", [])), len(TENSOR_COLUMNS)
-            )
+            self._arrays["tensor_blocks"] = self._read_blocks("tensor_blocks")
         return self._arrays["tensor_blocks"]
 
-    def _read_blocks(self, table: str, n_rows: int, n_col: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_blocks(self, table: str) -> tuple[np.ndarray, np.ndarray]:
+        index = self._blocks[table]
+        if not index.first or index.n_rows == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, index.n_rows, index.n_col))
+        data = np.empty((len(index.steps), index.n_rows, index.n_col))
+        size = 8 * index.n_rows * index.n_col
         con = open_existing(self.path, readonly=True)
         try:
-            blocks = con.execute(
-                f"SELECT n_steps, steps, data FROM {table} ORDER BY first_step"
-            ).fetchall()
+            con.isolation_level = None
+            con.execute("BEGIN")
+            row = con.execute("SELECT value FROM meta WHERE key = ?", (GENERATION_KEY,)).fetchone()
+            generation = int(checks.decode_json(self.path, GENERATION_KEY, row[0])) if row else 0
+            if generation != self._generation or _identity(self.path) != self._identity:
+                raise StoreError(
+                    f"The run store '{self.path}' was rewritten (resumed from an earlier step, "
+                    "or replaced) after load_run read it. Call load_run again."
+                )
+            at = 0
+            for first, n in zip(index.first, index.n_steps):
+                head = con.execute(
+                    f"SELECT n_steps, length(data) FROM {table} WHERE first_step = ?", (first,)
+                ).fetchone()
+                if head != (n, n * size):
+                    raise StoreError(
+                        f"The run store '{self.path}' changed after load_run read it ({table} "
+                        f"block at step {first}). Call load_run again."
+                    )
+                (blob,) = con.execute(
+                    f"SELECT data FROM {table} WHERE first_step = ?", (first,)
+                ).fetchone()
+                data[at : at + n] = np.frombuffer(blob, dtype="<f8").reshape(
+                    n, index.n_rows, index.n_col
+                )
+                at += n
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"The run store '{self.path}' is corrupted and cannot be read: {cause(exc)}."
+            ) from exc
         finally:
             con.close()
-        if not blocks or n_rows == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, n_rows, n_col))
-        steps = np.concatenate([np.frombuffer(s, dtype="<i8") for _, s, _ in blocks])
-        data = np.empty((len(steps), n_rows, n_col))
-        at = 0
-        for n, _, d in blocks:
-            data[at : at + n] = np.frombuffer(d, dtype="<f8").reshape(n, n_rows, n_col)
-            at += n
-        last = self.steps["step"].max() if len(self.steps) else -1
-        keep = steps <= last  # the same flush as the steps table, if the run writes on
-        return steps[keep], data[keep]
+        return index.steps, data
 
     @cached_property
     def tensors(self) -> pd.DataFrame:
@@ -171,15 +221,77 @@ class Run:
         )
 
 
-def _frame(con, table: str, columns: tuple[str, ...], order: str) -> pd.DataFrame:
-    rows = con.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}").fetchall()
-    frame = pd.DataFrame(rows, columns=list(columns))
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _frame(
+    con: sqlite3.Connection, path: Path, table: str, columns: tuple[str, ...], key: tuple[str, ...]
+) -> pd.DataFrame:
+    rows = con.execute(
+        f"SELECT {', '.join(columns)}, {checks.row_ok_sql(table)} FROM {table} "
+        f"ORDER BY {', '.join(key)}"
+    ).fetchall()
+    frame = pd.DataFrame(rows, columns=[*columns, "_ok"])
+    if not frame["_ok"].all():
+        checks.raise_bad_value(con, path, table)
+    frame = frame.drop(columns="_ok")
     for c in columns:
-        if c in ("step", "grp", "layer"):
+        if c in key:
             frame[c] = frame[c].astype("int64")
         else:
-            frame[c] = pd.to_numeric(frame[c], errors="coerce").astype("float64")
+            frame[c] = pd.to_numeric(frame[c]).astype("float64")
+    checks.check_unique(path, f"table {table} (key {', '.join(key)})", frame[list(key)].to_numpy())
     return frame
+
+
+def _symmetries(con: sqlite3.Connection, path: Path) -> pd.DataFrame:
+    rows = []
+    for name, kind, params, signs, verified, defect, note in con.execute(
+        "SELECT symmetry, kind, params, signs, verified, defect, note FROM symmetries ORDER BY idx"
+    ):
+        where = f"symmetry {name[:80]!r}"
+        params = checks.decode_json(path, f"{where}: params", params)
+        signs = checks.decode_json(path, f"{where}: signs", signs)
+        checks.check_symmetry(path, name, kind, params, signs)
+        rows.append(
+            (
+                name,
+                kind,
+                tuple(params),
+                tuple(signs),
+                None if verified is None else bool(verified),
+                np.nan if defect is None else float(defect),
+                note or "",
+            )
+        )
+    frame = pd.DataFrame(
+        rows, columns=["symmetry", "kind", "params", "signs", "verified", "defect", "note"]
+    )
+    if frame["symmetry"].duplicated().any():
+        raise checks.fail(path, "table symmetries names a symmetry twice")
+    return frame
+
+
+def _block_index(
+    con: sqlite3.Connection, path: Path, table: str, n_rows: int, n_col: int
+) -> _BlockIndex:
+    """Check a block table's lengths without reading its blobs, then read and check its steps."""
+    index = con.execute(
+        f"SELECT first_step, n_steps, length(steps), length(data) FROM {table} ORDER BY first_step"
+    ).fetchall()
+    checks.check_block_index(path, table, index, n_rows, n_col)
+    parts, last = [], -(2**63)
+    for (first, *_), (blob,) in zip(
+        index, con.execute(f"SELECT steps FROM {table} ORDER BY first_step")
+    ):
+        steps = np.frombuffer(blob, dtype="<i8")
+        checks.check_block_steps(path, table, first, steps, last)
+        parts.append(steps)
+        last = int(steps[-1])
+    steps = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return _BlockIndex([r[0] for r in index], [r[1] for r in index], steps, n_rows, n_col)
 
 
 def load_run(path: str | Path) -> Run:

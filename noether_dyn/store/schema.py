@@ -7,7 +7,8 @@ holds quantities at the parameters *before* update n and the kinetic energy *of*
     JSON values: ``schema_version``, ``noether_dyn_version``, ``torch_version``, ``started``
     (ISO 8601, UTC), ``command``, ``model`` (summary), ``parameters`` (name, shape, group),
     ``optimizer`` (class, adapter, metric, ``metric_fallback``, param-group hyperparameters),
-    ``every``, ``monitor_state`` (what a resume continues from).
+    ``every``, ``monitor_state`` (what a resume continues from), ``block_generation`` (written
+    by the store: how many times stored blocks were rewritten).
 ``steps(step INTEGER PRIMARY KEY, ...)``
     ``time`` (t_n = sum of the rates of steps before n), ``lr`` (group 0), ``loss`` (the logged
     loss, NaN when none), ``l2`` (coupled weight-decay term sum (lambda/2)|q|^2), ``potential``
@@ -43,6 +44,9 @@ from noether_dyn.records import CHARGE_COLUMNS, GROUP_COLUMNS, STEP_COLUMNS, TEN
 
 SCHEMA_VERSION = 1
 STORE_FILENAME = "run.sqlite"
+# meta key (an integer, absent until the first rewrite): how many times stored blocks were
+# rewritten (truncated or replaced), so that a reader holding a block index sees it is stale.
+GENERATION_KEY = "block_generation"
 
 __all__ = [
     "CHARGE_COLUMNS",

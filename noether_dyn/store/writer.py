@@ -1,51 +1,114 @@
 """Writing a run store: one transaction per flush, write-ahead log so readers see a consistent run
-while training writes, and nothing held only in memory beyond the steps since the last flush."""
+while training writes, and nothing held only in memory beyond the steps since the last flush.
+
+Guarantees (each tested in ``tests/test_store_faults.py``):
+
+- creation is atomic (``noether_dyn.store.create``): a store is complete or absent;
+- one live writer per run directory, across processes (``noether_dyn.store.lock``);
+- every transaction runs under a ``threading.Lock``, so methods may be called from any thread;
+- a failed write raises :class:`StoreWriteError` naming the path and the cause, and rolls back
+  only its own transaction; ``close()`` never raises (it warns with :class:`StoreWarning`),
+  checkpoints the write-ahead log and leaves WAL mode, so a finished run is one file.
+"""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from noether_dyn.store.connection import open_existing
-from noether_dyn.store.errors import StoreError
+from noether_dyn.store.connection import cause, open_existing
+from noether_dyn.store.create import CREATING_SUFFIX, create_store, meta_rows, symmetry_rows
+from noether_dyn.store.errors import StoreError, StoreLockedError, StoreWarning, StoreWriteError
+from noether_dyn.store.lock import WriterLock, describe, live_writer
 from noether_dyn.store.schema import (
     BLOCK_TABLES,
-    DDL,
+    GENERATION_KEY,
     GROUP_COLUMNS,
     STEP_COLUMNS,
     STORE_FILENAME,
 )
 from noether_dyn.symmetries.symmetry import Symmetry
 
+# The write-ahead log is checkpointed into the store once it holds this many bytes of pages and
+# truncated back to JOURNAL_LIMIT bytes after a checkpoint (SQLite's default, 1000 pages, let it
+# reach 64 MiB with the 64 KiB pages of earlier stores).
+WAL_CHECKPOINT_BYTES = 2 * 1024 * 1024
+JOURNAL_LIMIT = 4 * 1024 * 1024
+# At close, how long to wait for a reader's transaction before leaving the store in WAL mode.
+CLOSE_BUSY_MS = 2000
+
 
 class RunWriter:
     """Appends to ``<run_dir>/run.sqlite``.
 
     ``mode`` is ``"new"`` (refuse a directory that holds a run), ``"overwrite"`` (replace it) or
-    ``"resume"`` (continue it; it must exist).
+    ``"resume"`` (continue it; it must exist). ``meta`` (JSON values) and ``symmetries`` are
+    stored in the creating commit (``new``/``overwrite``), so that a reader never sees a store
+    without them; ``set_meta``/``set_symmetries`` after construction still work.
+
+    Raises ``StoreLockedError`` while another live writer (any process, this one included) holds
+    ``run_dir``, ``StoreWriteError`` when the store cannot be created or written, ``StoreError``
+    for a bad ``run_dir`` or store.
     """
 
-    def __init__(self, run_dir: str | Path, mode: str = "new") -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        mode: str = "new",
+        *,
+        meta: dict[str, Any] | None = None,
+        symmetries: Sequence[Symmetry] | None = None,
+    ) -> None:
         if mode not in ("new", "overwrite", "resume"):
             raise ValueError(f"mode must be 'new', 'overwrite' or 'resume', got {mode!r}.")
+        if mode == "resume" and (meta or symmetries):
+            raise ValueError(
+                "meta= and symmetries= are written when a run is created; with mode='resume' "
+                "call set_meta()/set_symmetries() instead."
+            )
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / STORE_FILENAME
+        self._tx = threading.Lock()
+        self._closed = False
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise StoreError(
                 f"run_dir '{self.run_dir}' is a file, not a directory. Pass a directory path."
             )
+        if mode == "resume" and not self.path.exists():
+            holder = live_writer(self.run_dir)
+            if holder is not None:
+                raise StoreLockedError(
+                    f"Cannot resume '{self.path}': a live writer is creating it "
+                    f"({describe(holder)}). Wait for it to end, or pass another run_dir."
+                )
+            raise StoreError(self._no_run_to_resume())
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"Cannot create run_dir '{self.run_dir}': {exc}.") from exc
+        self._lock = WriterLock.acquire(self.run_dir, mode)
+        try:
+            self.con = self._open(mode, meta, symmetries)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(
+        self, mode: str, meta: dict[str, Any] | None, symmetries: Sequence[Symmetry] | None
+    ) -> sqlite3.Connection:
         exists = self.path.exists()
         if mode == "resume":
-            if not exists:
-                raise StoreError(
-                    f"Cannot resume: no run at '{self.path}'. Drop resume=True to start a new run."
-                )
-            self.con = open_existing(self.path, readonly=False)
+            if not exists:  # removed between the check above and the lock
+                raise StoreError(self._no_run_to_resume())
+            con = open_existing(self.path, readonly=False, own_lock=True)
         else:
             if exists and mode == "new":
                 raise StoreError(
@@ -53,123 +116,133 @@ class RunWriter:
                     "resume=True to continue it, overwrite=True to replace it, or another run_dir."
                 )
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"Cannot create run_dir '{self.run_dir}': {exc}.") from exc
-            if exists:
-                for suffix in ("", "-wal", "-shm"):
-                    Path(str(self.path) + suffix).unlink(missing_ok=True)
-            self.con = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
-            self.con.execute("PRAGMA page_size = 65536")  # charge blocks are large blobs
-            self.con.executescript(DDL)
-        self.con.execute("PRAGMA journal_mode=WAL")
-        self.con.execute("PRAGMA synchronous=NORMAL")
-        self.con.commit()
+                create_store(self.path, meta, symmetries)
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreWriteError(
+                    f"Creating the run store '{self.path}' failed: {_reason(exc)}. Nothing was "
+                    "stored; a run that was there is unchanged."
+                ) from exc
+            con = open_existing(self.path, readonly=False, own_lock=True)
+        try:
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute("PRAGMA synchronous = NORMAL")
+            page = con.execute("PRAGMA page_size").fetchone()[0]
+            con.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_CHECKPOINT_BYTES // page)}")
+            con.execute(f"PRAGMA journal_size_limit = {JOURNAL_LIMIT}")
+            con.commit()
+        except sqlite3.Error as exc:
+            con.close()
+            raise StoreWriteError(
+                f"Opening the run store '{self.path}' for writing failed: {cause(exc)}."
+            ) from exc
+        return con
 
+    def _no_run_to_resume(self) -> str:
+        interrupted = Path(f"{self.path}{CREATING_SUFFIX}").exists()
+        return (
+            f"Cannot resume: no run at '{self.path}'"
+            + (
+                " (an earlier creation was interrupted before its commit, so nothing was stored)"
+                if interrupted
+                else ""
+            )
+            + ". Drop resume=True to start a new run."
+        )
+
+    # ------------------------------------------------------------------ transactions
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One transaction under the writer's thread lock; SQLite errors become
+        ``StoreWriteError`` naming the path, and the transaction is rolled back."""
+        with self._tx:
+            if self._closed:
+                raise StoreError(f"{what}: the writer of '{self.path}' is closed.")
+            try:
+                with self.con:
+                    yield self.con
+            except sqlite3.Error as exc:
+                raise StoreWriteError(
+                    f"{what} in the run store '{self.path}' failed: {cause(exc)}. Every earlier "
+                    "flush is kept."
+                ) from exc
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._transaction("Reading") as con:
+            return con.execute(sql, params).fetchall()
+
+    # ------------------------------------------------------------------ reads
     def last_step(self) -> int | None:
-        row = self.con.execute("SELECT MAX(step) FROM steps").fetchone()
+        row = self._query("SELECT MAX(step) FROM steps")[0]
         return None if row[0] is None else int(row[0])
 
     def get_meta(self, key: str, default: Any = None) -> Any:
-        row = self.con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else json.loads(row[0])
-
-    def set_meta(self, items: dict[str, Any]) -> None:
-        with self.con:
-            self.con.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [(k, json.dumps(v)) for k, v in items.items()],
-            )
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        if not rows:
+            return default
+        try:
+            return json.loads(rows[0][0])
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise StoreError(
+                f"The run store '{self.path}' holds invalid JSON in meta[{key!r}]: {exc}."
+            ) from exc
 
     def symmetry_names(self) -> list[str]:
-        return [r[0] for r in self.con.execute("SELECT symmetry FROM symmetries ORDER BY idx")]
+        return [r[0] for r in self._query("SELECT symmetry FROM symmetries ORDER BY idx")]
+
+    # ------------------------------------------------------------------ writes
+    def set_meta(self, items: dict[str, Any]) -> None:
+        rows = meta_rows(items)
+        with self._transaction("Writing metadata") as con:
+            con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", rows)
 
     def set_symmetries(self, symmetries: Sequence[Symmetry]) -> None:
-        with self.con:
-            self.con.execute("DELETE FROM symmetries")
-            self.con.executemany(
-                "INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        i,
-                        s.name,
-                        s.kind,
-                        json.dumps(list(s.params)),
-                        json.dumps(list(s.signs)),
-                        None if s.verified is None else int(s.verified),
-                        s.defect,
-                        s.note,
-                    )
-                    for i, s in enumerate(symmetries)
-                ],
+        rows = symmetry_rows(symmetries)
+        with self._transaction("Writing the symmetries") as con:
+            con.execute("DELETE FROM symmetries")
+            con.executemany("INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def add_event(self, step: int | None, kind: str, message: str) -> None:
+        """Record one event (a resume, a failure) in its own transaction."""
+        with self._transaction("Writing an event") as con:
+            con.execute(
+                "INSERT INTO events VALUES (?, ?, ?)",
+                (None if step is None else int(step), str(kind), str(message)),
             )
 
     def write_depth_profile(self, step: int, rows: np.ndarray) -> None:
         """Store a depth profile taken at ``step``: ``rows`` (n_layers, 6) in the order
         layer, sigma_max, sigma_min, defect, transmission, stability."""
-        with self.con:
-            self.con.execute("DELETE FROM depth_profile WHERE step = ?", (step,))
-            self.con.executemany(
-                "INSERT INTO depth_profile VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(step, int(r[0]), *map(float, r[1:])) for r in rows.tolist()],
-            )
-
-    def add_event(self, step: int, kind: str, message: str) -> None:
-        """Record one event (``events(step, kind, message)``) in its own transaction."""
-        with self.con:
-            self.con.execute("INSERT INTO events VALUES (?, ?, ?)", (step, kind, message))
+        values = [(step, int(r[0]), *map(float, r[1:])) for r in rows.tolist()]
+        with self._transaction("Writing a depth profile") as con:
+            con.execute("DELETE FROM depth_profile WHERE step = ?", (step,))
+            con.executemany("INSERT INTO depth_profile VALUES (?, ?, ?, ?, ?, ?, ?)", values)
 
     def truncate(
         self,
         first_dropped: int,
         *,
         meta: dict[str, Any] | None = None,
-        event: tuple[str, str] | None = None,
+        event: tuple[int | None, str, str] | None = None,
     ) -> None:
-        """Drop every step >= ``first_dropped`` (a resume from an earlier checkpoint); in the same
-        transaction set the ``meta`` items and record ``event`` = (kind, message) at step
-        ``first_dropped``, so that a reader never sees the store truncated without them."""
-        with self.con:
-            self.con.execute("DELETE FROM steps WHERE step >= ?", (first_dropped,))
-            self.con.execute("DELETE FROM groups WHERE step >= ?", (first_dropped,))
-            self.con.execute("DELETE FROM events WHERE step >= ?", (first_dropped,))
-            self.con.execute("DELETE FROM depth_profile WHERE step >= ?", (first_dropped,))
+        """Drop every step >= ``first_dropped`` (a resume from an earlier checkpoint) and, in the
+        same transaction, write ``meta`` and the ``event`` ``(step, kind, message)``: a process
+        killed at any moment leaves the store before or after all of it."""
+        with self._transaction("Truncating") as con:
+            for table in ("steps", "groups", "events", "depth_profile"):
+                con.execute(f"DELETE FROM {table} WHERE step >= ?", (first_dropped,))
             for table in BLOCK_TABLES:
                 self._truncate_blocks(table, first_dropped)
+            self._bump_generation()
             if event is not None:
-                self.con.execute(
-                    "INSERT INTO events VALUES (?, ?, ?)", (first_dropped, event[0], event[1])
+                step, kind, message = event
+                con.execute(
+                    "INSERT INTO events VALUES (?, ?, ?)",
+                    (None if step is None else int(step), str(kind), str(message)),
                 )
             if meta:
-                self.con.executemany(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    [(k, json.dumps(v)) for k, v in meta.items()],
+                con.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta_rows(meta)
                 )
-
-    def _truncate_blocks(self, table: str, first_dropped: int) -> None:
-        rows = self.con.execute(f"SELECT first_step, n_steps, steps, data FROM {table}").fetchall()
-        for first, n, steps_blob, data_blob in rows:
-            steps = np.frombuffer(steps_blob, dtype="<i8")
-            if steps.size and steps[-1] < first_dropped:
-                continue
-            self.con.execute(f"DELETE FROM {table} WHERE first_step = ?", (first,))
-            keep = steps < first_dropped
-            if keep.any():
-                data = np.frombuffer(data_blob, dtype="<f8").reshape(n, -1)[keep]
-                self._insert_block(table, steps[keep], data)
-
-    def _insert_block(self, table: str, steps: np.ndarray, data: np.ndarray) -> None:
-        if not len(steps) or not data.size:
-            return
-        self.con.execute(
-            f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?)",
-            (
-                int(steps[0]),
-                len(steps),
-                np.ascontiguousarray(steps, dtype="<i8").tobytes(),
-                np.ascontiguousarray(data, dtype="<f8").tobytes(),
-            ),
-        )
 
     def append(
         self,
@@ -185,29 +258,122 @@ class RunWriter:
         (k, len(GROUP_COLUMNS)), a charge block (``charges`` float64 of shape
         (len(charge_steps), n_symmetries, n_columns)), a tensor block (``tensors`` of shape
         (n, n_tensors, len(TENSOR_COLUMNS)), one per step row), events and updated metadata."""
-        try:
-            with self.con:
-                ph = ", ".join("?" * len(STEP_COLUMNS))
-                self.con.executemany(
-                    f"INSERT OR REPLACE INTO steps VALUES ({ph})", _rows(steps, int_cols=1)
-                )
-                ph = ", ".join("?" * len(GROUP_COLUMNS))
-                self.con.executemany(
-                    f"INSERT OR REPLACE INTO groups VALUES ({ph})", _rows(groups, int_cols=2)
-                )
-                self._insert_block("charge_blocks", charge_steps, charges)
-                if tensors is not None:
-                    self._insert_block("tensor_blocks", steps[:, 0].astype(np.int64), tensors)
-                self.con.executemany("INSERT INTO events VALUES (?, ?, ?)", list(events))
-                self.con.executemany(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    [(k, json.dumps(v)) for k, v in meta.items()],
-                )
-        except sqlite3.Error as exc:
-            raise StoreError(f"Writing the run store '{self.path}' failed: {exc}.") from exc
+        step_rows = _rows(steps, int_cols=1)
+        group_rows = _rows(groups, int_cols=2)
+        event_rows = list(events)
+        meta_values = meta_rows(meta)
+        with self._transaction("Writing a flush") as con:
+            ph = ", ".join("?" * len(STEP_COLUMNS))
+            con.executemany(f"INSERT OR REPLACE INTO steps VALUES ({ph})", step_rows)
+            ph = ", ".join("?" * len(GROUP_COLUMNS))
+            con.executemany(f"INSERT OR REPLACE INTO groups VALUES ({ph})", group_rows)
+            self._insert_block("charge_blocks", charge_steps, charges)
+            if tensors is not None:
+                self._insert_block("tensor_blocks", steps[:, 0].astype(np.int64), tensors)
+            con.executemany("INSERT INTO events VALUES (?, ?, ?)", event_rows)
+            con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta_values)
 
+    def _truncate_blocks(self, table: str, first_dropped: int) -> None:
+        rows = self.con.execute(
+            f"SELECT first_step, n_steps, steps, data FROM {table} WHERE first_step < ? "
+            f"ORDER BY first_step DESC LIMIT 1",
+            (first_dropped,),
+        ).fetchall()
+        self.con.execute(f"DELETE FROM {table} WHERE first_step >= ?", (first_dropped,))
+        for first, n, steps_blob, data_blob in rows:
+            steps = np.frombuffer(steps_blob, dtype="<i8")
+            if not steps.size or steps[-1] < first_dropped:
+                continue
+            self.con.execute(f"DELETE FROM {table} WHERE first_step = ?", (first,))
+            keep = steps < first_dropped
+            data = np.frombuffer(data_blob, dtype="<f8").reshape(n, -1)[keep]
+            self._insert_block(table, steps[keep], data)
+
+    def _insert_block(self, table: str, steps: np.ndarray, data: np.ndarray) -> None:
+        if not len(steps) or not data.size:
+            return
+        first = int(steps[0])
+        if self.con.execute(f"SELECT 1 FROM {table} WHERE first_step = ?", (first,)).fetchone():
+            self._bump_generation()  # a block replaced: a lazy reader must reload
+        self.con.execute(
+            f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?)",
+            (
+                first,
+                len(steps),
+                np.ascontiguousarray(steps, dtype="<i8").tobytes(),
+                np.ascontiguousarray(data, dtype="<f8").tobytes(),
+            ),
+        )
+
+    def _bump_generation(self) -> None:
+        """Count rewrites of stored blocks (``meta["block_generation"]``), so that a reader
+        holding a snapshot's block index detects that it changed (see ``Run.charge_array``)."""
+        self.con.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, COALESCE("
+            "(SELECT CAST(value AS INTEGER) + 1 FROM meta WHERE key = ?), 1))",
+            (GENERATION_KEY, GENERATION_KEY),
+        )
+
+    # ------------------------------------------------------------------ close
     def close(self) -> None:
-        self.con.close()
+        """Checkpoint the write-ahead log, leave WAL mode (the finished run is one file, readable
+        from read-only storage), close and release the writer lock. Idempotent; never raises:
+        a step that fails is reported with a ``StoreWarning`` naming the path, and every
+        completed flush stays in the store."""
+        with self._tx:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._finish()
+            finally:
+                try:
+                    self.con.close()
+                except Exception as exc:  # noqa: BLE001 - close() must not raise
+                    _warn(f"closing the run store '{self.path}' failed: {_reason(exc)}")
+                self._lock.release()
+
+    def _finish(self) -> None:
+        try:
+            if self.con.in_transaction:  # a caller's uncommitted statements: not a flush
+                self.con.rollback()
+            self.con.execute(f"PRAGMA busy_timeout = {CLOSE_BUSY_MS}")
+            self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            mode = self.con.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+        except sqlite3.Error as exc:
+            _warn(
+                f"the run store '{self.path}' could not leave WAL mode at close ({cause(exc)}); "
+                "every completed flush is kept in it and its write-ahead log, readable where its "
+                "directory is writable"
+            )
+            return
+        if str(mode).lower() != "delete":
+            _warn(
+                f"the run store '{self.path}' stays in WAL mode (another connection was reading "
+                "it at close); every completed flush is kept, readable where its directory is "
+                "writable"
+            )
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RunWriter('{self.run_dir}', closed={self._closed})"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, sqlite3.Error):
+        return cause(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} (errno {exc.errno})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"noether-dyn: {message}.", StoreWarning, stacklevel=4)
 
 
 def _rows(array: np.ndarray, int_cols: int) -> list[tuple]:

@@ -1,0 +1,190 @@
+"""Checks that turn a malformed store into one ``StoreError`` naming the path and what is wrong,
+before anything is allocated from the file's claims (a blob's length is checked against its
+``n_steps`` and the symmetry or tensor count with SQL ``length()``, without reading it)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from noether_dyn.store.errors import StoreError
+from noether_dyn.store.schema import DEPTH_COLUMNS, GROUP_COLUMNS, STEP_COLUMNS
+from noether_dyn.symmetries.symmetry import KINDS, Symmetry
+
+_NUM = ("integer", "real", "null")
+_INT = ("integer",)
+_TEXT = ("text",)
+# SQLite storage classes allowed per column of every table.
+COLUMN_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "meta": {"key": _TEXT, "value": _TEXT},
+    "steps": {"step": _INT, **{c: _NUM for c in STEP_COLUMNS[1:]}},
+    "groups": {"step": _INT, "grp": _INT, **{c: _NUM for c in GROUP_COLUMNS[2:]}},
+    "symmetries": {
+        "idx": _INT,
+        "symmetry": _TEXT,
+        "kind": _TEXT,
+        "params": _TEXT,
+        "signs": _TEXT,
+        "verified": ("integer", "null"),
+        "defect": _NUM,
+        "note": ("text", "null"),
+    },
+    "charge_blocks": {"first_step": _INT, "n_steps": _INT, "steps": ("blob",), "data": ("blob",)},
+    "tensor_blocks": {"first_step": _INT, "n_steps": _INT, "steps": ("blob",), "data": ("blob",)},
+    "events": {"step": ("integer", "null"), "kind": _TEXT, "message": _TEXT},
+    "depth_profile": {"step": _INT, "layer": _INT, **{c: _NUM for c in DEPTH_COLUMNS[2:]}},
+}
+# JSON nesting deeper than this is refused before parsing (the store writes at most 4 levels).
+MAX_JSON_DEPTH = 32
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def fail(path: Path, what: str) -> StoreError:
+    return StoreError(f"The run store '{path}' is malformed: {what}. It cannot be read.")
+
+
+def check_columns(
+    con: sqlite3.Connection, path: Path, scanned_elsewhere: frozenset[str] = frozenset()
+) -> None:
+    """Every table has its columns, each holding only the storage classes it may hold (the
+    tables in ``scanned_elsewhere`` are checked row by row as they are read, with
+    :func:`row_ok_sql` and :func:`raise_bad_value`)."""
+    for table, types in COLUMN_TYPES.items():
+        have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+        missing = [c for c in types if c not in have]
+        if missing:
+            raise fail(path, f"table {table} lacks the columns {missing}")
+        if table not in scanned_elsewhere:
+            raise_bad_value(con, path, table)
+
+
+def row_ok_sql(table: str) -> str:
+    """An SQL expression, 1 where every column of the row holds an allowed storage class."""
+    types = COLUMN_TYPES[table]
+    return " AND ".join(f"typeof({c}) IN ({', '.join(repr(t) for t in types[c])})" for c in types)
+
+
+def raise_bad_value(con: sqlite3.Connection, path: Path, table: str) -> None:
+    """Raise ``StoreError`` naming the first value of ``table`` of a disallowed storage class."""
+    types = COLUMN_TYPES[table]
+    cols = list(types)
+    row = con.execute(
+        f"SELECT {', '.join(f'typeof({c})' for c in cols)} FROM {table} "
+        f"WHERE NOT ({row_ok_sql(table)}) LIMIT 1"
+    ).fetchone()
+    if row is not None:
+        col, got = next((c, t) for c, t in zip(cols, row) if t not in types[c])
+        raise fail(path, f"{table}.{col} holds a {got} value where {types[col]} is expected")
+
+
+def check_unique(path: Path, what: str, keys: np.ndarray) -> None:
+    """``keys`` (n, k) int64 rows, sorted: no row repeats."""
+    if len(keys) > 1 and (np.diff(keys, axis=0) == 0).all(axis=1).any():
+        raise fail(path, f"{what} holds duplicated rows")
+
+
+def decode_json(path: Path, where: str, text: str) -> Any:
+    """``json.loads`` with bounded nesting, every failure a ``StoreError`` naming ``where``."""
+    depth = 0
+    for bracket in _BRACKET.findall(_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise fail(path, f"{where} nests JSON deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise fail(path, f"{where} is not valid JSON ({exc})") from None
+
+
+def check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """The metadata the reader and the report index into have the types they expect."""
+    for key in ("model", "optimizer", "monitor_state"):
+        if key in meta and not isinstance(meta[key], (dict, type(None))):
+            raise fail(path, f"meta[{key!r}] is a {type(meta[key]).__name__}, not an object")
+    for key in ("command", "started", "symmetry_note", "noether_dyn_version", "torch_version"):
+        if key in meta and not isinstance(meta[key], (str, type(None))):
+            raise fail(path, f"meta[{key!r}] is a {type(meta[key]).__name__}, not a string")
+    for key in ("every", "schema_version", "block_generation"):
+        if key in meta and not _is_int(meta[key]):
+            raise fail(path, f"meta[{key!r}] is {meta[key]!r}, not an integer")
+    params = meta.get("parameters", [])
+    if not isinstance(params, list):
+        raise fail(path, f"meta['parameters'] is a {type(params).__name__}, not a list")
+    for i, p in enumerate(params):
+        ok = (
+            isinstance(p, dict)
+            and isinstance(p.get("name"), str)
+            and _is_int(p.get("group"))
+            and (
+                "shape" not in p
+                or (isinstance(p["shape"], list) and all(_is_int(d) for d in p["shape"]))
+            )
+        )
+        if not ok:
+            raise fail(
+                path,
+                f"meta['parameters'][{i}] is {str(p)[:80]!r}, not an object with a string name, "
+                "an integer group and a list of integers as shape",
+            )
+
+
+def check_symmetry(path: Path, name: str, kind: str, params: Any, signs: Any) -> None:
+    if kind not in KINDS:
+        raise fail(path, f"symmetry {name!r} has kind {kind[:40]!r}, not one of {KINDS}")
+    if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+        raise fail(path, f"symmetry {name!r}: params is {str(params)[:80]}, not a list of names")
+    if not isinstance(signs, list) or not all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) for s in signs
+    ):
+        raise fail(path, f"symmetry {name!r}: signs is {str(signs)[:80]}, not a list of numbers")
+    try:
+        Symmetry(name, kind, tuple(params), tuple(signs))
+    except ValueError as exc:
+        raise fail(path, f"symmetry {name[:80]!r} is invalid: {exc}") from None
+
+
+def check_block_index(path: Path, table: str, index: list[tuple], n_rows: int, n_col: int) -> None:
+    """Rows ``(first_step, n_steps, steps_length, data_length)`` of a block table, ordered by
+    first_step: lengths agree with n_steps, the row count (symmetries or tensors) and the
+    column count. Checked before any blob is read."""
+    for first, n, steps_len, data_len in index:
+        if n < 1:
+            raise fail(path, f"{table} block at step {first} has n_steps = {n}")
+        if steps_len != 8 * n:
+            raise fail(
+                path,
+                f"{table} block at step {first}: its steps blob holds {steps_len} bytes, not "
+                f"8 x n_steps = {8 * n}",
+            )
+        if data_len != 8 * n * n_rows * n_col:
+            raise fail(
+                path,
+                f"{table} block at step {first}: its data blob holds {data_len} bytes, not "
+                f"8 x {n} steps x {n_rows} rows x {n_col} columns = {8 * n * n_rows * n_col}",
+            )
+
+
+def check_block_steps(
+    path: Path, table: str, first: int, steps: np.ndarray, previous_last: int
+) -> None:
+    """A block's steps start at its key, increase strictly, and follow the previous block's."""
+    if steps[0] != first:
+        raise fail(path, f"{table} block at step {first} starts at step {int(steps[0])}")
+    if len(steps) > 1 and not (np.diff(steps) > 0).all():
+        raise fail(path, f"{table} block at step {first} holds steps out of order or repeated")
+    if first <= previous_last:
+        raise fail(
+            path,
+            f"{table} block at step {first} overlaps the block before it (which ends at step "
+            f"{previous_last})",
+        )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
