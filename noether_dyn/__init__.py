@@ -27,6 +27,11 @@ _LAZY = {
     "report": "noether_dyn.report",
     "Run": "noether_dyn.store",
     "StoreError": "noether_dyn.store",
+    "StoreLockedError": "noether_dyn.store",
+    "StoreWriteError": "noether_dyn.store",
+    "StoreWarning": "noether_dyn.store",
+    "detect": "noether_dyn.symmetries",
+    "Detection": "noether_dyn.symmetries",
     "load_run": "noether_dyn.store",
     "Symmetry": "noether_dyn.symmetries",
     "find_symmetries": "noether_dyn.symmetries",
@@ -38,6 +43,11 @@ __all__ = [
     "MonitorFailure",
     "Run",
     "StoreError",
+    "StoreLockedError",
+    "StoreWarning",
+    "StoreWriteError",
+    "Detection",
+    "detect",
     "Symmetry",
     "__version__",
     "compare",
@@ -53,7 +63,15 @@ if TYPE_CHECKING:
     from noether_dyn.capture import Monitor, watch
     from noether_dyn.capture.monitor import MonitorFailure
     from noether_dyn.report import compare, plot_charges, report
-    from noether_dyn.store import Run, StoreError, load_run
+    from noether_dyn.store import (
+        Run,
+        StoreError,
+        StoreLockedError,
+        StoreWarning,
+        StoreWriteError,
+        load_run,
+    )
+    from noether_dyn.symmetries import Detection, detect
     from noether_dyn.symmetries import Symmetry, find_symmetries, verify
 
 
