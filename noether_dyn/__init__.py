@@ -71,8 +71,7 @@ if TYPE_CHECKING:
         StoreWriteError,
         load_run,
     )
-    from noether_dyn.symmetries import Detection, detect
-    from noether_dyn.symmetries import Symmetry, find_symmetries, verify
+    from noether_dyn.symmetries import Detection, Symmetry, detect, find_symmetries, verify
 
 
 def __getattr__(name: str) -> Any:
