@@ -32,7 +32,6 @@ from learned_maps import MLPMap, fit, max_rel, rollout
 from noether_dyn.depth import SymplecticNet
 from noether_dyn.depth.potentials import LogCoshPotential, PolynomialPotential
 
-torch.set_default_dtype(torch.float64)
 G, DT, SAMPLES, ROLLOUT = 9.81, 0.05, 40, 200
 
 
@@ -60,6 +59,7 @@ def models() -> dict[str, torch.nn.Module]:
 
 def main() -> dict[str, dict[str, float]]:
     """Fit, roll out, print the table; returns the measured numbers per model."""
+    torch.set_default_dtype(torch.float64)  # set here, not at import: importing must not change it
     torch.set_num_threads(1)  # tiny ops: one thread is fastest and safe on shared cores
     start = time.perf_counter()
     torch.manual_seed(0)

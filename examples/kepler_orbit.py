@@ -33,7 +33,6 @@ from torch import nn
 from noether_dyn.depth import SymplecticNet
 from noether_dyn.depth.potentials import CentralPotential
 
-torch.set_default_dtype(torch.float64)
 DT, LAYERS, PERIODS, ECC = 0.1, 4, 100, 0.6
 PERIOD_STEPS = round(2 * math.pi / DT)
 
@@ -86,6 +85,7 @@ def models() -> dict[str, nn.Module]:
 
 def main() -> dict[str, dict[str, float]]:
     """Fit, roll out, print the table; returns the measured numbers per model."""
+    torch.set_default_dtype(torch.float64)  # set here, not at import: importing must not change it
     torch.set_num_threads(1)  # tiny ops: one thread is fastest and safe on shared cores
     start = time.perf_counter()
     y0 = torch.tensor([1 - ECC, 0.0, 0.0, math.sqrt((1 + ECC) / (1 - ECC))])

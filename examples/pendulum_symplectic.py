@@ -29,7 +29,6 @@ from learned_maps import MLPMap, fit, max_rel, rk4_samples, rollout
 from noether_dyn.depth import SymplecticNet
 from noether_dyn.depth.potentials import FourierPotential, LogCoshPotential
 
-torch.set_default_dtype(torch.float64)
 DT, SAMPLES, ROLLOUT, LAYERS = 0.1, 300, 6000, 4
 
 
@@ -58,6 +57,7 @@ def models() -> dict[str, torch.nn.Module]:
 
 def main() -> dict[str, dict[str, float]]:
     """Fit, roll out, print the table; returns the measured numbers per model."""
+    torch.set_default_dtype(torch.float64)  # set here, not at import: importing must not change it
     torch.set_num_threads(1)  # tiny ops: one thread is fastest and safe on shared cores
     start = time.perf_counter()
     y0 = torch.tensor([1.5, 0.0])

@@ -107,7 +107,9 @@ def test_report_replaces_a_symlink_instead_of_writing_through_it(tmp_path, monke
     victim.write_text("precious")
     link = run_dir / "report.html"
     link.symlink_to(victim)
-    assert main(["report", str(run_dir)]) == 0  # the CLI's default output path
+    assert main(["report", str(run_dir)]) == 1  # the CLI refuses its default output path...
+    assert victim.read_text() == "precious" and link.is_symlink()
+    report(run_dir, link)  # ...and the API replaces the link, never writing through it
     assert victim.read_text() == "precious"
     assert not link.is_symlink() and link.read_text().startswith("<!DOCTYPE html>")
 
@@ -120,7 +122,8 @@ def test_markdown_figure_folder_symlink_is_not_followed(tmp_path, monkeypatch):
     victim = tmp_path / "victim.png"
     victim.write_bytes(b"keep")
     (run_dir / "report.md").symlink_to(victim)
-    assert main(["report", str(run_dir), "--format", "md"]) == 0
+    assert main(["report", str(run_dir), "--format", "md"]) == 1  # the CLI refuses the link
+    report(run_dir, run_dir / "report.md")  # the API replaces both links
     assert list(target.iterdir()) == [] and victim.read_bytes() == b"keep"
     assert (run_dir / "report_files").is_dir() and not (run_dir / "report_files").is_symlink()
     assert any((run_dir / "report_files").iterdir())
