@@ -273,18 +273,9 @@ def test_export_tensorboard_replays_the_run(trained, tmp_path):
     root, run, *_ = trained
     out = tmp_path / "tb-export"
     for _ in range(2):  # the second export replaces the first's event file
+        cmd = ["export", str(root / "run"), "--format", "tensorboard", "-o", str(out)]
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "noether_dyn.cli",
-                "export",
-                str(root / "run"),
-                "--format",
-                "tensorboard",
-                "-o",
-                str(out),
-            ],  # fmt: skip
+            [sys.executable, "-m", "noether_dyn.cli", *cmd],
             capture_output=True,
             text=True,
         )

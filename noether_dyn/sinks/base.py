@@ -21,7 +21,8 @@ class Sink(Protocol):
 
     ``write`` is called once per logged step with ``{tag: value}`` (floats; tags in
     :mod:`noether_dyn.sinks.rows`), then ``flush`` once per flush. ``close`` is called when the
-    monitor closes.
+    monitor closes. An optional attribute ``charge_columns`` (a tuple of charge column names)
+    limits the charge scalars the sink receives; without it, it receives all of them.
     """
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None: ...
@@ -79,10 +80,13 @@ class SinkSet:
         """Send one flush's host rows (the store's layout) to every sink."""
         if not self.sinks:
             return
-        rows = scalar_rows(steps, charge_steps, charges, self.symmetries)
+        rows: dict = {}  # by charge_columns: built once for all the sinks that share them
         for sink in list(self.sinks):
             try:
-                for step, scalars in rows:
+                key = getattr(sink, "charge_columns", None)
+                if key not in rows:
+                    rows[key] = scalar_rows(steps, charge_steps, charges, self.symmetries, key)
+                for step, scalars in rows[key]:
                     sink.write(step, scalars)
                 sink.flush()
             except Exception as exc:  # a sink must never stop the training

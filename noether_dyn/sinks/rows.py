@@ -5,7 +5,8 @@ host rows of a flush (or of a stored run) in the store's column layout
 Tags: ``noether/<column>`` for each column of the ``steps`` table but ``step`` (the x-axis), and
 ``noether/<column>/<symmetry>`` for each column of the charge table. NaN marks a value that does
 not exist (a loss that was not logged, a scale-only column of a rescale symmetry) and is left
-out; infinities are kept.
+out; infinities are kept. A sink may take only some charge columns (its ``charge_columns``):
+each scalar costs time in the sink (TensorBoard: ``benchmarks/sinks_overhead.py``).
 """
 
 from __future__ import annotations
@@ -31,11 +32,26 @@ def symmetry_tag(column: str, symmetry: str) -> str:
     return f"{PREFIX}/{column}/{symmetry}"
 
 
+def check_charge_columns(charge_columns: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``charge_columns`` as a tuple (None: all of them), every name checked."""
+    if charge_columns is None:
+        return None
+    if isinstance(charge_columns, str):
+        charge_columns = (charge_columns,)
+    unknown = [c for c in charge_columns if c not in CHARGE_COLUMNS]
+    if unknown:
+        raise ValueError(
+            f"charge_columns: unknown column(s) {unknown}; choose from {', '.join(CHARGE_COLUMNS)}"
+        )
+    return tuple(charge_columns)
+
+
 def scalar_rows(
     steps: np.ndarray,
     charge_steps: np.ndarray,
     charges: np.ndarray,
     symmetries: Sequence[str],
+    charge_columns: Sequence[str] | None = None,
 ) -> list[tuple[int, dict[str, float]]]:
     """Per logged step, in step order: ``(step, {tag: value})``.
 
@@ -44,12 +60,15 @@ def scalar_rows(
         charge_steps: int (n_charged,), the steps that have charge rows (a subset of ``steps``).
         charges: float64 (n_charged, len(symmetries), len(CHARGE_COLUMNS)).
         symmetries: the symmetry names, in the order of ``charges``' second axis.
+        charge_columns: the charge columns to include (None: all of ``CHARGE_COLUMNS``).
     """
+    wanted = check_charge_columns(charge_columns) or CHARGE_COLUMNS
     steps = np.asarray(steps, dtype=np.float64).reshape(-1, len(STEP_COLUMNS))
     charges = np.asarray(charges, dtype=np.float64)
     step_tags = [(j, step_tag(c)) for j, c in enumerate(STEP_COLUMNS) if j != _STEP]
     charge_tags = [
-        [(j, symmetry_tag(c, name)) for j, c in enumerate(CHARGE_COLUMNS)] for name in symmetries
+        [(j, symmetry_tag(c, name)) for j, c in enumerate(CHARGE_COLUMNS) if c in wanted]
+        for name in symmetries
     ]
     charged = {int(s): i for i, s in enumerate(np.asarray(charge_steps).tolist())}
     out = []

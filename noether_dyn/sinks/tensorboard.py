@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from noether_dyn.sinks.rows import check_charge_columns
 
 _MISSING = (
     "TensorBoardSink needs the tensorboard package: pip install 'noether-dyn[tensorboard]' "
@@ -24,7 +26,9 @@ def summary_writer(log_dir: str | Path) -> Any:
 
 
 class TensorBoardSink:
-    """Writes each scalar with ``add_scalar(tag, value, global_step=step)``.
+    """Writes each logged step's scalars as one TensorBoard event (one ``Summary`` holding every
+    tag of the step, about 10x faster than one ``add_scalar`` per tag); a writer without
+    ``_get_file_writer`` gets ``add_scalar(tag, value, global_step=step)`` per tag.
 
     TensorBoard stores a scalar as a 32-bit float (``Summary.Value.simple_value``), so it reads
     back as the float64 value rounded to the nearest float32.
@@ -32,9 +36,14 @@ class TensorBoardSink:
     Args:
         log_dir: a directory (a ``SummaryWriter`` is made there and closed with the sink), or a
             ``SummaryWriter`` of yours (flushed at each flush, left open: you close it).
+        charge_columns: the charge columns to stream per symmetry (default: all eleven); each
+            scalar costs about 15 us in TensorBoard's writer (``benchmarks/sinks_overhead.py``).
     """
 
-    def __init__(self, log_dir: str | Path | Any) -> None:
+    def __init__(
+        self, log_dir: str | Path | Any, *, charge_columns: Sequence[str] | None = None
+    ) -> None:
+        self.charge_columns = check_charge_columns(charge_columns)
         if callable(getattr(log_dir, "add_scalar", None)):
             self.writer, self.owned = log_dir, False
         elif isinstance(log_dir, (str, Path)):
@@ -44,11 +53,23 @@ class TensorBoardSink:
                 f"TensorBoardSink: log_dir must be a directory path or a SummaryWriter, "
                 f"got {type(log_dir).__name__}"
             )
+        self._summary = None
+        if callable(getattr(self.writer, "_get_file_writer", None)):
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            self._summary = Summary
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self._summary is not None:
+            value = self._summary.Value
+            summary = self._summary(
+                value=[value(tag=tag, simple_value=v) for tag, v in scalars.items()]
+            )
+            self.writer._get_file_writer().add_summary(summary, step)
+            return
         add = self.writer.add_scalar
-        for tag, value in scalars.items():
-            add(tag, value, global_step=step)
+        for tag, v in scalars.items():
+            add(tag, v, global_step=step)
 
     def flush(self) -> None:
         self.writer.flush()

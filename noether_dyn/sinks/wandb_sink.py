@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from noether_dyn.sinks.rows import PREFIX
+from noether_dyn.sinks.rows import PREFIX, check_charge_columns
 
 _MISSING = (
     "WandbSink needs wandb: pip install 'noether-dyn[wandb]' (or pip install wandb), "
@@ -26,9 +26,17 @@ class WandbSink:
         run: the W&B run (default: the active ``wandb.run``; then wandb must be installed and
             ``wandb.init()`` called first). The run is yours: the sink never finishes it.
         step_metric: see above; None (default) logs with ``step=``.
+        charge_columns: the charge columns to log per symmetry (default: all eleven).
     """
 
-    def __init__(self, run: Any = None, *, step_metric: str | None = None) -> None:
+    def __init__(
+        self,
+        run: Any = None,
+        *,
+        step_metric: str | None = None,
+        charge_columns: Sequence[str] | None = None,
+    ) -> None:
+        self.charge_columns = check_charge_columns(charge_columns)
         if run is None:
             try:
                 import wandb
