@@ -331,3 +331,59 @@ def test_lightning_callback_forwards_sinks(tmp_path):
         assert scalars["noether/charge/translation:head"] == float(
             run.charge("translation:head").loc[step, "charge"]
         )
+
+
+def test_charge_columns_limit_what_a_sink_receives(trained, tmp_path):
+    """Two sinks with different selections, fed from one SinkSet, each get exactly theirs."""
+    root, run, *_ = trained
+    few = TensorBoardSink(tmp_path / "few", charge_columns=("charge", "ksb"))
+    all_of_them, wandb_run = Recorder(), FakeWandbRun()
+    from noether_dyn.export import replay
+
+    replay(run, [few, all_of_them, WandbSink(wandb_run, charge_columns="charge")])
+    names = list(run.symmetries["symmetry"])
+    tb = _read_tb(tmp_path / "few")
+    charge_tags = {t for t in tb if t.count("/") == 2}
+    assert charge_tags == {f"noether/{c}/{n}" for c in ("charge", "ksb") for n in names}
+    assert all(len(tb[f"noether/{c}"]) == STEPS for c in ("kinetic", "lr"))
+    logged = {k for d, _ in wandb_run.logged for k in d if k.count("/") == 2}
+    assert logged == {f"noether/charge/{n}" for n in names}
+    assert any(k.startswith("noether/decay/") for _, d in all_of_them.rows for k in d)
+
+
+def test_an_unknown_charge_column_is_named():
+    with pytest.raises(ValueError, match=r"unknown column\(s\) \['charges'\]; choose from charge"):
+        WandbSink(FakeWandbRun(), charge_columns=["charges"])
+
+
+def test_a_writer_with_add_scalar_only_gets_one_call_per_scalar(trained):
+    """Any writer with add_scalar works (the per-tag path), with the exact float64 values."""
+    _, run, recorder, *_ = trained
+
+    class Writer:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, float, int]] = []
+
+        def add_scalar(self, tag, value, global_step=None):
+            self.calls.append((tag, value, global_step))
+
+        def flush(self):
+            pass
+
+    writer = Writer()
+    from noether_dyn.export import replay
+
+    replay(run, [writer])
+    want = [(tag, v, step) for step, d in recorder.rows for tag, v in d.items()]
+    assert writer.calls == want
+
+
+def test_importing_the_package_imports_neither_tensorboard_nor_wandb():
+    code = (
+        "import sys, noether_dyn, noether_dyn.sinks; noether_dyn.watch\n"
+        "names = ('tensorboard', 'torch.utils.tensorboard', 'wandb')\n"
+        "bad = [m for m in names if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
