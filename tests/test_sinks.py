@@ -387,3 +387,16 @@ def test_importing_the_package_imports_neither_tensorboard_nor_wandb():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_tensorboard_sink_that_never_writes_leaves_no_file(tmp_path):
+    """As on a rank other than 0: the sink is made and closed, nothing is streamed."""
+    sinks = SinkSet([TensorBoardSink(tmp_path / "tb")], ["a"])
+    sinks.close()
+    assert not (tmp_path / "tb").exists()
+
+
+def test_tensorboard_missing_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ImportError, match=r"noether-dyn\[tensorboard\]"):
+        TensorBoardSink("tb")
