@@ -157,11 +157,10 @@ def test_tensorboard_values_are_the_stores_not_a_float32_copy(trained):
 
 def test_sinks_receive_rows_only_at_flushes(trained):
     """Rows arrive in batches of ``flush_every`` (and the rest at close): no per-step call."""
-    _, run, recorder, _, monitor = trained
+    _, run, recorder, *_ = trained
     assert recorder.flushes == [3, 6, 7]
     assert [s for s, _ in recorder.rows] == list(range(STEPS))
-    assert recorder.closed
-    assert len(monitor._buffer.sinks) == 0  # closed with the monitor
+    assert recorder.closed  # closed with the monitor
 
 
 def test_wandb_run_gets_one_log_per_step_with_the_stores_float64(trained):
@@ -400,3 +399,11 @@ def test_tensorboard_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match=r"noether-dyn\[tensorboard\]"):
         TensorBoardSink("tb")
+
+
+def test_export_tensorboard_without_tensorboard_names_the_extra(trained, monkeypatch, tmp_path):
+    from noether_dyn.export import export_run
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ValueError, match=r"noether-dyn\[tensorboard\]"):
+        export_run(trained[1], tmp_path / "out", format="tensorboard")
