@@ -10,7 +10,9 @@ the run's step scalars and charges into a TensorBoard event file instead, with t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from noether_dyn.records import STEP_COLUMNS
 from noether_dyn.sinks import SinkSet, TensorBoardSink
@@ -31,10 +33,12 @@ def _frames(run: Run) -> dict:
     return frames
 
 
-def replay(run: Run, sinks: list) -> None:
+def replay(run: Run | str | Path, sinks: Sequence[Any]) -> None:
     """Send a stored run's steps and charges to ``sinks``, as ``watch(..., sinks=)`` would
-    have during training (the same tags and values), then close them."""
-    sink_set = SinkSet(sinks, list(run.symmetries["symmetry"]))
+    have during training (the same tags and values), then close them. A sink's error is
+    raised (nothing is dropped silently)."""
+    run = run if isinstance(run, Run) else load_run(run)
+    sink_set = SinkSet(sinks, list(run.symmetries["symmetry"]), strict=True)
     charge_steps, charges = run.charge_array()
     sink_set.emit(run.steps[list(STEP_COLUMNS)].to_numpy(dtype=float), charge_steps, charges)
     sink_set.close()

@@ -407,3 +407,12 @@ def test_export_tensorboard_without_tensorboard_names_the_extra(trained, monkeyp
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ValueError, match=r"noether-dyn\[tensorboard\]"):
         export_run(trained[1], tmp_path / "out", format="tensorboard")
+
+
+def test_replay_raises_a_sinks_error(trained):
+    from noether_dyn.export import replay
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SinkFailure)  # raised as itself, not as a warning
+        with pytest.raises(OSError, match="disk full"):
+            replay(trained[0] / "run", [Failing(fail_at_flush=1)])

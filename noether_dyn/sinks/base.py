@@ -60,9 +60,13 @@ class SinkSet:
     Args:
         sinks: sinks, or objects :func:`as_sink` accepts (checked here, before any training).
         symmetries: the names of the tracked symmetries, in the order of the charge rows.
+        strict: raise a sink's error instead of warning and dropping it (a replay, where
+            nothing else runs).
     """
 
-    def __init__(self, sinks: Iterable[Any] | None, symmetries: Sequence[str]) -> None:
+    def __init__(
+        self, sinks: Iterable[Any] | None, symmetries: Sequence[str], strict: bool = False
+    ) -> None:
         if sinks is None:
             sinks = ()
         elif isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
@@ -72,6 +76,7 @@ class SinkSet:
             )
         self.sinks: list[Sink] = [as_sink(s) for s in sinks]
         self.symmetries = list(symmetries)
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.sinks)
@@ -90,6 +95,8 @@ class SinkSet:
                     sink.write(step, scalars)
                 sink.flush()
             except Exception as exc:  # a sink must never stop the training
+                if self.strict:
+                    raise
                 self._drop(sink, "writing", exc)
 
     def close(self) -> None:
@@ -99,6 +106,8 @@ class SinkSet:
             try:
                 sink.close()
             except Exception as exc:
+                if self.strict:
+                    raise
                 self._drop(sink, "closing", exc)
 
     def _drop(self, sink: Sink, what: str, exc: Exception) -> None:
