@@ -416,3 +416,38 @@ def test_replay_raises_a_sinks_error(trained):
         warnings.simplefilter("error", SinkFailure)  # raised as itself, not as a warning
         with pytest.raises(OSError, match="disk full"):
             replay(trained[0] / "run", [Failing(fail_at_flush=1)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streaming_adds_no_sync_between_flushes_on_cuda(tmp_path):
+    """Steps between flushes run under sync_debug_mode("error") with a TensorBoard sink
+    attached; the sink sees nothing until the flush, then every step."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model, x, y = _model()
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = Recorder()
+    scale = nd.Symmetry("scale:0", "scale", ("0.weight", "0.bias"))
+    mon = nd.watch(model, opt, tmp_path / "run", symmetries=[scale], flush_every=10_000,
+                   flush_seconds=3600, sinks=[rec, TensorBoardSink(tmp_path / "tb")])  # fmt: skip
+
+    def step():
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        mon.log_loss(loss)
+        opt.step()
+
+    step()  # the first step allocates the optimizer's state (its own syncs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rec.rows == []
+    mon.close()
+    assert [s for s, _ in rec.rows] == list(range(6))
+    _assert_tb_equals_run(tmp_path / "tb", nd.load_run(tmp_path / "run"))
