@@ -37,7 +37,7 @@ from typing import Any, NoReturn
 PROG = "noether-dyn"
 PLOT_KINDS = ("charges", "ksb", "lagrangian", "normalization", "depth")
 SYMMETRY_KINDS = ("scale", "rescale", "translation")
-EXPORT_FORMATS = ("csv", "parquet")
+EXPORT_FORMATS = ("csv", "parquet", "tensorboard")
 STORE_FILENAME = "run.sqlite"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -194,14 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write a run's tables as CSV or Parquet files (long format)",
+        help="write a run's tables as CSV or Parquet files (long format), or TensorBoard events",
         description="Write every table of a run (steps, groups, charges, tensors, symmetries, "
         "events, depth_profile) as one long-format file each, plus meta.json. Schema: "
-        "docs/guide.md, 'Export'.",
+        "docs/guide.md, 'Export'. --format tensorboard replays the step scalars and charges "
+        "into an event file instead (tags: docs/guide.md, 'Sinks').",
     )
     p.add_argument("run", metavar="RUN")
     p.add_argument(
-        "--format", choices=EXPORT_FORMATS, default="csv", help="csv or parquet (default: csv)"
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="csv",
+        help="csv, parquet or tensorboard (default: csv)",
     )
     p.add_argument("-o", "--output", metavar="DIR", help="output directory (default: RUN/export)")
 

@@ -2,7 +2,8 @@
 
 A flush moves every held row to the host in one stacked copy per table (one host-device sync),
 lays the rows out in the store's column order (:mod:`noether_dyn.records`) and turns non-finite
-losses, parameters and gradients into events (warning once per kind).
+losses, parameters and gradients into events (warning once per kind). The same host rows go
+to the sinks (:mod:`noether_dyn.sinks`): streaming costs no device sync of its own.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +28,8 @@ from noether_dyn.records import (
     StepPlan,
     StepRecord,
 )
+from noether_dyn.sinks import SinkSet
+from noether_dyn.symmetries.symmetry import Symmetry
 
 _NONFINITE = (("nonfinite_loss", "loss"), ("nonfinite_params", "param_norm"),
               ("nonfinite_grads", "grad_norm"))  # fmt: skip
@@ -62,12 +67,21 @@ class HostRows:
 
 class RowBuffer:
     """Holds :class:`StepRecord` rows; due for a flush after ``flush_every`` rows or
-    ``flush_seconds`` seconds since the last flush."""
+    ``flush_seconds`` seconds since the last flush. ``sinks`` (checked here) receive the host
+    rows of every flush (:class:`~noether_dyn.sinks.SinkSet`)."""
 
-    def __init__(self, flush_every: int, flush_seconds: float, n_symmetries: int) -> None:
+    def __init__(
+        self,
+        flush_every: int,
+        flush_seconds: float,
+        n_symmetries: int,
+        sinks: Sequence[Any] | None = (),
+        symmetries: Sequence[Symmetry] = (),
+    ) -> None:
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.n_symmetries = n_symmetries
+        self.sinks = SinkSet(sinks, [s.name for s in symmetries])
         self.rows: list[StepRecord] = []
         self.last_flush = time.monotonic()
         self._warned: set[str] = set()
@@ -120,7 +134,7 @@ class RowBuffer:
                 value = values[column]
                 if (column != "loss" or r.loss_logged) and not math.isfinite(value):
                     events.append(self._event(int(step), kind, value))
-        return HostRows(
+        host = HostRows(
             np.array(step_rows, dtype=np.float64).reshape(-1, len(STEP_COLUMNS)),
             np.array(group_rows, dtype=np.float64).reshape(-1, len(GROUP_COLUMNS)),
             charge_steps,
@@ -128,6 +142,8 @@ class RowBuffer:
             events,
             tensors,
         )
+        self.sinks.emit(host.steps, host.charge_steps, host.charges)
+        return host
 
     def _event(self, step: int, kind: str, value: float) -> tuple[int, str, str]:
         what = kind.split("_", 1)[1]

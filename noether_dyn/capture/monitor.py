@@ -75,6 +75,7 @@ class Monitor:
         overwrite: bool = False,
         snapshot: bool = False,
         fused: bool | None = None,
+        sinks: Sequence[Any] | None = (),
     ) -> None:
         checks.check_arguments(model, optimizer, every, (flush_every, flush_seconds), resume,
                                overwrite, fused, getattr(optimizer, _ATTR, None))  # fmt: skip
@@ -95,7 +96,7 @@ class Monitor:
         self.compiled = CompiledStats(t, self._matrix, self.adapter, self._step_rows)
         self._planner = Planner(t, self.adapter, eager, self.compiled, every, snapshot, fused)
         self._prediction = Prediction(t, self._matrix, eager, predictor, self._reduced)
-        self._buffer = RowBuffer(flush_every, flush_seconds, len(t.symmetries))
+        self._buffer = RowBuffer(flush_every, flush_seconds, len(t.symmetries), sinks, t.symmetries)
         self._state = mstate.monitor_states(t.n_groups)
         self._plan: StepPlan | None = None
         self._nan, self._t0 = t.to_device(float("nan"), torch.float64), time.monotonic()
@@ -128,10 +129,7 @@ class Monitor:
     flush_seconds = property(lambda self: self._buffer.flush_seconds, doc="Seconds per flush.")
     snapshot_bytes = property(lambda self: self._eager.snapshot_bytes, doc="Bytes in q copies.")
 
-    @property
-    def symmetries(self) -> list[Symmetry]:
-        """The symmetries whose charges this monitor tracks."""
-        return list(self.tracked.symmetries)
+    symmetries = property(lambda self: list(self.tracked.symmetries), doc="Tracked symmetries.")
 
     def log_loss(self, loss: torch.Tensor | float) -> None:
         """Record the loss V of the coming step (no sync); inside ``step(closure)`` it wins."""
@@ -191,6 +189,7 @@ class Monitor:
             if getattr(self.optimizer, _ATTR, None) is not None:
                 delattr(self.optimizer, _ATTR)
             atexit.unregister(self._atexit)
+            self._buffer.sinks.close()
             if self._writer is not None:
                 self._writer.close()
 

@@ -30,6 +30,7 @@ def watch(
     overwrite: bool = False,
     snapshot: bool = False,
     fused: bool | None = None,
+    sinks: Sequence[Any] | None = None,
 ) -> Monitor:
     """Watch ``optimizer`` training ``model``; returns the :class:`Monitor` (a context manager).
 
@@ -60,6 +61,13 @@ def watch(
             to a minute, cached on disk by Inductor). None (default) turns it on for models of
             at least 1M parameters on CPU or CUDA. If compiling fails the monitor warns once and
             goes on with the eager path.
+        sinks: where else to stream the step scalars and per-symmetry charges, at each flush
+            (from the same host rows as the store): ``noether_dyn.sinks.TensorBoardSink(dir)``,
+            ``WandbSink()``, a ``SummaryWriter``, a wandb run, or any object with
+            ``write(step, scalars)``, ``flush()`` and ``close()`` (tags in docs/guide.md,
+            "Sinks"). A sink that raises warns once (``SinkFailure``) and is dropped; training
+            and the store go on. Sinks are closed with the monitor (a writer or run you passed
+            is flushed, not closed). Only the rank that writes the store (rank 0) streams.
     """
     optimizer = unwrap_optimizer(optimizer)
     if run_dir is None:
@@ -101,4 +109,5 @@ def watch(
         overwrite=overwrite,
         snapshot=snapshot,
         fused=fused,
+        sinks=sinks,
     )
