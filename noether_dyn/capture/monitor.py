@@ -77,8 +77,9 @@ class Monitor:
         fused: bool | None = None,
     ) -> None:
         checks.check_arguments(model, optimizer, every, (flush_every, flush_seconds), resume,
-                               overwrite, fused, getattr(optimizer, _ATTR, None))  # fmt: skip
-        self.optimizer, self.run_dir, self.every = optimizer, Path(run_dir), every
+                               overwrite, fused, getattr(optimizer, _ATTR, None), snapshot,
+                               symmetries)  # fmt: skip
+        self.optimizer, self.run_dir, self.every = optimizer, checks.run_dir_path(run_dir), every
         self.snapshot, self.adapter = snapshot, adapter_for(optimizer)
         self._closed, self._depth, self.on_stats = False, 0, None
         self.tracked = t = Tracked(model, optimizer, symmetries)
