@@ -143,12 +143,14 @@ def as_loss(loss: Any) -> torch.Tensor:
     return torch.tensor(float(loss), dtype=torch.float64)
 
 
-def check_resume(stored: list[str], symmetries: Any, run_dir: Any) -> None:
-    """Raise when a resumed run's stored symmetries differ from the monitor's."""
-    mine = [s.name for s in symmetries]
+def stored_state(writer: Any, symmetries: Any) -> dict[str, Any] | None:
+    """The monitor state a resumed run's store holds (None before its first flush), after
+    checking that its stored symmetries are the monitor's."""
+    stored, mine = writer.symmetry_names(), [s.name for s in symmetries]
     if stored != mine:
         raise ValueError(
-            f"watch(resume=True): the run at '{run_dir}' tracks symmetries {stored}, "
+            f"watch(resume=True): the run at '{writer.run_dir}' tracks symmetries {stored}, "
             f"this monitor {mine}. Pass the same symmetries= (or the same inputs=) as the "
             "first run."
         )
+    return writer.get_meta("monitor_state")
