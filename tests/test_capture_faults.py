@@ -317,12 +317,13 @@ def test_state_dict_from_another_thread_does_not_stop_monitoring(run_dir):
 # --- item 2: no gap after a kill inside load_state_dict -------------------------------------
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_a_kill_inside_load_state_dict_leaves_no_gap(tmp_path, seed):
+def test_a_kill_anywhere_inside_load_state_dict_leaves_no_gap(tmp_path):
     """A checkpoint at step 4, the store at step 9, then a process resumes from the checkpoint
-    and is SIGKILLed at a random point of load_state_dict (Python line or SQLite VM step). The
-    next resume must continue without a gap: either before the truncation (steps 0-9, resumed at
-    10) or after it (steps 0-3, resumed at 4)."""
+    and is SIGKILLed inside load_state_dict, at ~60 points spread over every Python line and
+    SQLite VM step of it (tests/_resume_kill_worker.py). Each time, the next resume must continue
+    without a gap: from before the truncation (steps 0-9, resumed at 10) or after it (steps 0-3,
+    resumed at 4). Truncation and the stored monitor state in two transactions would leave
+    steps 0-3 with the state at 10: a resume at 10 and a gap 4-9."""
     run = tmp_path / "run"
     model = relu_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -333,14 +334,15 @@ def test_a_kill_inside_load_state_dict_leaves_no_gap(tmp_path, seed):
     (tmp_path / "ckpt.json").write_text(json.dumps(ckpt))
     proc = subprocess.run(
         [sys.executable, "-m", "tests._resume_kill_worker", str(run), str(tmp_path / "ckpt.json"),
-         str(seed)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+         "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert proc.returncode in (0, -9), proc.stderr[-3000:]
-    opt2 = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    with nd.watch(model, opt2, run, symmetries=[RESCALE], resume=True) as mon2:
-        start = mon2.step
-        train(model, opt2, mon2, steps=3)
-    steps = nd.load_run(run).steps["step"].tolist()
-    assert start in (4, 10), (start, proc.stdout)
-    assert steps == list(range(start + 3)), (steps, proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = out["results"]
+    assert len(results) >= 50 and sum(r["killed"] for r in results) >= 50
+    for r in results:
+        assert r["start"] in (4, 10), r
+        assert r["steps"] == list(range(r["start"] + 3)), r
+    # the sweep reached both sides of the commit
+    assert {r["start"] for r in results if r["killed"]} == {4, 10}
