@@ -49,7 +49,7 @@ def check_arguments(
     if resume and overwrite:
         raise ValueError("watch: resume=True and overwrite=True contradict; choose one.")
     if fused is not None and not isinstance(fused, bool):
-        raise TypeError(f"watch: fused must be None, True or False, got {fused!r}.")
+        raise ValueError(f"watch: fused must be None, True or False, got {fused!r}.")
     check_symmetry_list(symmetries)
     monitor = previous() if previous is not None else None
     if monitor is not None and not monitor._closed:
