@@ -143,8 +143,9 @@ class Monitor:
         columns layer, sigma_max, sigma_min, defect, transmission and optionally stability)
         taken at ``step`` (default: the current step). Writes at once."""
         rows = checks.depth_rows(profile)
-        if self._writer is not None:
-            self._writer.write_depth_profile(self.step if step is None else int(step), rows)
+        with self._lock:
+            if self._writer is not None:
+                self._writer.write_depth_profile(self.step if step is None else int(step), rows)
 
     def flush(self) -> None:
         """Write the pending rows to the store (one host-device sync). Never raises: a failed
