@@ -49,8 +49,8 @@ class CompiledStats:
         or None when this step has no elementwise form (a tensor without gradient or state, a
         group without a rule). Raises :class:`CompileFailed` when the first compile fails."""
         t = self.t
-        if any(p.grad is None for p in t.params):
-            return None
+        if any(p.grad is None for p in t.params) or any(t.widened):
+            return None  # 16-bit parameters: measured from a snapshot (tracked.accumulation_dtype)
         steps = []
         for group, params in zip(optimizer.param_groups, t.group_params):
             if not params:

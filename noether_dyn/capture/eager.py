@@ -46,11 +46,12 @@ class EagerStats:
         """|q_n|^2, sum(q_n) and (without a closure, whose step makes its own gradients)
         <g_n, q_n> into ``plan``, read before the step."""
         t = self.t
-        plan.qq = sq_norms(t.params, t.device)
-        plan.qs = t.subset(sums, self.matrix.sum_tensors, t.params)
+        params = t.widen(t.params)  # 16-bit parameters reduce in float64 (tracked.widen)
+        plan.qq = sq_norms(params, t.device)
+        plan.qs = t.subset(sums, self.matrix.sum_tensors, params)
         if not closure:
             plan.gq_index = t.with_grad(self.matrix.tensors)
-            plan.gq = t.subset(dots, plan.gq_index, t.grads(), t.params)
+            plan.gq = t.subset(dots, plan.gq_index, t.widen(t.grads()), params)
 
     def __call__(
         self, optimizer: torch.optim.Optimizer, plan: StepPlan, inputs: tuple
@@ -59,10 +60,10 @@ class EagerStats:
         caller forms them); the signature of the compiled backend."""
         t = self.t
         active = t.with_grad()
-        grads = t.grads()
+        grads, params = t.widen(t.grads()), t.widen(t.params)
         dq, gdq, inv_metric = self.updates(optimizer, plan.rebuild, active, with_metric=True)
         if plan.qq is None:  # the pre-hook left q_n to the compiled path, which could not run
-            q0 = [p if u is None else p - u for p, u in zip(t.params, dq)]
+            q0 = [p if u is None else p - u for p, u in zip(params, dq)]
             plan.qq = sq_norms(q0, t.device)
             plan.qs = t.subset(sums, self.matrix.sum_tensors, q0)
 
@@ -77,14 +78,14 @@ class EagerStats:
         cols["GG"] = t.subset(sq_norms, active, grads)
         cols["DD"] = t.subset(sq_norms, active, dq)
         cols["GDD"] = t.subset(dots, active, gdq, dq)
-        dq_q1 = t.subset(dots, sym, dq, t.params)
+        dq_q1 = t.subset(dots, sym, dq, params)
         cols["DQ"] = dq_q1 - t.restrict(cols["DD"], sym)
         if plan.gq is not None and plan.gq_index == sym:  # <g_n, q_n>, read before the step
             cols["GQ"] = plan.gq
         else:  # a closure made the gradients inside the step: <g, q_n> = <g, q_{n+1} - dq>
-            g_q1 = t.subset(dots, sym, grads, t.params)
+            g_q1 = t.subset(dots, sym, grads, params)
             cols["GQ"] = g_q1 - t.subset(dots, sym, grads, dq)
-        gdq_q1 = t.subset(dots, sym, gdq, t.params)
+        gdq_q1 = t.subset(dots, sym, gdq, params)
         cols["GDQ"] = gdq_q1 - t.restrict(cols["GDD"], sym)
         cols["GS"] = t.subset(sums, trans, grads)
         cols["DS"] = t.subset(sums, trans, dq)
@@ -139,9 +140,12 @@ class EagerStats:
             params = [t.params[i] for i in pos]
             if rebuild[g]:
                 upd, metric = self.adapter.update(optimizer, group, params)
-            else:
-                upd = torch._foreach_sub(params, [self.snap[i] for i in pos])
+            else:  # q_{n+1} - q_n of 16-bit parameters is exact in float64, not in their dtype
+                upd = torch._foreach_sub(t.widen(params), t.widen([self.snap[i] for i in pos]))
                 metric = self.adapter.metric(optimizer, group, params) if with_metric else None
+            upd = t.widen(upd)
+            if isinstance(metric, list):
+                metric = t.widen(metric)
             if not with_metric or metric is None:
                 prods = upd
             elif isinstance(metric, float):

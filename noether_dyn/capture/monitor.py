@@ -11,6 +11,7 @@ flush (``flush_every`` rows, ``flush_seconds``, ``state_dict()``, ``close()``), 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import time
 import warnings
 import weakref
@@ -29,22 +30,18 @@ from noether_dyn.capture.eager import EagerStats
 from noether_dyn.capture.meta import run_meta
 from noether_dyn.capture.plan import FUSED_MIN_NUMEL, Planner
 from noether_dyn.capture.predict import Prediction
+from noether_dyn.capture.storage import MonitorFailure, StoreHandle
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import adapter_for
 from noether_dyn.quantities.charges import ChargeMatrix
 from noether_dyn.quantities.step_rows import StepRows
 from noether_dyn.quantities.theory import ChargePredictor, regime_for
 from noether_dyn.records import StepPlan
-from noether_dyn.store.writer import RunWriter
 from noether_dyn.symmetries.symmetry import Symmetry
 
 _ATTR = "_noether_dyn_monitor"
 STATE_VERSION = mstate.STATE_VERSION
 __all__ = ["FUSED_MIN_NUMEL", "STATE_VERSION", "Monitor", "MonitorFailure"]
-
-
-class MonitorFailure(RuntimeWarning):
-    """The monitor hit an error inside a step and stopped; training went on."""
 
 
 class Monitor:
@@ -78,10 +75,11 @@ class Monitor:
         sinks: Sequence[Any] | None = (),
     ) -> None:
         checks.check_arguments(model, optimizer, every, (flush_every, flush_seconds), resume,
-                               overwrite, fused, getattr(optimizer, _ATTR, None))  # fmt: skip
-        self.optimizer, self.run_dir, self.every = optimizer, Path(run_dir), every
+                               overwrite, fused, getattr(optimizer, _ATTR, None), snapshot,
+                               symmetries)  # fmt: skip
+        self.optimizer, self.run_dir, self.every = optimizer, checks.run_dir_path(run_dir), every
         self.snapshot, self.adapter = snapshot, adapter_for(optimizer)
-        self._closed, self._depth, self.on_stats = False, 0, None
+        self._closed, self._failed, self._depth, self.on_stats = False, False, 0, None
         self.tracked = t = Tracked(model, optimizer, symmetries)
         self.device, self.sharded = t.device, t.sharded
         self.names, self.params, self.group_of = t.names, t.params, t.group_of
@@ -104,16 +102,18 @@ class Monitor:
         # DDP replicates parameters: rank 0 alone computes and writes. FSDP2 shards them: every
         # rank reduces its shards and rank 0 writes the all-reduced statistics.
         self._active = self.writes or self.sharded
-        self._writer: RunWriter | None = None
-        if self.writes:
+        self._store, self._writer, self._lock = None, None, contextlib.nullcontext()
+        if self.writes:  # storage errors: StoreError naming the path (storage.StoreHandle)
             meta = None if resume else run_meta(model, optimizer, t, self.adapter, hypers,
                                                 predictor.regime, every, symmetry_note,
                                                 self._checkpoint())  # fmt: skip
-            self._writer = RunWriter(self.run_dir, "resume" if resume else "overwrite" if overwrite
-                                     else "new", meta=meta, symmetries=None if resume else
-                                     t.symmetries)  # fmt: skip
-            if resume:
-                self._resume_from_store()
+            self._store = StoreHandle(self.run_dir, "resume" if resume else "overwrite" if
+                                      overwrite else "new", meta, None if resume else
+                                      t.symmetries)  # fmt: skip
+            self._writer, self._lock = self._store.writer, self._store.lock
+            with self._store.errors("initialize"):
+                if resume and (state := checks.stored_state(self._writer, t.symmetries)):
+                    self.load_state_dict(state)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -140,23 +140,22 @@ class Monitor:
         columns layer, sigma_max, sigma_min, defect, transmission and optionally stability)
         taken at ``step`` (default: the current step). Writes at once."""
         rows = checks.depth_rows(profile)
-        if self._writer is not None:
-            self._writer.write_depth_profile(self.step if step is None else int(step), rows)
+        with self._lock:
+            if self._writer is not None:
+                self._writer.write_depth_profile(self.step if step is None else int(step), rows)
 
     def flush(self) -> None:
-        """Write the pending rows to the store (one host-device sync)."""
-        rows = self._buffer.take()
-        if rows and self._writer is None:
-            return
-        if self._writer is not None:
-            meta = {"monitor_state": self._checkpoint()}
-            if rows:
-                h = self._buffer.to_host(rows)
-                self._writer.append(h.steps, h.groups, h.charge_steps, h.charges, h.events,
-                                    meta, tensors=h.tensors)  # fmt: skip
-            else:
-                self._writer.set_meta(meta)
-        self._buffer.flushed()
+        """Write the pending rows to the store (one host-device sync). Never raises: a failed
+        write stops monitoring with :class:`MonitorFailure` (the store keeps the flushes before)."""
+        with self._lock:
+            rows = self._buffer.take()
+            if self._store is not None and not self._failed:
+                try:
+                    host = self._buffer.to_host(rows) if rows else None
+                    self._store.write(host, {"monitor_state": self._checkpoint()})
+                except Exception as exc:
+                    self._fail("flush", exc)
+            self._buffer.flushed()
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state, to save beside the model's and optimizer's in a checkpoint.
@@ -168,16 +167,19 @@ class Monitor:
         """Continue from a checkpoint: restores step, time and predictions, and drops any stored
         steps at or after the checkpoint's step (they belong to the run that crashed)."""
         mstate.check_checkpoint(state, [s.name for s in self.symmetries])
-        self._buffer.take()
-        self._state.load_state_dict(state)
-        self._prediction.predictor.load_state_dict(state["predictor"], self.device)
-        if self._writer is not None:  # one transaction: no window without the resume event
-            n = self.step
-            self._writer.truncate(n, meta={"monitor_state": self._checkpoint()},
-                                  event=(n, "resume", f"resumed at step {n}"))  # fmt: skip
+        with self._lock:
+            self._buffer.take()
+            self._state.load_state_dict(state)
+            self._t0 = time.monotonic() - self._state.wall_time  # wall_time goes on from there
+            self._prediction.predictor.load_state_dict(state["predictor"], self.device)
+            if self._store is not None:  # one transaction: no window without the resume event
+                meta, event = {"monitor_state": self._checkpoint()}, f"resumed at step {self.step}"
+                with self._store.errors("truncate"):
+                    self._writer.truncate(self.step, meta=meta, event=(self.step, "resume", event))
 
     def close(self) -> None:
-        """Flush, detach the hooks and close the store. Idempotent."""
+        """Flush, detach the hooks and close the store. Idempotent; never raises (a failed
+        final flush or close warns with the store's path, the training code goes on)."""
         if self._closed:
             return
         try:
@@ -190,8 +192,8 @@ class Monitor:
                 delattr(self.optimizer, _ATTR)
             atexit.unregister(self._atexit)
             self._buffer.sinks.close()
-            if self._writer is not None:
-                self._writer.close()
+            if self._store is not None:
+                self._store.close()
 
     def __enter__(self) -> Monitor:
         return self
@@ -230,38 +232,38 @@ class Monitor:
             self._depth -= 1
             if self._depth > 0 or self._plan is None:
                 return
-            plan, self._plan, s = self._plan, None, self._state
-            c = s.closure_loss if s.loss is self._loss_at_pre else None  # a log_loss in step wins
-            loss, s.loss, s.closure_loss = (s.loss if c is None else c), None, None
-            plan.loss_logged = loss is not None
-            with torch.no_grad():
-                if plan.logged:
-                    self._log_step(optimizer, plan, loss)
-                self._prediction.advance(optimizer, plan)
-            s.step += 1
-            s.time += plan.hypers[0].lr if plan.hypers else 0.0
-            for g, h in enumerate(plan.hypers):
-                s.log_prefactor[g] += h.log_prefactor_rate
-            if self._buffer.due():
-                self.flush()
+            with self._lock:  # a flush from another thread waits for the step
+                plan, self._plan, s = self._plan, None, self._state
+                # a log_loss inside the step wins over the closure's loss
+                c = s.closure_loss if s.loss is self._loss_at_pre else None
+                loss, s.loss, s.closure_loss = (s.loss if c is None else c), None, None
+                plan.loss_logged = loss is not None
+                with torch.no_grad():
+                    if plan.logged:
+                        self._log_step(optimizer, plan, loss)
+                    self._prediction.advance(optimizer, plan)
+                s.step += 1
+                s.time += plan.hypers[0].lr if plan.hypers else 0.0
+                for g, h in enumerate(plan.hypers):
+                    s.log_prefactor[g] += h.log_prefactor_rate
+                if self._buffer.due():
+                    self.flush()
         except Exception as exc:
             self._fail("post-step", exc)
 
     def _fail(self, where: str, exc: Exception) -> None:
         """Stop monitoring (training goes on), keep every flushed step, record why."""
-        self._active, self._depth, self._plan = False, 0, None
+        self._active, self._failed, self._depth, self._plan = False, True, 0, None
         message = f"monitoring stopped at step {self.step} ({where}): {type(exc).__name__}: {exc}"
+        self._buffer.take()
+        if self._store is not None:
+            self._store.event(self.step, "monitor_error", message)
         warnings.warn(
-            f"noether-dyn: {message}. Training goes on; the run keeps the steps before it.",
+            f"noether-dyn: {message}. Training goes on; the run at '{self.run_dir}' keeps the "
+            "steps flushed before it.",
             MonitorFailure,
             stacklevel=3,
         )
-        try:
-            self._buffer.take()
-            if self._writer is not None:
-                self._writer.add_event(self.step, "monitor_error", message)
-        except Exception:  # the store itself may be what failed
-            pass
 
     def _log_step(self, optimizer: torch.optim.Optimizer, plan: StepPlan, loss) -> None:
         hypers, t = plan.hypers, self.tracked
@@ -288,11 +290,6 @@ class Monitor:
         return mstate.sync(values, "sum", self.sharded)
 
     def _checkpoint(self) -> dict[str, Any]:
+        self._state.wall_time = time.monotonic() - self._t0
         names = [s.name for s in self.tracked.symmetries]
         return mstate.checkpoint(self._state, self._prediction.predictor, names)
-
-    def _resume_from_store(self) -> None:
-        checks.check_resume(self._writer.symmetry_names(), self.symmetries, self.run_dir)
-        state = self._writer.get_meta("monitor_state")
-        if state is not None:
-            self.load_state_dict(state)

@@ -75,8 +75,10 @@ class Planner:
         plan needs, before the step."""
         hypers = [self.adapter.hyper(optimizer, g) for g in optimizer.param_groups]
         logged = step % self.every == 0 or must_log
+        # a 16-bit group's rebuilt update misses the rounding of q_{n+1}: measure it from a copy
         rebuild = [
-            self.adapter.can_reconstruct(g) and not self.snapshot for g in optimizer.param_groups
+            self.adapter.can_reconstruct(g) and not self.snapshot and not widened
+            for g, widened in zip(optimizer.param_groups, self.t.widened_groups)
         ]
         fused = (
             self.fused

@@ -21,13 +21,15 @@ STATE_VERSION = 1
 @dataclass(frozen=True)
 class State:
     """One declared state: ``default()`` builds its reset value, ``reduce`` says how ranks
-    combine it, ``checkpoint`` whether ``state_dict`` keeps it (restored through ``load``)."""
+    combine it, ``checkpoint`` whether ``state_dict`` keeps it (restored through ``load``;
+    a checkpoint without it restores ``default()`` unless ``required``)."""
 
     name: str
     default: Callable[[], Any]
     reduce: str
     checkpoint: bool
     load: Callable[[Any], Any] = lambda v: v
+    required: bool = True
 
     def __post_init__(self) -> None:
         if self.reduce not in REDUCTIONS:
@@ -58,8 +60,10 @@ class States:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for s in self._declared.values():
-            if s.checkpoint:
+            if s.checkpoint and (s.required or s.name in state):
                 setattr(self, s.name, s.load(state[s.name]))
+            elif s.checkpoint:  # added after the version's first release: default when absent
+                setattr(self, s.name, s.default())
 
     def synced(self, name: str, sharded: bool) -> Any:
         """The state ``name`` combined over ranks by its declared reduction (unchanged when the
@@ -98,14 +102,16 @@ def sync_stats(stats: torch.Tensor, global_values: torch.Tensor, sharded: bool) 
 
 
 def monitor_states(n_groups: int) -> States:
-    """The monitor's own states: step count, time t_n and the log prefactor t/tau per group
-    (host, checkpointed), and the loss logged for the coming step, directly or by a closure
+    """The monitor's own states: step count, time t_n, the log prefactor t/tau per group and the
+    wall-clock seconds of monitoring so far (host, checkpointed: a resumed run's wall_time goes
+    on from the checkpoint's), and the loss logged for the coming step, directly or by a closure
     (averaged over ranks like the stored ``loss`` column, not checkpointed)."""
     loss = next(c.reduce for c in STEP_SPEC if c.name == "loss")
     return States(
         State("step", int, "host", True, int),
         State("time", float, "host", True, float),
         State("log_prefactor", lambda: [0.0] * n_groups, "host", True, _floats),
+        State("wall_time", float, "host", True, float, required=False),
         State("loss", _none, loss, False),
         State("closure_loss", _none, loss, False),
     )

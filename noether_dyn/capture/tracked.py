@@ -50,6 +50,11 @@ class Tracked:
             [float(p.numel()) for p in local(self.params)], torch.float64
         )
         self.sharded = any(isinstance(p, DTensor) for p in self.params)
+        self.widened = [accumulation_dtype(p.dtype) != p.dtype for p in self.params]
+        self.widened_groups = [
+            any(w for w, gi in zip(self.widened, self.group_of) if gi == g)
+            for g in range(self.n_groups)
+        ]
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -71,6 +76,14 @@ class Tracked:
 
     def grads(self) -> list[torch.Tensor | None]:
         return [p.grad for p in self.params]
+
+    def widen(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """``tensors`` (one per position, or any list of the tracked tensors' companions) with
+        every 16-bit float tensor copied to :func:`accumulation_dtype`; the list itself when no
+        tracked tensor is 16-bit (no copy, no per-tensor check)."""
+        if not any(self.widened):
+            return tensors
+        return [widen(x) for x in tensors]
 
     def to_device(self, values: Any, dtype: torch.dtype) -> torch.Tensor:
         """Host values as a device tensor without a blocking copy (nothing waits on it)."""
@@ -109,6 +122,19 @@ class Tracked:
         return out
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter's statistics are accumulated in: float64 (the store's dtype) for
+    16-bit floats (bf16 keeps 8 significant bits, fp16 11: sums and norms formed in them lose
+    the change of a step), the parameter's own dtype otherwise (float32 and float64). The one
+    place this is decided, for the eager and compiled paths alike."""
+    return torch.float64 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def widen(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` in :func:`accumulation_dtype` (the same tensor when that is its dtype)."""
+    return x if x is None or accumulation_dtype(x.dtype) == x.dtype else x.to(torch.float64)
+
+
 def tracked_parameters(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[list[str], list[torch.Tensor], list[int]]:
@@ -118,8 +144,17 @@ def tracked_parameters(
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), name)
     names, params, group_of = [], [], []
+    seen: dict[int, tuple[int, int]] = {}
     for g, group in enumerate(optimizer.param_groups):
         for j, p in enumerate(group["params"]):
+            if id(p) in seen:
+                raise ValueError(
+                    f"watch: optimizer lists parameter '{by_id.get(id(p), '?')}' twice (param "
+                    f"group {seen[id(p)][0]} entry {seen[id(p)][1]} and param group {g} entry "
+                    f"{j}); its statistics would count twice. Build the optimizer with each "
+                    "parameter once (e.g. list(model.parameters()) or distinct groups)."
+                )
+            seen[id(p)] = (g, j)
             if id(p) not in by_id:
                 raise ValueError(
                     f"watch: parameter {j} of param group {g} (shape {tuple(p.shape)}) is not a "
@@ -130,6 +165,13 @@ def tracked_parameters(
                 raise ValueError(
                     f"watch: parameter '{by_id[id(p)]}' is sparse; noether-dyn handles dense "
                     "parameters only."
+                )
+            if p.is_complex():
+                raise ValueError(
+                    f"watch: parameter '{by_id[id(p)]}' is complex ({p.dtype}); noether-dyn's "
+                    "charges and metric are defined for real parameters. Watch a model with "
+                    "real parameters (store a complex weight as its real and imaginary parts, "
+                    "e.g. torch.view_as_real)."
                 )
             names.append(by_id[id(p)])
             params.append(p)

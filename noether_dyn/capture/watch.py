@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from noether_dyn.capture import checks
 from noether_dyn.capture.monitor import Monitor
 from noether_dyn.capture.wrappers import unwrap_optimizer
 from noether_dyn.symmetries.symmetry import Symmetry
@@ -41,7 +42,9 @@ def watch(
         model: the module whose parameters ``optimizer`` updates (names come from it).
         optimizer: any ``torch.optim.Optimizer``; SGD, RMSprop, Adam, AdamW and Adagrad have
             their own kinetic metric, any other falls back to G = I and the run records it.
-        run_dir: directory of the run store (default ``runs/noether-<UTC timestamp>``).
+        run_dir: directory of the run store (default ``runs/noether-<UTC timestamp>``); a path
+            ending in ``run.sqlite`` names the store file itself, its directory is the run_dir.
+            An empty string is refused (it would write into the working directory).
         every: store one row every ``every`` steps (accumulators that the theory's predictions
             need still see every step).
         inputs, targets, loss_fn: a sample batch; with ``inputs`` the model's symmetries are
@@ -73,6 +76,9 @@ def watch(
     if run_dir is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"noether-{stamp}"
+    run_dir = checks.run_dir_path(run_dir)  # checked before detection spends any time
+    checks.check_symmetry_list(symmetries)
+    checks.check_detection(inputs, targets, loss_fn)
     note = ""
     if symmetries is None:
         if inputs is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from noether_dyn.report.arguments import check_output_args
 from noether_dyn.report.compare import compare
 from noether_dyn.report.data import MissingData, RunLike, as_run
 from noether_dyn.report.figures import plot_charges
@@ -33,6 +34,7 @@ def report(run: RunLike, path: str | Path, format: str | None = None) -> Path:
         The written path. Raises ``StoreError`` for a missing or bad run and ``OSError`` for an
         output path that cannot be written (checked before rendering).
     """
+    check_output_args("report", {"run": run}, path, format)
     fmt = output_format(path, format)
     run = as_run(run)
     check_writable(path)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from noether_dyn.report import figures
 from noether_dyn.report import formulas as F
+from noether_dyn.report.arguments import check_output_args
 from noether_dyn.report.data import (
     MissingData,
     RunLike,
@@ -488,6 +489,7 @@ def compare(run_a: RunLike, run_b: RunLike, path: str | Path, format: str | None
         The written path. Raises ``StoreError`` for a bad run and ``OSError`` for an unwritable
         path (checked before rendering).
     """
+    check_output_args("compare", {"run_a": run_a, "run_b": run_b}, path, format)
     fmt = output_format(path, format)
     a, b = as_run(run_a), as_run(run_b)
     check_writable(path)

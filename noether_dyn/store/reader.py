@@ -297,6 +297,12 @@ def _block_index(
 def load_run(path: str | Path) -> Run:
     """Read the run at ``path`` (a ``run_dir`` given to ``watch``, or its ``run.sqlite``).
 
-    Raises ``StoreError`` naming the path for a missing, empty, corrupted or future-version store.
+    Raises ``StoreError`` naming the path for a missing, empty, corrupted or future-version store,
+    ``TypeError``/``ValueError`` naming ``path`` when it is not a non-empty path.
     """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise (ValueError if isinstance(path, str) else TypeError)(
+            f"load_run: path must be a run directory or its run.sqlite (a non-empty str or "
+            f"pathlib.Path), got {path!r}."
+        )
     return Run(path)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 
+import numpy as np
 import torch
 
 from noether_dyn.symmetries.kinds import kind_names, kind_of
@@ -65,17 +67,33 @@ class Symmetry:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"Symmetry.name must be a non-empty string, got {self.name!r}.")
-        if self.kind not in kind_names():
-            raise ValueError(
+            raise (ValueError if isinstance(self.name, str) else TypeError)(
+                f"Symmetry: name must be a non-empty string, got {self.name!r}."
+            )
+        if not isinstance(self.kind, str) or self.kind not in kind_names():
+            raise (ValueError if isinstance(self.kind, str) else TypeError)(
                 f"Symmetry {self.name!r}: kind must be one of {kind_names()}, got {self.kind!r}."
             )
-        params = tuple(self.params)
+        # one name given as a str is that one parameter, never its characters
+        params = (self.params,) if isinstance(self.params, str) else self.params
+        if not isinstance(params, (list, tuple)) or not all(
+            isinstance(n, str) and n for n in params
+        ):
+            raise TypeError(
+                f"Symmetry {self.name!r}: params must be a tuple of parameter names (str), got "
+                f"{self.params!r}."
+            )
+        params = tuple(params)
         if not params:
             raise ValueError(f"Symmetry {self.name!r}: params is empty; name at least one.")
         if len(set(params)) != len(params):
             raise ValueError(f"Symmetry {self.name!r}: params repeat a name: {params}.")
         object.__setattr__(self, "params", params)
+        if not isinstance(self.signs, (list, tuple)) or not all(map(_is_real, self.signs)):
+            raise TypeError(
+                f"Symmetry {self.name!r}: signs must be a tuple of numbers (+1.0 or -1.0), got "
+                f"{self.signs!r}."
+            )
         signs = tuple(float(s) for s in self.signs) if self.signs else (1.0,) * len(params)
         if len(signs) != len(params):
             raise ValueError(
@@ -85,6 +103,23 @@ class Symmetry:
         if any(s not in (1.0, -1.0) for s in signs):
             raise ValueError(f"Symmetry {self.name!r}: signs must be +1 or -1, got {signs}.")
         object.__setattr__(self, "signs", signs)
+        if self.verified is not None and not isinstance(self.verified, (bool, np.bool_)):
+            raise TypeError(
+                f"Symmetry {self.name!r}: verified must be True, False or None, got "
+                f"{self.verified!r}."
+            )
+        if self.verified is not None:
+            object.__setattr__(self, "verified", bool(self.verified))
+        if self.defect is not None and not _is_real(self.defect):
+            raise TypeError(
+                f"Symmetry {self.name!r}: defect must be a float or None, got {self.defect!r}."
+            )
+        for field_name in ("note", "exactness"):
+            if not isinstance(getattr(self, field_name), str):
+                raise TypeError(
+                    f"Symmetry {self.name!r}: {field_name} must be a str, got "
+                    f"{getattr(self, field_name)!r}."
+                )
 
     def generator(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """xi(q) on exactly ``self.params``: ``sign * q`` (scale, rescale) or ``sign * 1``
@@ -100,3 +135,10 @@ class Symmetry:
         of entries for translation (THEORY.md §3 table). A 0-dim tensor."""
         xi = self.generator(params)
         return sum((params[n] * xi[n]).sum() for n in self.params)
+
+
+def _is_real(value: object) -> bool:
+    """A real number that is not a bool (numpy and 0-d torch numbers included)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, Real) and not isinstance(value, (bool, np.bool_))
