@@ -22,18 +22,14 @@ import torch
 
 from noether_dyn.capture import checks
 from noether_dyn.capture import state as mstate
-from noether_dyn.capture.buffer import RowBuffer, record
+from noether_dyn.capture.buffer import record
 from noether_dyn.capture.closure import has_closure, wrap_closure
-from noether_dyn.capture.compiled import CompiledStats
-from noether_dyn.capture.eager import EagerStats
 from noether_dyn.capture.meta import run_meta
-from noether_dyn.capture.plan import FUSED_MIN_NUMEL, Planner
-from noether_dyn.capture.predict import Prediction
+from noether_dyn.capture.parts import assemble
+from noether_dyn.capture.plan import FUSED_MIN_NUMEL
+from noether_dyn.capture.sample import FirstForward, first_step
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import adapter_for
-from noether_dyn.quantities.charges import ChargeMatrix
-from noether_dyn.quantities.step_rows import StepRows
-from noether_dyn.quantities.theory import ChargePredictor, regime_for
 from noether_dyn.records import StepPlan
 from noether_dyn.store.writer import RunWriter
 from noether_dyn.symmetries.symmetry import Symmetry
@@ -69,6 +65,7 @@ class Monitor:
         *,
         symmetries: Sequence[Symmetry] = (),
         symmetry_note: str = "",
+        detect_first: bool = False,
         flush_every: int = 100,
         flush_seconds: float = 10.0,
         resume: bool = False,
@@ -84,20 +81,10 @@ class Monitor:
         self.tracked = t = Tracked(model, optimizer, symmetries)
         self.device, self.sharded = t.device, t.sharded
         self.names, self.params, self.group_of = t.names, t.params, t.group_of
-        self._matrix = ChargeMatrix(t.symmetries, t.index, t.device)
-        hypers = [self.adapter.hyper(optimizer, g) for g in optimizer.param_groups]
-        predictor = ChargePredictor(
-            regime_for(self.adapter.name, [h.beta for h in hypers]),
-            self._matrix.linear_flags,
-        )
-        self._step_rows = StepRows(self._matrix, t.group_index, t.n_groups, predictor.regime)
-        self._eager = eager = EagerStats(t, self._matrix, self.adapter)
-        self.compiled = CompiledStats(t, self._matrix, self.adapter, self._step_rows)
-        self._planner = Planner(t, self.adapter, eager, self.compiled, every, snapshot, fused)
-        self._prediction = Prediction(t, self._matrix, eager, predictor, self._reduced)
-        self._buffer = RowBuffer(flush_every, flush_seconds, len(t.symmetries))
+        self._options, self._plan = (every, snapshot, fused, flush_every, flush_seconds), None
+        hypers = self._track(t.symmetries)
         self._state = mstate.monitor_states(t.n_groups)
-        self._plan: StepPlan | None = None
+        self._sample = FirstForward(model) if detect_first else None
         self._nan, self._t0 = t.to_device(float("nan"), torch.float64), time.monotonic()
         self.writes = checks.is_rank_zero()
         # DDP replicates parameters: rank 0 alone computes and writes. FSDP2 shards them: every
@@ -111,12 +98,13 @@ class Monitor:
                 self._resume_from_store()
             else:
                 self._writer.set_meta(run_meta(model, optimizer, t, self.adapter, hypers,
-                                               predictor.regime, every, symmetry_note,
+                                               self._predictor.regime, every, symmetry_note,
                                                self._checkpoint()))  # fmt: skip
                 self._writer.set_symmetries(t.symmetries)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
+            *([self._sample.handle] if self._sample is not None else []),  # zero-config's
         ]
         setattr(optimizer, _ATTR, self_ref := weakref.ref(self))
         self._atexit = lambda: self_ref() is not None and self_ref().close()
@@ -139,9 +127,9 @@ class Monitor:
         self._state.loss = checks.as_loss(loss)
 
     def log_depth_profile(self, profile: Any, step: int | None = None) -> None:
-        """Store a per-layer depth profile (the DataFrame of ``noether_dyn.depth.profile``, with
-        columns layer, sigma_max, sigma_min, defect, transmission and optionally stability)
-        taken at ``step`` (default: the current step). Writes at once."""
+        """Store a per-layer depth profile (the DataFrame of ``noether_dyn.depth.profile``: layer,
+        sigma_max, sigma_min, defect, transmission; optionally stability, h_max, max_real) taken
+        at ``step`` (default: the current step). Writes at once."""
         rows = checks.depth_rows(profile)
         if self._writer is not None:
             self._writer.write_depth_profile(self.step if step is None else int(step), rows)
@@ -201,11 +189,9 @@ class Monitor:
         self.close()
 
     def __repr__(self) -> str:
-        return (
-            f"Monitor(run_dir='{self.run_dir}', optimizer={type(self.optimizer).__name__}, "
-            f"adapter={self.adapter.name}, every={self.every}, step={self.step}, "
-            f"symmetries={len(self.tracked.symmetries)})"
-        )
+        return (f"Monitor(run_dir='{self.run_dir}', optimizer={type(self.optimizer).__name__}, "
+                f"adapter={self.adapter.name}, every={self.every}, step={self.step}, "
+                f"symmetries={len(self.tracked.symmetries)})")  # fmt: skip
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict):
         if not self._active:
@@ -215,6 +201,9 @@ class Monitor:
             if self._depth > 1:  # a subclass's step calling super().step(): count once
                 return None
             self.tracked.check_unchanged(optimizer)
+            if self._sample is not None:  # zero-config: track from this step what it detects
+                self._track(first_step(self._sample, self.tracked, self._writer, self.step))
+                self._sample = None
             pred, closure = self._prediction, has_closure(args, kwargs)
             self._plan = self._planner.plan(optimizer, self.step, pred.waiting,
                                             pred.predictor.needs_update_sq, closure)  # fmt: skip
@@ -283,6 +272,15 @@ class Monitor:
         self._buffer.append(
             record(plan, s.step, s.time, s.log_prefactor, time.monotonic() - self._t0, rows[:4])
         )
+
+    def _track(self, symmetries: Sequence[Symmetry]) -> list:
+        """(Re)build what depends on the tracked symmetries; the groups' hyperparameters."""
+        self.tracked.symmetries = list(symmetries)
+        p = assemble(self.tracked, self.optimizer, self.adapter, self._options, self._reduced)
+        self._matrix, self._predictor, self._step_rows = p.matrix, p.predictor, p.step_rows
+        self._eager, self.compiled, self._planner = p.eager, p.compiled, p.planner
+        self._prediction, self._buffer = p.prediction, p.buffer
+        return p.hypers
 
     def _reduced(self, values: torch.Tensor) -> torch.Tensor:
         """Per-tensor sums over entries, summed over ranks when parameters are sharded."""

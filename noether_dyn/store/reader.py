@@ -14,8 +14,10 @@ from noether_dyn.store.connection import open_existing, store_path
 from noether_dyn.store.schema import (
     CHARGE_COLUMNS,
     DEPTH_COLUMNS,
+    DROPPED_COLUMNS,
     GROUP_COLUMNS,
     STEP_COLUMNS,
+    SYMMETRY_COLUMNS,
     TENSOR_COLUMNS,
 )
 
@@ -30,14 +32,18 @@ class Run:
             log_prefactor, param_norm, grad_norm, update_norm, wall_time``.
         groups: the same per param group (``step, grp, lr, momentum, weight_decay, mass, kinetic,
             l2, log_prefactor``).
-        symmetries: ``symmetry, kind, params, signs, verified, defect, note``.
+        symmetries: ``symmetry, kind, params, signs, verified, defect, note, exactness``
+            (``exactness``: ``"exact"``, ``"approximate"`` or ``""``).
+        dropped: the detected candidates not tracked: ``symmetry, kind, params, signs, defect,
+            rule`` (empty for version-1 stores and runs with declared symmetries).
         charges: long format, one row per symmetry and logged step: ``step, symmetry, kind`` and
             the columns of ``noether_dyn.store.schema.CHARGE_COLUMNS``.
         tensors: long format, one row per parameter tensor and logged step: ``step, param,
             group`` and ``sq_norm, grad_sq, update_sq, metric_update_sq, inv_metric`` (see
             ``noether_dyn.store.schema``); read on first use.
         events: ``step, kind, message``.
-        depth_profile: ``step, layer, sigma_max, sigma_min, defect, transmission, stability``
+        depth_profile: ``step, layer, sigma_max, sigma_min, defect, transmission, stability,
+            h_max, max_real`` (NaN where not recorded)
             (empty unless ``Monitor.log_depth_profile`` was called).
     """
 
@@ -51,9 +57,11 @@ class Run:
             }
             self.steps = _frame(con, "steps", STEP_COLUMNS, "step")
             self.groups = _frame(con, "groups", GROUP_COLUMNS, "step, grp")
+            have = _columns(con, "symmetries")
+            exactness = "exactness" if "exactness" in have else "NULL"
             sym = con.execute(
-                "SELECT symmetry, kind, params, signs, verified, defect, note FROM symmetries "
-                "ORDER BY idx"
+                "SELECT symmetry, kind, params, signs, verified, defect, note, "
+                f"{exactness} FROM symmetries ORDER BY idx"
             ).fetchall()
             self.symmetries = pd.DataFrame(
                 [
@@ -65,11 +73,27 @@ class Run:
                         None if verified is None else bool(verified),
                         np.nan if defect is None else defect,
                         note or "",
+                        exact or "",
                     )
-                    for name, kind, params, signs, verified, defect, note in sym
+                    for name, kind, params, signs, verified, defect, note, exact in sym
                 ],
-                columns=["symmetry", "kind", "params", "signs", "verified", "defect", "note"],
+                columns=list(SYMMETRY_COLUMNS),
             )
+            drop = (
+                con.execute(
+                    "SELECT symmetry, kind, params, signs, defect, rule FROM dropped ORDER BY idx"
+                ).fetchall()
+                if _columns(con, "dropped")
+                else []
+            )
+            self.dropped = pd.DataFrame(
+                [
+                    (name, kind, tuple(json.loads(params)), tuple(json.loads(signs)),
+                     np.nan if defect is None else defect, rule)
+                    for name, kind, params, signs, defect, rule in drop
+                ],
+                columns=list(DROPPED_COLUMNS),
+            )  # fmt: skip
             self.depth_profile = _frame(con, "depth_profile", DEPTH_COLUMNS, "step, layer")
             self.events = pd.DataFrame(
                 con.execute("SELECT step, kind, message FROM events ORDER BY step").fetchall(),
@@ -171,8 +195,15 @@ class Run:
         )
 
 
+def _columns(con, table: str) -> set[str]:
+    """The columns of ``table`` (empty when the table does not exist: an older store)."""
+    return {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+
+
 def _frame(con, table: str, columns: tuple[str, ...], order: str) -> pd.DataFrame:
-    rows = con.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}").fetchall()
+    have = _columns(con, table)
+    picked = ", ".join(c if c in have else f"NULL AS {c}" for c in columns)
+    rows = con.execute(f"SELECT {picked} FROM {table} ORDER BY {order}").fetchall()
     frame = pd.DataFrame(rows, columns=list(columns))
     for c in columns:
         if c in ("step", "grp", "layer"):

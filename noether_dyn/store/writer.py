@@ -16,7 +16,10 @@ from noether_dyn.store.errors import StoreError
 from noether_dyn.store.schema import (
     BLOCK_TABLES,
     DDL,
+    DEPTH_COLUMNS,
     GROUP_COLUMNS,
+    MIGRATION_V2,
+    SCHEMA_VERSION,
     STEP_COLUMNS,
     STORE_FILENAME,
 )
@@ -46,6 +49,7 @@ class RunWriter:
                     f"Cannot resume: no run at '{self.path}'. Drop resume=True to start a new run."
                 )
             self.con = open_existing(self.path, readonly=False)
+            self._migrate()
         else:
             if exists and mode == "new":
                 raise StoreError(
@@ -84,11 +88,25 @@ class RunWriter:
     def symmetry_names(self) -> list[str]:
         return [r[0] for r in self.con.execute("SELECT symmetry FROM symmetries ORDER BY idx")]
 
-    def set_symmetries(self, symmetries: Sequence[Symmetry]) -> None:
+    def set_symmetries(
+        self, symmetries: Sequence[Symmetry], dropped: Sequence[Any] | None = None
+    ) -> None:
+        """Store the tracked symmetries and, when given, the dropped candidates (records with
+        ``name, kind, params, signs, defect, rule``, as ``noether_dyn.symmetries.Dropped``)."""
         with self.con:
+            if dropped is not None:
+                self.con.execute("DELETE FROM dropped")
+                self.con.executemany(
+                    "INSERT INTO dropped VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (i, d.name, d.kind, json.dumps(list(d.params)), json.dumps(list(d.signs)),
+                         d.defect, d.rule)
+                        for i, d in enumerate(dropped)
+                    ],
+                )  # fmt: skip
             self.con.execute("DELETE FROM symmetries")
             self.con.executemany(
-                "INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         i,
@@ -99,18 +117,20 @@ class RunWriter:
                         None if s.verified is None else int(s.verified),
                         s.defect,
                         s.note,
+                        s.exactness,
                     )
                     for i, s in enumerate(symmetries)
                 ],
             )
 
     def write_depth_profile(self, step: int, rows: np.ndarray) -> None:
-        """Store a depth profile taken at ``step``: ``rows`` (n_layers, 6) in the order
-        layer, sigma_max, sigma_min, defect, transmission, stability."""
+        """Store a depth profile taken at ``step``: ``rows`` (n_layers, 8) in the order
+        layer, sigma_max, sigma_min, defect, transmission, stability, h_max, max_real."""
         with self.con:
             self.con.execute("DELETE FROM depth_profile WHERE step = ?", (step,))
             self.con.executemany(
-                "INSERT INTO depth_profile VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO depth_profile ({', '.join(DEPTH_COLUMNS)}) VALUES "
+                f"({', '.join('?' * len(DEPTH_COLUMNS))})",
                 [(step, int(r[0]), *map(float, r[1:])) for r in rows.tolist()],
             )
 
@@ -208,6 +228,28 @@ class RunWriter:
 
     def close(self) -> None:
         self.con.close()
+
+    def _migrate(self) -> None:
+        """Bring an older store to :data:`SCHEMA_VERSION` in one transaction (new columns empty)."""
+        if self.con.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        try:
+            with self.con:
+                for table, columns in MIGRATION_V2.items():
+                    have = {r[1] for r in self.con.execute(f"PRAGMA table_info({table})")}
+                    for column in columns:
+                        if column.split()[0] not in have:
+                            self.con.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+                for statement in DDL.split(";"):
+                    if "CREATE TABLE" in statement:
+                        self.con.execute(statement)
+                self.con.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    ("schema_version", json.dumps(SCHEMA_VERSION)),
+                )
+                self.con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"Migrating the run store '{self.path}' failed: {exc}.") from exc
 
 
 def _rows(array: np.ndarray, int_cols: int) -> list[tuple]:
