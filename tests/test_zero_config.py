@@ -170,8 +170,11 @@ def test_detection_leaves_grads_buffers_rng_and_modes_as_they_were() -> None:
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     modes = {n: m.training for n, m in model.named_modules()}
     rng = torch.get_rng_state()
+    seen = []  # a user's forward hook: detection's passes are not training forwards
+    model.fc1.register_forward_hook(lambda *_: seen.append(1))
     clear_cache()
     found = detect_at_step(model, x, list(names), list(params))
+    assert not seen and len(model.fc1._forward_hooks) == 1
     assert found.symmetries, "the net has symmetries to find"
     assert all(p.grad is g for p, g in zip(params, grads))
     assert all(torch.equal(p.grad, v) for p, v in zip(params, grad_values))
@@ -242,7 +245,11 @@ def _mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(logits, F.one_hot(y, 4).float())
 
 
-def test_closure_only_training_warns_and_records_an_event(tmp_path) -> None:
+def test_closure_training_detects_inside_the_closure_and_tracks_from_the_next_step(
+    tmp_path,
+) -> None:
+    """``step(closure)`` runs the forward after the pre-hook: detection runs when the closure
+    returns (real gradients, before the update) and charges start at the next step."""
     torch.manual_seed(0)
     model = _Head()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -255,17 +262,48 @@ def test_closure_only_training_warns_and_records_an_event(tmp_path) -> None:
         return loss
 
     with nd.watch(model, opt, tmp_path / "run"):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()  # a forward, but before watch(): not seen
-    mon = nd.watch(model, opt, tmp_path / "closure")
+        for _ in range(3):
+            opt.step(closure)
+    run = nd.load_run(tmp_path / "run")
+    assert run.meta["symmetries_from_step"] == 1
+    assert {"rescale:fc1>fc2", "translation:fc2.bias"} <= set(run.symmetries["symmetry"])
+    assert sorted(set(run.charges["step"])) == [1, 2]
+    assert run.steps["step"].tolist() == [0, 1, 2] and np.isfinite(run.steps["loss"]).all()
+    assert not model._forward_pre_hooks
+
+
+def test_no_forward_before_the_first_step_warns_and_records_an_event(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _Head()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch(dtype=torch.float32)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # a forward, but before watch(): not seen
+    mon = nd.watch(model, opt, tmp_path / "run")
     with pytest.warns(UserWarning, match="saw no forward call"):
-        opt.step(closure)
-    opt.step(closure)
+        opt.step()
     mon.close()
-    run = nd.load_run(tmp_path / "closure")
+    run = nd.load_run(tmp_path / "run")
     assert len(run.symmetries) == 0 and run.meta["symmetries_from_step"] == 0
     assert "no_symmetries" in set(run.events["kind"])
     assert not model._forward_pre_hooks
+
+
+def test_a_child_called_instead_of_the_model_is_the_sample(tmp_path) -> None:
+    """A wrapper whose training step calls ``wrapper.net(x)``: detection runs on ``net`` and
+    the symmetries carry the wrapper's parameter names."""
+    torch.manual_seed(0)
+    wrapper = nn.Module()
+    wrapper.net = _Head()
+    opt = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+    with nd.watch(wrapper, opt, tmp_path / "run") as mon:
+        _loop(wrapper.net, opt, mon, F.cross_entropy)
+    run = nd.load_run(tmp_path / "run")
+    assert {"rescale:net.fc1>net.fc2", "translation:net.fc2.bias"} <= set(
+        run.symmetries["symmetry"]
+    )
+    assert "child 'net'" in run.meta["symmetry_note"]
+    assert set(run.charges["symmetry"]) == set(run.symmetries["symmetry"])
 
 
 def test_empty_symmetries_means_no_detection(tmp_path) -> None:

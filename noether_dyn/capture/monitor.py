@@ -27,7 +27,7 @@ from noether_dyn.capture.closure import has_closure, wrap_closure
 from noether_dyn.capture.meta import run_meta
 from noether_dyn.capture.parts import assemble
 from noether_dyn.capture.plan import FUSED_MIN_NUMEL
-from noether_dyn.capture.sample import FirstForward, first_step
+from noether_dyn.capture.sample import ZeroConfig
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import adapter_for
 from noether_dyn.records import StepPlan
@@ -84,7 +84,7 @@ class Monitor:
         self._options, self._plan = (every, snapshot, fused, flush_every, flush_seconds), None
         hypers = self._track(t.symmetries)
         self._state = mstate.monitor_states(t.n_groups)
-        self._sample = FirstForward(model) if detect_first else None
+        self._sample = ZeroConfig(model, t) if detect_first else None
         self._nan, self._t0 = t.to_device(float("nan"), torch.float64), time.monotonic()
         self.writes = checks.is_rank_zero()
         # DDP replicates parameters: rank 0 alone computes and writes. FSDP2 shards them: every
@@ -104,7 +104,7 @@ class Monitor:
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
-            *([self._sample.handle] if self._sample is not None else []),  # zero-config's
+            *(self._sample.handles if self._sample is not None else []),  # zero-config's
         ]
         setattr(optimizer, _ATTR, self_ref := weakref.ref(self))
         self._atexit = lambda: self_ref() is not None and self_ref().close()
@@ -201,9 +201,11 @@ class Monitor:
             if self._depth > 1:  # a subclass's step calling super().step(): count once
                 return None
             self.tracked.check_unchanged(optimizer)
-            if self._sample is not None:  # zero-config: track from this step what it detects
-                self._track(first_step(self._sample, self.tracked, self._writer, self.step))
-                self._sample = None
+            if self._sample is not None:  # zero-config: detect on the first forward's batch
+                args, kwargs, ready = self._sample.at_step(args, kwargs, self._writer, self.step)
+                if ready is not None:  # track from this step (from the next after a closure)
+                    self.flush()
+                    self._sample, _ = None, self._track(ready)
             pred, closure = self._prediction, has_closure(args, kwargs)
             self._plan = self._planner.plan(optimizer, self.step, pred.waiting,
                                             pred.predictor.needs_update_sq, closure)  # fmt: skip
@@ -277,9 +279,8 @@ class Monitor:
         """(Re)build what depends on the tracked symmetries; the groups' hyperparameters."""
         self.tracked.symmetries = list(symmetries)
         p = assemble(self.tracked, self.optimizer, self.adapter, self._options, self._reduced)
-        self._matrix, self._predictor, self._step_rows = p.matrix, p.predictor, p.step_rows
-        self._eager, self.compiled, self._planner = p.eager, p.compiled, p.planner
-        self._prediction, self._buffer = p.prediction, p.buffer
+        (self._matrix, self._predictor, self._step_rows, self._eager, self.compiled,
+         self._planner, self._prediction, self._buffer) = p.members()  # fmt: skip
         return p.hypers
 
     def _reduced(self, values: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,11 @@ class Parts:
     buffer: RowBuffer
     hypers: list[GroupHyper]
 
+    def members(self) -> tuple:
+        """The parts in the order the monitor holds them (all but ``hypers``)."""
+        return (self.matrix, self.predictor, self.step_rows, self.eager, self.compiled,
+                self.planner, self.prediction, self.buffer)  # fmt: skip
+
 
 def assemble(
     tracked: Tracked,

@@ -12,9 +12,12 @@ gradients, buffers, the CPU and CUDA RNG states and every module's train/eval mo
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,29 +40,45 @@ NO_FORWARD = (
 
 
 class FirstForward:
-    """A forward pre-hook (with kwargs) on ``model`` that keeps its first call's arguments.
+    """Forward pre-hooks (with kwargs) on ``model`` and its direct children that keep the first
+    call's arguments, then remove themselves.
+
+    The model's own call fires first when there is one; a training step that calls a child
+    instead (a LightningModule's ``self.net(x)``) gives that child's call, and detection runs
+    on the child (its symmetries only, each still checked on the real gradients).
 
     Attributes:
         inputs: None until the first call; then a tensor, a tuple of positional arguments or a
             dict of keyword arguments (positional ones bound to their names when both come), as
-            :func:`~noether_dyn.symmetries.engine.detect` takes them. ``note``: why the call
-            could not be kept, or "".
+            :func:`~noether_dyn.symmetries.engine.detect` takes them. module, prefix: the module
+            called (the model or a child) and its name with a trailing dot ("" for the model).
+            note: why the call could not be kept, or "". handles: the hooks' handles.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model, self.inputs, self.note = model, None, ""
-        self.handle = model.register_forward_pre_hook(self._keep, with_kwargs=True)
+        self.module, self.prefix = model, ""
+        modules = [("", model), *((f"{n}.", m) for n, m in model.named_children())]
+        self.handles = [
+            m.register_forward_pre_hook(self._keeper(m, prefix), with_kwargs=True)
+            for prefix, m in modules
+        ]
 
-    def _keep(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.remove()
-        try:
-            self.inputs = as_inputs(module, args, kwargs)
-        except (TypeError, ValueError) as err:
-            self.note = f"the first forward call's arguments could not be kept: {err}"
+    def _keeper(self, module: torch.nn.Module, prefix: str):
+        def keep(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self.remove()
+            self.module, self.prefix = module, prefix
+            try:
+                self.inputs = as_inputs(module, args, kwargs)
+            except (TypeError, ValueError) as err:
+                self.note = f"the first forward call's arguments could not be kept: {err}"
+
+        return keep
 
     def remove(self) -> None:
-        """Remove the hook (idempotent)."""
-        self.handle.remove()
+        """Remove the hooks (idempotent)."""
+        for handle in self.handles:
+            handle.remove()
 
 
 def as_inputs(module: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Any:
@@ -93,22 +112,28 @@ def detect_at_step(
     inputs: Any,
     names: Sequence[str],
     params: Sequence[torch.Tensor],
+    prefix: str = "",
 ) -> FirstStepDetection:
     """Detect on ``inputs`` and keep what the real gradients of this step confirm.
 
     Args:
-        model: the watched model, in the state of this step (before the optimizer's update).
+        model: the module called (the watched model or its child ``prefix``), in the state of
+            this step (before the optimizer's update).
         inputs: the sample batch (:class:`FirstForward`'s).
-        names, params: the optimizer's parameters and their names; their ``.grad`` is this
-            step's gradient. Candidates naming any other parameter are dropped.
+        names, params: the optimizer's parameters and their names in the watched model; their
+            ``.grad`` is this step's gradient. Candidates naming any other parameter are dropped.
+        prefix: the child's name with a trailing dot, prepended to every parameter name found.
     """
     grads = [p.grad for p in params]
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=cuda), _hooks_set_aside(model):
             found = detect(model, inputs)
+        if prefix:
+            found.symmetries = [_prefixed(s, prefix) for s in found.symmetries]
+            found.dropped = [_prefixed(d, prefix) for d in found.dropped]
     finally:
         for m, mode in modes:
             m.training = mode
@@ -135,6 +160,35 @@ def detect_at_step(
     return FirstStepDetection(kept, dropped + failed, list(found.notes))
 
 
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks",
+)  # fmt: skip
+
+
+@contextmanager
+def _hooks_set_aside(model: torch.nn.Module) -> Iterator[None]:
+    """The model's forward/backward hooks (the user's, a framework callback's) set aside while
+    detection runs: they neither see its passes nor get deep-copied with the model."""
+    saved = [(m, name, getattr(m, name)) for m in model.modules() for name in _HOOK_DICTS
+             if hasattr(m, name)]  # fmt: skip
+    for m, name, hooks in saved:
+        setattr(m, name, type(hooks)())
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
+
+
+def _prefixed(record: Any, prefix: str) -> Any:
+    """A Symmetry or Dropped of a child module, renamed into the watched model's names."""
+    name = re.sub(r"(?<=[:@>~])(?!weight$|\*|stream@)", prefix, record.name)
+    params = tuple(prefix + n for n in record.params)
+    return dataclasses.replace(record, name=name, params=params)
+
+
 def first_step(
     sample: FirstForward, tracked: Tracked, writer: RunWriter | None, step: int
 ) -> list[Symmetry]:
@@ -150,7 +204,15 @@ def first_step(
         warning = f"{NO_FORWARD} ({sample.note})" if sample.note else NO_FORWARD
     else:
         try:
-            found = detect_at_step(sample.model, sample.inputs, tracked.names, tracked.params)
+            found = detect_at_step(
+                sample.module, sample.inputs, tracked.names, tracked.params, sample.prefix
+            )
+            if sample.prefix:
+                found.notes.insert(
+                    0,
+                    f"the model's forward was not called before the first step; detected on its "
+                    f"child '{sample.prefix[:-1]}' (the first one called)",
+                )
         except Exception as err:  # a model detection cannot run on: training goes on untracked
             warning = (
                 f"zero-config symmetry detection failed on the first batch ({type(err).__name__}"
@@ -171,6 +233,43 @@ def first_step(
         if warning:
             writer.add_event(step, "no_symmetries", warning)
     return found.symmetries
+
+
+class ZeroConfig:
+    """Zero-config detection's state in a monitor: the :class:`FirstForward` sample, then the
+    symmetries to track once detected.
+
+    At an optimizer step whose forward already ran (a plain loop, the HF Trainer) detection
+    runs at once and tracking starts at that step. A step that runs its forward inside
+    ``step(closure)`` (Lightning, LBFGS) has no batch yet at the pre-hook: the closure is wrapped
+    so that detection runs right after it returns (the real gradients of that step, before the
+    update), and tracking starts at the next step (the monitor planned this one already).
+    """
+
+    def __init__(self, model: torch.nn.Module, tracked: Tracked) -> None:
+        self.sample, self.tracked = FirstForward(model), tracked
+        self.handles, self.ready = self.sample.handles, None
+
+    def at_step(
+        self, args: tuple, kwargs: dict, writer: RunWriter | None, step: int
+    ) -> tuple[tuple, dict, list[Symmetry] | None]:
+        """At the optimizer pre-hook of ``step``: the step's (args, kwargs), the closure wrapped
+        when detection waits for it, and the symmetries to track from this step (or None)."""
+        if self.ready is not None:
+            return args, kwargs, self.ready
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1:2] or [None])[0]
+        if self.sample.inputs is not None or closure is None:
+            return args, kwargs, first_step(self.sample, self.tracked, writer, step)
+
+        def detecting():
+            loss = closure()
+            if self.ready is None:  # LBFGS calls the closure several times: detect once
+                self.ready = first_step(self.sample, self.tracked, writer, step + 1)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": detecting}, None
+        return (args[0], detecting, *args[2:]), kwargs, None
 
 
 def stored_symmetries(run_dir: str | Path) -> list[Symmetry] | None:
