@@ -26,6 +26,7 @@ import torch
 
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.store.reader import load_run
+from noether_dyn.store.schema import STORE_FILENAME
 from noether_dyn.store.writer import RunWriter
 from noether_dyn.symmetries.engine import Dropped, detect
 from noether_dyn.symmetries.step_check import gradient_defects, judge_defects
@@ -274,7 +275,10 @@ class ZeroConfig:
 
 def stored_symmetries(run_dir: str | Path) -> list[Symmetry] | None:
     """The symmetries a zero-config run tracks, as its store holds them, for ``resume=True``;
-    None when the run never reached its first step (detect again)."""
+    None when the run never reached its first step (detect again) or there is no run (the
+    writer then says so)."""
+    if not (Path(run_dir) / STORE_FILENAME).is_file():
+        return None
     run = load_run(run_dir)
     if run.meta.get("symmetries_from_step") is None:
         return None
