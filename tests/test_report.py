@@ -80,7 +80,7 @@ def train_small(
     x, y = batch(dtype=torch.float64)
     loss_fn = nn.CrossEntropyLoss()
     if not symmetries:
-        monitor = nd.watch(model, opt, run_dir, every=every)
+        monitor = nd.watch(model, opt, run_dir, every=every, symmetries=[])
     else:
         try:
             monitor = nd.watch(

@@ -125,7 +125,12 @@ class RunWriter:
 
     def write_depth_profile(self, step: int, rows: np.ndarray) -> None:
         """Store a depth profile taken at ``step``: ``rows`` (n_layers, 8) in the order
-        layer, sigma_max, sigma_min, defect, transmission, stability, h_max, max_real."""
+        layer, sigma_max, sigma_min, defect, transmission, stability, h_max, max_real (rows of
+        6, as version 1 took them, get NaN for the last two)."""
+        width = len(DEPTH_COLUMNS) - 1
+        if rows.ndim == 2 and rows.shape[1] < width:
+            pad = np.full((rows.shape[0], width - rows.shape[1]), np.nan)
+            rows = np.concatenate([rows, pad], axis=1)
         with self.con:
             self.con.execute("DELETE FROM depth_profile WHERE step = ?", (step,))
             self.con.executemany(
