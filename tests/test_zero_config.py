@@ -332,3 +332,19 @@ def test_a_resumed_zero_config_run_tracks_the_stored_symmetries(tmp_path) -> Non
         _loop(model, opt, mon, F.cross_entropy, steps=2)
     run = nd.load_run(tmp_path / "run")
     assert sorted(set(run.charges["step"])) == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CUDA RNG state)")
+def test_bit_identical_on_cuda_with_dropout(tmp_path) -> None:
+    """Dropout on CUDA draws from the CUDA generator: detection must fork it too."""
+    torch.manual_seed(0)
+    model, inputs = gpt2(True)
+    model = model.cuda().train()
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    twin = copy.deepcopy(model)
+    clear_cache()
+    _train(model, inputs, tmp_path / "run")
+    _train(twin, inputs)
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(p, q), f"parameter {n} differs after {STEPS} steps"
+    assert len(nd.load_run(tmp_path / "run").symmetries) > 0
