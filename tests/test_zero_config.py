@@ -280,7 +280,7 @@ def test_no_forward_before_the_first_step_warns_and_records_an_event(tmp_path) -
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()  # a forward, but before watch(): not seen
     mon = nd.watch(model, opt, tmp_path / "run")
-    with pytest.warns(UserWarning, match="saw no forward call"):
+    with pytest.warns(UserWarning, match="saw no forward call of the model"):
         opt.step()
     mon.close()
     run = nd.load_run(tmp_path / "run")

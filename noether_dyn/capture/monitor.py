@@ -27,7 +27,7 @@ from noether_dyn.capture.closure import has_closure, wrap_closure
 from noether_dyn.capture.meta import run_meta
 from noether_dyn.capture.parts import assemble
 from noether_dyn.capture.plan import FUSED_MIN_NUMEL
-from noether_dyn.capture.sample import ZeroConfig
+from noether_dyn.capture.sample import zero_config
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import adapter_for
 from noether_dyn.records import StepPlan
@@ -84,7 +84,7 @@ class Monitor:
         self._options, self._plan = (every, snapshot, fused, flush_every, flush_seconds), None
         hypers = self._track(t.symmetries)
         self._state = mstate.monitor_states(t.n_groups)
-        self._sample = ZeroConfig(model, t) if detect_first else None
+        self._sample = zero_config(model, t, detect_first)
         self._nan, self._t0 = t.to_device(float("nan"), torch.float64), time.monotonic()
         self.writes = checks.is_rank_zero()
         # DDP replicates parameters: rank 0 alone computes and writes. FSDP2 shards them: every

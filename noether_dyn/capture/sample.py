@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from noether_dyn.capture.checks import is_rank_zero
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.store.reader import load_run
 from noether_dyn.store.schema import STORE_FILENAME
@@ -33,10 +34,14 @@ from noether_dyn.symmetries.step_check import gradient_defects, judge_defects
 from noether_dyn.symmetries.symmetry import Symmetry
 
 NO_FORWARD = (
-    "zero-config symmetry detection saw no forward call of the model before the first optimizer "
-    "step (training with step(closure) only, or the forward ran on another module than the one "
-    "given to watch()); no symmetry is tracked. Pass inputs= (one batch) or symmetries= to "
-    "watch()."
+    "zero-config symmetry detection saw no forward call of the model (or of one of its direct "
+    "children) between watch() and the first optimizer step's update (the batch ran before "
+    "watch(), or through a module outside the watched one); no symmetry is tracked. Pass inputs= "
+    "(one batch) or symmetries= to watch()."
+)
+SHARDED = (
+    "zero-config symmetry detection does not run on sharded (FSDP2) parameters; no symmetry is "
+    "tracked. Pass symmetries= (or inputs=, detected before sharding) to watch()."
 )
 
 
@@ -271,6 +276,18 @@ class ZeroConfig:
         if "closure" in kwargs:
             return args, {**kwargs, "closure": detecting}, None
         return (args[0], detecting, *args[2:]), kwargs, None
+
+
+def zero_config(model: torch.nn.Module, tracked: Tracked, wanted: bool) -> ZeroConfig | None:
+    """The monitor's zero-config state when ``wanted`` (no inputs, no symmetries given): on the
+    rank that writes (DDP replicates the model, rank 0 detects); None with a warning for sharded
+    parameters, whose ranks would have to agree on one detection."""
+    if not wanted or not is_rank_zero():
+        return None
+    if tracked.sharded:
+        warnings.warn(f"noether-dyn: {SHARDED}", UserWarning, stacklevel=4)
+        return None
+    return ZeroConfig(model, tracked)
 
 
 def stored_symmetries(run_dir: str | Path) -> list[Symmetry] | None:
