@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write a run's tables as CSV or Parquet files (long format)",
         description="Write every table of a run (steps, groups, charges, tensors, symmetries, "
-        "events, depth_profile) as one long-format file each, plus meta.json. Schema: "
+        "dropped, events, depth_profile) as one long-format file each, plus meta.json. Schema: "
         "docs/guide.md, 'Export'.",
     )
     p.add_argument("run", metavar="RUN")
