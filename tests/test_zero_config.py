@@ -187,6 +187,9 @@ def test_first_forward_keeps_positional_keyword_and_mixed_calls() -> None:
     model = _Net()
     x = torch.randn(4, 6)
     sample = FirstForward(model)
+    with torch.no_grad():
+        model(x * 3)  # an evaluation pass is not the sample
+    assert sample.inputs is None
     model(x)
     model(x * 2)  # later calls are not kept: the hook removed itself
     assert sample.inputs is x and not model._forward_pre_hooks

@@ -49,7 +49,9 @@ class FirstForward:
     """Forward pre-hooks (with kwargs) on ``model`` and its direct children that keep the first
     call's arguments, then remove themselves.
 
-    The model's own call fires first when there is one; a training step that calls a child
+    Calls under ``torch.no_grad()`` (evaluation, a framework's sanity check) are passed over: the
+    sample is the first call that builds a graph. The model's own call fires first when there is
+    one; a training step that calls a child
     instead (a LightningModule's ``self.net(x)``) gives that child's call, and detection runs
     on the child (its symmetries only, each still checked on the real gradients).
 
@@ -72,6 +74,8 @@ class FirstForward:
 
     def _keeper(self, module: torch.nn.Module, prefix: str):
         def keep(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if not torch.is_grad_enabled():  # an evaluation pass (a sanity check), not training
+                return
             self.remove()
             self.module, self.prefix = module, prefix
             try:
