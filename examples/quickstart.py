@@ -34,15 +34,8 @@ def main(argv: list[str] | None = None) -> nd.Run:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
 
-    monitor = nd.watch(  # the one added line
-        model,
-        optimizer,
-        args.out,
-        inputs=x[:128],
-        targets=y[:128],
-        loss_fn=loss_fn,
-        overwrite=True,
-    )
+    # the one added line: the symmetries are found on the first batch the loop trains on
+    monitor = nd.watch(model, optimizer, args.out, overwrite=True)
     with monitor:
         for _ in range(args.steps):
             idx = torch.randint(0, len(x), (128,))

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write a run's tables as CSV or Parquet files (long format), or TensorBoard events",
         description="Write every table of a run (steps, groups, charges, tensors, symmetries, "
-        "events, depth_profile) as one long-format file each, plus meta.json. Schema: "
+        "dropped, events, depth_profile) as one long-format file each, plus meta.json. Schema: "
         "docs/guide.md, 'Export'. --format tensorboard replays the step scalars and charges "
         "into an event file instead (tags: docs/guide.md, 'Sinks').",
     )

@@ -19,7 +19,9 @@ from noether_dyn.sinks import SinkSet, TensorBoardSink
 from noether_dyn.store import Run, load_run
 
 FORMATS = ("csv", "parquet", "tensorboard")
-TABLES = ("steps", "groups", "charges", "tensors", "symmetries", "events", "depth_profile")
+TABLES = (
+    "steps", "groups", "charges", "tensors", "symmetries", "dropped", "events", "depth_profile",
+)  # fmt: skip
 
 
 def _frames(run: Run) -> dict:
@@ -30,6 +32,10 @@ def _frames(run: Run) -> dict:
     sym["signs"] = sym["signs"].map(lambda s: json.dumps(list(s)))
     sym["verified"] = sym["verified"].astype("boolean")
     frames["symmetries"] = sym
+    dropped = frames["dropped"].copy()
+    for column in ("params", "signs"):
+        dropped[column] = dropped[column].map(lambda v: json.dumps(list(v)))
+    frames["dropped"] = dropped
     return frames
 
 

@@ -346,3 +346,17 @@ def test_a_kill_anywhere_inside_load_state_dict_leaves_no_gap(tmp_path):
         assert r["steps"] == list(range(r["start"] + 3)), r
     # the sweep reached both sides of the commit
     assert {r["start"] for r in results if r["killed"]} == {4, 10}
+
+
+def test_nd_report_is_callable_whichever_import_came_first(tmp_path):
+    """``import noether_dyn.report.sections`` (as the CLI does) binds ``nd.report`` to the
+    package; calling it must still write the report."""
+    import importlib
+
+    importlib.import_module("noether_dyn.report.sections")
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with nd.watch(model, opt, tmp_path / "run", symmetries=[RESCALE]) as mon:
+        train(model, opt, mon, steps=3)
+    out = nd.report(tmp_path / "run", tmp_path / "r.html")
+    assert out.read_text().startswith("<!DOCTYPE html>")

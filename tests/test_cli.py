@@ -299,7 +299,10 @@ def test_export_csv_and_parquet_round_trip(capsys, run_dir, tmp_path):
         )
         assert code == 0, err
         names = {Path(p).name for p in printed.split()}
-        tables = ("steps", "groups", "charges", "tensors", "symmetries", "events", "depth_profile")
+        tables = (
+            "steps", "groups", "charges", "tensors", "symmetries", "dropped", "events",
+            "depth_profile",
+        )  # fmt: skip
         assert names == {f"{t}.{fmt}" for t in tables} | {"meta.json"}
 
         def read(table, out=out, fmt=fmt):

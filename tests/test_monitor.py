@@ -29,7 +29,10 @@ def test_one_line_watch_produces_a_readable_run(run_dir):
     assert run.meta["optimizer"]["class"] == "SGD"
     assert run.meta["torch_version"] == torch.__version__
     assert run.meta["model"]["n_parameters"] == sum(p.numel() for p in model.parameters())
-    assert "no symmetry tracked" in run.meta["symmetry_note"]
+    # zero-config: detected on the first training batch, tracked from step 0
+    assert "detected on the first training batch" in run.meta["symmetry_note"]
+    assert run.meta["symmetries_from_step"] == 0 and len(run.symmetries) > 0
+    assert set(run.charges["symmetry"]) == set(run.symmetries["symmetry"])
 
 
 def test_scheduler_rate_and_time_is_running_sum(run_dir):

@@ -80,7 +80,7 @@ def train_small(
     x, y = batch(dtype=torch.float64)
     loss_fn = nn.CrossEntropyLoss()
     if not symmetries:
-        monitor = nd.watch(model, opt, run_dir, every=every)
+        monitor = nd.watch(model, opt, run_dir, every=every, symmetries=[])
     else:
         try:
             monitor = nd.watch(
@@ -340,7 +340,7 @@ def test_unwritable_output_fails_before_rendering(runs, tmp_path):
         report(runs["sgd"], blocker / "r.html")
     with pytest.raises(nd.StoreError):
         report(tmp_path / "missing", tmp_path / "r.html")
-    with pytest.raises(ValueError, match="unknown report format"):
+    with pytest.raises(ValueError, match="format must be None, .html. or .md."):
         report(runs["sgd"], tmp_path / "r.html", format="pdf")
 
 

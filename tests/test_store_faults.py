@@ -686,14 +686,14 @@ CRAFTED = {
         _without_key(
             "symmetries",
             "idx INTEGER, symmetry TEXT, kind TEXT, params TEXT, signs TEXT, verified INTEGER, "
-            "defect REAL, note TEXT",
+            "defect REAL, note TEXT, exactness TEXT",
             "idx = 0",
         ),
         "names a symmetry twice",
     ),
     "events message a blob": (_sql("UPDATE events SET message = X'00'"), "events.message"),
     "depth text value": (
-        _sql("INSERT INTO depth_profile VALUES (0, 0, 'x', 1, 1, 1, 1)"),
+        _sql("INSERT INTO depth_profile VALUES (0, 0, 'x', 1, 1, 1, 1, 1, 1)"),
         "depth_profile.sigma_max",
     ),
     "1M-step blob, n_steps=1": (

@@ -110,7 +110,9 @@ def _error(value: Any, message: str) -> Exception:
 
 
 def depth_rows(profile: Any) -> np.ndarray:
-    """A depth profile's rows (n_layers, 6) in the order the store takes them."""
+    """A depth profile's rows (n_layers, 8) in the order the store takes them: the required
+    columns, then ``stability``, ``h_max`` and ``max_real`` (NaN where the profile lacks them;
+    ``noether_dyn.depth.stability`` gives the last two)."""
     required = ("layer", "sigma_max", "sigma_min", "defect", "transmission")
     missing = [c for c in required if c not in getattr(profile, "columns", ())]
     if missing:
@@ -118,7 +120,8 @@ def depth_rows(profile: Any) -> np.ndarray:
             f"log_depth_profile: the profile lacks columns {missing}; pass the DataFrame "
             "returned by noether_dyn.depth.profile(model, x)."
         )
-    return profile.reindex(columns=[*required, "stability"]).to_numpy(dtype=np.float64)
+    columns = [*required, "stability", "h_max", "max_real"]
+    return profile.reindex(columns=columns).to_numpy(dtype=np.float64)
 
 
 def reduction(column: str) -> str:

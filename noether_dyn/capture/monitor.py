@@ -23,19 +23,15 @@ import torch
 
 from noether_dyn.capture import checks
 from noether_dyn.capture import state as mstate
-from noether_dyn.capture.buffer import RowBuffer, record
+from noether_dyn.capture.buffer import record
 from noether_dyn.capture.closure import has_closure, wrap_closure
-from noether_dyn.capture.compiled import CompiledStats
-from noether_dyn.capture.eager import EagerStats
 from noether_dyn.capture.meta import run_meta
-from noether_dyn.capture.plan import FUSED_MIN_NUMEL, Planner
-from noether_dyn.capture.predict import Prediction
+from noether_dyn.capture.parts import assemble
+from noether_dyn.capture.plan import FUSED_MIN_NUMEL
+from noether_dyn.capture.sample import zero_config
 from noether_dyn.capture.storage import MonitorFailure, StoreHandle
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import adapter_for
-from noether_dyn.quantities.charges import ChargeMatrix
-from noether_dyn.quantities.step_rows import StepRows
-from noether_dyn.quantities.theory import ChargePredictor, regime_for
 from noether_dyn.records import StepPlan
 from noether_dyn.symmetries.symmetry import Symmetry
 
@@ -66,6 +62,7 @@ class Monitor:
         *,
         symmetries: Sequence[Symmetry] = (),
         symmetry_note: str = "",
+        detect_first: bool = False,
         flush_every: int = 100,
         flush_seconds: float = 10.0,
         resume: bool = False,
@@ -83,20 +80,10 @@ class Monitor:
         self.tracked = t = Tracked(model, optimizer, symmetries)
         self.device, self.sharded = t.device, t.sharded
         self.names, self.params, self.group_of = t.names, t.params, t.group_of
-        self._matrix = ChargeMatrix(t.symmetries, t.index, t.device)
-        hypers = [self.adapter.hyper(optimizer, g) for g in optimizer.param_groups]
-        predictor = ChargePredictor(
-            regime_for(self.adapter.name, [h.beta for h in hypers]),
-            self._matrix.linear_flags,
-        )
-        self._step_rows = StepRows(self._matrix, t.group_index, t.n_groups, predictor.regime)
-        self._eager = eager = EagerStats(t, self._matrix, self.adapter)
-        self.compiled = CompiledStats(t, self._matrix, self.adapter, self._step_rows)
-        self._planner = Planner(t, self.adapter, eager, self.compiled, every, snapshot, fused)
-        self._prediction = Prediction(t, self._matrix, eager, predictor, self._reduced)
-        self._buffer = RowBuffer(flush_every, flush_seconds, len(t.symmetries), sinks, t.symmetries)
+        self._options = (every, snapshot, fused, flush_every, flush_seconds, sinks)
+        self._plan, hypers = None, self._track(t.symmetries)
         self._state = mstate.monitor_states(t.n_groups)
-        self._plan: StepPlan | None = None
+        self._sample = zero_config(model, t, detect_first)
         self._nan, self._t0 = t.to_device(float("nan"), torch.float64), time.monotonic()
         self.writes = checks.is_rank_zero()
         # DDP replicates parameters: rank 0 alone computes and writes. FSDP2 shards them: every
@@ -105,7 +92,7 @@ class Monitor:
         self._store, self._writer, self._lock = None, None, contextlib.nullcontext()
         if self.writes:  # storage errors: StoreError naming the path (storage.StoreHandle)
             meta = None if resume else run_meta(model, optimizer, t, self.adapter, hypers,
-                                                predictor.regime, every, symmetry_note,
+                                                self._predictor.regime, every, symmetry_note,
                                                 self._checkpoint())  # fmt: skip
             self._store = StoreHandle(self.run_dir, "resume" if resume else "overwrite" if
                                       overwrite else "new", meta, None if resume else
@@ -117,6 +104,7 @@ class Monitor:
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
+            *(self._sample.handles if self._sample is not None else []),  # zero-config's
         ]
         setattr(optimizer, _ATTR, self_ref := weakref.ref(self))
         self._atexit = lambda: self_ref() is not None and self_ref().close()
@@ -216,6 +204,11 @@ class Monitor:
             if self._depth > 1:  # a subclass's step calling super().step(): count once
                 return None
             self.tracked.check_unchanged(optimizer)
+            if self._sample is not None:  # zero-config: detect on the first forward's batch
+                args, kwargs, ready = self._sample.at_step(args, kwargs, self._writer, self.step)
+                if ready is not None:  # track from this step (from the next after a closure)
+                    self.flush()
+                    self._sample, _ = None, self._track(ready)
             pred, closure = self._prediction, has_closure(args, kwargs)
             self._plan = self._planner.plan(optimizer, self.step, pred.waiting,
                                             pred.predictor.needs_update_sq, closure)  # fmt: skip
@@ -284,6 +277,14 @@ class Monitor:
         self._buffer.append(
             record(plan, s.step, s.time, s.log_prefactor, time.monotonic() - self._t0, rows[:4])
         )
+
+    def _track(self, symmetries: Sequence[Symmetry]) -> list:
+        """(Re)build what depends on the tracked symmetries; the groups' hyperparameters."""
+        self.tracked.symmetries = list(symmetries)
+        p = assemble(self.tracked, self.optimizer, self.adapter, self._options, self._reduced)
+        (self._matrix, self._predictor, self._step_rows, self._eager, self.compiled,
+         self._planner, self._prediction, self._buffer) = p.members()  # fmt: skip
+        return p.hypers
 
     def _reduced(self, values: torch.Tensor) -> torch.Tensor:
         """Per-tensor sums over entries, summed over ranks when parameters are sharded."""

@@ -11,6 +11,7 @@ import torch
 
 from noether_dyn.capture import checks
 from noether_dyn.capture.monitor import Monitor
+from noether_dyn.capture.sample import stored_symmetries
 from noether_dyn.capture.wrappers import unwrap_optimizer
 from noether_dyn.symmetries.symmetry import Symmetry
 
@@ -38,6 +39,15 @@ def watch(
     The optimizer is neither replaced nor subclassed: the monitor attaches step pre/post hooks.
     Add ``monitor.log_loss(loss)`` before ``optimizer.step()`` to record the potential V.
 
+    With no ``inputs`` and no ``symmetries`` (zero-config), the model's first forward call after
+    ``watch`` is the sample batch: at the first optimizer step, before its update, the symmetries
+    are detected on it (with the model's own ``output.loss`` when it returns one), each candidate
+    is checked on that step's real gradients and the ones that fail are dropped (listed in
+    ``run.dropped``); charges are tracked from that step on (``meta["symmetries_from_step"]``).
+    Detection leaves gradients, buffers, RNG states and train/eval modes as they were. Training
+    that never calls the model's forward before the first ``step`` (``step(closure)`` only) gets
+    a warning and a ``no_symmetries`` event, and tracks none.
+
     Args:
         model: the module whose parameters ``optimizer`` updates (names come from it).
         optimizer: any ``torch.optim.Optimizer``; SGD, RMSprop, Adam, AdamW and Adagrad have
@@ -49,7 +59,8 @@ def watch(
             need still see every step).
         inputs, targets, loss_fn: a sample batch; with ``inputs`` the model's symmetries are
             detected (``find_symmetries``) and, with ``targets`` and ``loss_fn`` too, verified.
-        symmetries: your own list instead of detection (verified when a batch is given).
+        symmetries: your own list instead of detection (verified when a batch is given);
+            ``[]`` tracks none (no detection).
         flush_every, flush_seconds: write to the store after this many logged steps or seconds,
             whichever comes first (a crash loses at most the steps since the last flush).
         resume: continue the run already in ``run_dir`` (its step numbers and accumulators).
@@ -79,13 +90,17 @@ def watch(
     run_dir = checks.run_dir_path(run_dir)  # checked before detection spends any time
     checks.check_symmetry_list(symmetries)
     checks.check_detection(inputs, targets, loss_fn)
-    note = ""
+    note, detect_first = "", False
     if symmetries is None:
         if inputs is None:
-            symmetries = []
+            stored = stored_symmetries(run_dir) if resume else None
+            detect_first = stored is None
+            symmetries = [] if stored is None else stored
             note = (
-                "no symmetry tracked: watch() was given no inputs to detect them from; pass "
-                "inputs= (and targets=, loss_fn= to verify) or symmetries="
+                "zero-config: symmetries are detected at the first optimizer step, on the "
+                "model's first forward call"
+                if stored is None
+                else f"{len(stored)} symmetries as stored by the resumed zero-config run"
             )
         else:
             from noether_dyn.symmetries.detect import find_symmetries
@@ -109,6 +124,7 @@ def watch(
         every,
         symmetries=symmetries,
         symmetry_note=note,
+        detect_first=detect_first,
         flush_every=flush_every,
         flush_seconds=flush_seconds,
         resume=resume,

@@ -7,6 +7,8 @@ twin under RMSprop: THEORY §4).
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +47,15 @@ def report(run: RunLike, path: str | Path, format: str | None = None) -> Path:
 
 
 __all__ = ["MissingData", "compare", "findings", "plot_charges", "report"]
+
+
+class _CallableModule(types.ModuleType):
+    """``noether_dyn.report`` is both this package and the public function ``nd.report``: the
+    package top binds the name lazily, and Python rebinds a package attribute to the submodule
+    whenever the submodule is first imported, so the module itself calls :func:`report`."""
+
+    def __call__(self, run: RunLike, path: str | Path, format: str | None = None) -> Path:
+        return report(run, path, format)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -99,6 +99,16 @@ def run_facts(run: Run) -> pd.DataFrame:
             ),
             ("command", str(meta.get("command", "?"))),
             ("symmetries", f"{len(run.symmetries)} ({meta.get('symmetry_note') or 'no note'})"),
+            *(
+                [("symmetries tracked from step", str(meta["symmetries_from_step"]))]
+                if meta.get("symmetries_from_step") is not None
+                else []
+            ),
+            *(
+                [("dropped candidates", str(len(run.dropped)))]
+                if len(getattr(run, "dropped", ()))
+                else []
+            ),
         ],
         columns=["item", "value"],
     ).map(printable)
@@ -174,6 +184,7 @@ def symmetry_section(run: Run) -> Section:
                 "layer": layer_of(sym["params"]),
                 "size": sum(known) if all(k is not None for k in known) else None,
                 "verified": sym["verified"],
+                "exactness": sym.get("exactness", ""),
                 "verify defect": sym["defect"],
                 "mean defect": float(np.nanmean(defect)) if np.isfinite(defect).any() else np.nan,
                 "max defect": float(np.nanmax(defect)) if np.isfinite(defect).any() else np.nan,
@@ -190,6 +201,21 @@ def symmetry_section(run: Run) -> Section:
         ),
         Table(pd.DataFrame(rows)),
     ]
+    start = run.meta.get("symmetries_from_step")
+    if start is not None:
+        blocks.append(
+            Paragraph(f"Detected on the first training batch: tracked from step {start}.")
+        )
+    dropped = getattr(run, "dropped", None)
+    if dropped is not None and len(dropped):
+        blocks += [
+            Paragraph(
+                f"{len(dropped)} detected candidates were not tracked: their defect showed they "
+                "are not symmetries of this training (the rule says why; a blank defect: no "
+                "gradient reached them)."
+            ),
+            Table(dropped[["symmetry", "kind", "defect", "rule"]].reset_index(drop=True)),
+        ]
     return Section("symmetries", "Symmetries", blocks)
 
 

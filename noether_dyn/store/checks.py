@@ -33,12 +33,28 @@ COLUMN_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
         "verified": ("integer", "null"),
         "defect": _NUM,
         "note": ("text", "null"),
+        "exactness": ("text", "null"),
+    },
+    "dropped": {
+        "idx": _INT,
+        "symmetry": _TEXT,
+        "kind": _TEXT,
+        "params": _TEXT,
+        "signs": _TEXT,
+        "defect": _NUM,
+        "rule": _TEXT,
     },
     "charge_blocks": {"first_step": _INT, "n_steps": _INT, "steps": ("blob",), "data": ("blob",)},
     "tensor_blocks": {"first_step": _INT, "n_steps": _INT, "steps": ("blob",), "data": ("blob",)},
     "events": {"step": ("integer", "null"), "kind": _TEXT, "message": _TEXT},
     "depth_profile": {"step": _INT, "layer": _INT, **{c: _NUM for c in DEPTH_COLUMNS[2:]}},
 }
+# Added by schema version 2: a version-1 store lacks them (read as empty), nothing else may.
+OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
+    "symmetries": frozenset({"exactness"}),
+    "depth_profile": frozenset({"h_max", "max_real"}),
+}
+OPTIONAL_TABLES = frozenset({"dropped"})
 # JSON nesting deeper than this is refused before parsing (the store writes at most 4 levels).
 MAX_JSON_DEPTH = 32
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -56,27 +72,38 @@ def check_columns(
     tables in ``scanned_elsewhere`` are checked row by row as they are read, with
     :func:`row_ok_sql` and :func:`raise_bad_value`)."""
     for table, types in COLUMN_TYPES.items():
-        have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
-        missing = [c for c in types if c not in have]
+        have = present_columns(con, table)
+        if not have and table in OPTIONAL_TABLES:
+            continue
+        optional = OPTIONAL_COLUMNS.get(table, frozenset())
+        missing = [c for c in types if c not in have and c not in optional]
         if missing:
             raise fail(path, f"table {table} lacks the columns {missing}")
         if table not in scanned_elsewhere:
             raise_bad_value(con, path, table)
 
 
-def row_ok_sql(table: str) -> str:
-    """An SQL expression, 1 where every column of the row holds an allowed storage class."""
+def present_columns(con: sqlite3.Connection, table: str) -> set[str]:
+    """The columns ``table`` has (empty when it does not exist)."""
+    return {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+
+
+def row_ok_sql(table: str, have: set[str] | None = None) -> str:
+    """An SQL expression, 1 where every column of the row (of those in ``have``, default all)
+    holds an allowed storage class."""
     types = COLUMN_TYPES[table]
-    return " AND ".join(f"typeof({c}) IN ({', '.join(repr(t) for t in types[c])})" for c in types)
+    cols = [c for c in types if have is None or c in have]
+    return " AND ".join(f"typeof({c}) IN ({', '.join(repr(t) for t in types[c])})" for c in cols)
 
 
 def raise_bad_value(con: sqlite3.Connection, path: Path, table: str) -> None:
     """Raise ``StoreError`` naming the first value of ``table`` of a disallowed storage class."""
     types = COLUMN_TYPES[table]
-    cols = list(types)
+    have = present_columns(con, table)
+    cols = [c for c in types if c in have]
     row = con.execute(
         f"SELECT {', '.join(f'typeof({c})' for c in cols)} FROM {table} "
-        f"WHERE NOT ({row_ok_sql(table)}) LIMIT 1"
+        f"WHERE NOT ({row_ok_sql(table, have)}) LIMIT 1"
     ).fetchone()
     if row is not None:
         col, got = next((c, t) for c, t in zip(cols, row) if t not in types[c])

@@ -41,9 +41,19 @@ def symmetry_rows(symmetries: Sequence[Symmetry]) -> list[tuple]:
             None if s.verified is None else int(s.verified),
             s.defect,
             s.note,
+            s.exactness,
         )
         for i, s in enumerate(symmetries)
     ]
+
+
+def dropped_rows(dropped: Sequence[Any]) -> list[tuple]:
+    """Rows of the ``dropped`` table, from records with name, kind, params, signs, defect, rule."""
+    return [
+        (i, str(d.name), str(d.kind), json.dumps(list(d.params)), json.dumps(list(d.signs)),
+         None if d.defect is None else float(d.defect), str(d.rule))
+        for i, d in enumerate(dropped)
+    ]  # fmt: skip
 
 
 def meta_rows(items: dict[str, Any]) -> list[tuple[str, str]]:
@@ -105,7 +115,8 @@ def _build(tmp: Path, meta: dict[str, Any] | None, symmetries: Sequence[Symmetry
             con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta_rows(meta))
         if symmetries:
             con.executemany(
-                "INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?)", symmetry_rows(symmetries)
+                "INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                symmetry_rows(symmetries),
             )
         con.execute("COMMIT")
         # Born in WAL mode: opening it for writing then needs no rollback-journal write (a kill

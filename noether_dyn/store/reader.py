@@ -25,9 +25,11 @@ from noether_dyn.store.schema import (
     BLOCK_TABLES,
     CHARGE_COLUMNS,
     DEPTH_COLUMNS,
+    DROPPED_COLUMNS,
     GENERATION_KEY,
     GROUP_COLUMNS,
     STEP_COLUMNS,
+    SYMMETRY_COLUMNS,
     TENSOR_COLUMNS,
 )
 
@@ -97,6 +99,7 @@ class Run:
         self.groups = _frame(con, path, "groups", GROUP_COLUMNS, ("step", "grp"))
         self.depth_profile = _frame(con, path, "depth_profile", DEPTH_COLUMNS, ("step", "layer"))
         self.symmetries = _symmetries(con, path)
+        self.dropped = _dropped(con, path)
         self.events = pd.DataFrame(
             con.execute("SELECT step, kind, message FROM events ORDER BY step").fetchall(),
             columns=["step", "kind", "message"],
@@ -229,9 +232,10 @@ def _identity(path: Path) -> tuple[int, int]:
 def _frame(
     con: sqlite3.Connection, path: Path, table: str, columns: tuple[str, ...], key: tuple[str, ...]
 ) -> pd.DataFrame:
+    have = checks.present_columns(con, table)  # a version-1 store lacks version 2's columns
+    picked = ", ".join(c if c in have else f"NULL AS {c}" for c in columns)
     rows = con.execute(
-        f"SELECT {', '.join(columns)}, {checks.row_ok_sql(table)} FROM {table} "
-        f"ORDER BY {', '.join(key)}"
+        f"SELECT {picked}, {checks.row_ok_sql(table, have)} FROM {table} ORDER BY {', '.join(key)}"
     ).fetchall()
     frame = pd.DataFrame(rows, columns=[*columns, "_ok"])
     if not frame["_ok"].all():
@@ -248,8 +252,10 @@ def _frame(
 
 def _symmetries(con: sqlite3.Connection, path: Path) -> pd.DataFrame:
     rows = []
-    for name, kind, params, signs, verified, defect, note in con.execute(
-        "SELECT symmetry, kind, params, signs, verified, defect, note FROM symmetries ORDER BY idx"
+    exactness = "exactness" if "exactness" in checks.present_columns(con, "symmetries") else "NULL"
+    for name, kind, params, signs, verified, defect, note, exact in con.execute(
+        "SELECT symmetry, kind, params, signs, verified, defect, note, "
+        f"{exactness} FROM symmetries ORDER BY idx"
     ):
         where = f"symmetry {name[:80]!r}"
         params = checks.decode_json(path, f"{where}: params", params)
@@ -264,14 +270,32 @@ def _symmetries(con: sqlite3.Connection, path: Path) -> pd.DataFrame:
                 None if verified is None else bool(verified),
                 np.nan if defect is None else float(defect),
                 note or "",
+                exact or "",
             )
         )
-    frame = pd.DataFrame(
-        rows, columns=["symmetry", "kind", "params", "signs", "verified", "defect", "note"]
-    )
+    frame = pd.DataFrame(rows, columns=list(SYMMETRY_COLUMNS))
     if frame["symmetry"].duplicated().any():
         raise checks.fail(path, "table symmetries names a symmetry twice")
     return frame
+
+
+def _dropped(con: sqlite3.Connection, path: Path) -> pd.DataFrame:
+    """The detected candidates that were not tracked (version 2; none in a version-1 store)."""
+    rows = []
+    if checks.present_columns(con, "dropped"):
+        for name, kind, params, signs, defect, rule in con.execute(
+            "SELECT symmetry, kind, params, signs, defect, rule FROM dropped ORDER BY idx"
+        ):
+            where = f"dropped candidate {name[:80]!r}"
+            params = checks.decode_json(path, f"{where}: params", params)
+            signs = checks.decode_json(path, f"{where}: signs", signs)
+            if not isinstance(params, list) or not isinstance(signs, list):
+                raise checks.fail(path, f"{where}: params and signs must be JSON lists")
+            rows.append(
+                (name, kind, tuple(params), tuple(signs),
+                 np.nan if defect is None else float(defect), rule)
+            )  # fmt: skip
+    return pd.DataFrame(rows, columns=list(DROPPED_COLUMNS))
 
 
 def _block_index(

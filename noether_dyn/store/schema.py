@@ -1,4 +1,4 @@
-"""The run store's schema, version 1: one SQLite file, ``<run_dir>/run.sqlite``.
+"""The run store's schema, version 2: one SQLite file, ``<run_dir>/run.sqlite``.
 
 Tables (all numbers float64 unless said; a step is the 0-based count of optimizer steps; row n
 holds quantities at the parameters *before* update n and the kinetic energy *of* update n):
@@ -18,8 +18,13 @@ holds quantities at the parameters *before* update n and the kinetic energy *of*
 ``groups(step, grp, lr, momentum, weight_decay, mass, kinetic, l2, log_prefactor)``
     the same per param group.
 ``symmetries(idx INTEGER PRIMARY KEY, symmetry TEXT UNIQUE, kind, params, signs, verified,
-defect, note)``
-    ``params`` and ``signs`` are JSON lists; ``verified`` is 1, 0 or NULL (not checked).
+defect, note, exactness)``
+    ``params`` and ``signs`` are JSON lists; ``verified`` is 1, 0 or NULL (not checked);
+    ``exactness`` is ``"exact"``, ``"approximate"`` (broken only by a normalization's eps) or
+    ``""`` (not verified; version-1 stores: NULL, read as ``""``).
+``dropped(idx INTEGER PRIMARY KEY, symmetry, kind, params, signs, defect, rule)``
+    (version 2) the detected candidates that were not tracked: ``defect`` (NULL when the
+    gradient vanished) and the ``rule`` that dropped them.
 ``charge_blocks(first_step INTEGER PRIMARY KEY, n_steps, steps BLOB, data BLOB)``
     per flush, the charge table of ``n_steps`` logged steps as raw little-endian arrays: ``steps``
     int64 of shape (n_steps,), ``data`` float64 of shape (n_steps, n_symmetries, n_columns), the
@@ -33,16 +38,22 @@ defect, note)``
     RMSprop, eta/(sqrt(v)+eps)). ``load_run`` turns these into ``run.tensors``.
 ``events(step, kind, message)``
     things a reader must know: non-finite values, resumes, fallbacks.
-``depth_profile(step, layer, sigma_max, sigma_min, defect, transmission, stability)``
+``depth_profile(step, layer, sigma_max, sigma_min, defect, transmission, stability, h_max,
+max_real)``
     optional: per-layer depth diagnostics (``noether_dyn.depth.profile``) recorded with
-    ``Monitor.log_depth_profile``; empty for most runs.
+    ``Monitor.log_depth_profile``; empty for most runs. ``h_max`` (largest stable step) and
+    ``max_real`` (max Re lambda, 1/time) are ``noether_dyn.depth.stability``'s (version 2;
+    NaN when not given).
+
+Version-1 stores are read as version 2 with the new columns empty (NaN / ``""``) and no
+dropped candidates; a resumed version-1 store is migrated in place (:data:`MIGRATION_V2`).
 """
 
 from __future__ import annotations
 
 from noether_dyn.records import CHARGE_COLUMNS, GROUP_COLUMNS, STEP_COLUMNS, TENSOR_COLUMNS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STORE_FILENAME = "run.sqlite"
 # meta key (an integer, absent until the first rewrite): how many times stored blocks were
 # rewritten (truncated or replaced), so that a reader holding a block index sees it is stale.
@@ -55,7 +66,14 @@ __all__ = [
     "TENSOR_COLUMNS",
 ]
 
-DEPTH_COLUMNS = ("step", "layer", "sigma_max", "sigma_min", "defect", "transmission", "stability")
+DEPTH_COLUMNS = (
+    "step", "layer", "sigma_max", "sigma_min", "defect", "transmission", "stability", "h_max",
+    "max_real",
+)  # fmt: skip
+SYMMETRY_COLUMNS = (
+    "symmetry", "kind", "params", "signs", "verified", "defect", "note", "exactness",
+)  # fmt: skip
+DROPPED_COLUMNS = ("symmetry", "kind", "params", "signs", "defect", "rule")
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,7 +87,12 @@ CREATE TABLE IF NOT EXISTS groups (
 );
 CREATE TABLE IF NOT EXISTS symmetries (
     idx INTEGER PRIMARY KEY, symmetry TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
-    params TEXT NOT NULL, signs TEXT NOT NULL, verified INTEGER, defect REAL, note TEXT
+    params TEXT NOT NULL, signs TEXT NOT NULL, verified INTEGER, defect REAL, note TEXT,
+    exactness TEXT
+);
+CREATE TABLE IF NOT EXISTS dropped (
+    idx INTEGER PRIMARY KEY, symmetry TEXT NOT NULL, kind TEXT NOT NULL, params TEXT NOT NULL,
+    signs TEXT NOT NULL, defect REAL, rule TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS charge_blocks (
     first_step INTEGER PRIMARY KEY, n_steps INTEGER NOT NULL, steps BLOB NOT NULL,
@@ -87,6 +110,13 @@ CREATE TABLE IF NOT EXISTS depth_profile (
 );
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+
+MIGRATION_V2 = {
+    "symmetries": ("exactness TEXT",),
+    "depth_profile": ("h_max REAL", "max_real REAL"),
+}
+"""Columns a version-1 store lacks, per table (``ALTER TABLE ... ADD COLUMN``); the ``dropped``
+table is created by :data:`DDL`'s ``IF NOT EXISTS``."""
 
 BLOCK_TABLES = ("charge_blocks", "tensor_blocks")
 REQUIRED_TABLES = frozenset(

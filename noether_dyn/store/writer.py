@@ -25,13 +25,23 @@ from typing import Any
 import numpy as np
 
 from noether_dyn.store.connection import cause, open_existing
-from noether_dyn.store.create import CREATING_SUFFIX, create_store, meta_rows, symmetry_rows
+from noether_dyn.store.create import (
+    CREATING_SUFFIX,
+    create_store,
+    dropped_rows,
+    meta_rows,
+    symmetry_rows,
+)
 from noether_dyn.store.errors import StoreError, StoreLockedError, StoreWarning, StoreWriteError
 from noether_dyn.store.lock import WriterLock, describe, live_writer
 from noether_dyn.store.schema import (
     BLOCK_TABLES,
+    DDL,
+    DEPTH_COLUMNS,
     GENERATION_KEY,
     GROUP_COLUMNS,
+    MIGRATION_V2,
+    SCHEMA_VERSION,
     STEP_COLUMNS,
     STORE_FILENAME,
 )
@@ -109,6 +119,7 @@ class RunWriter:
             if not exists:  # removed between the check above and the lock
                 raise StoreError(self._no_run_to_resume())
             con = open_existing(self.path, readonly=False, own_lock=True)
+            _migrate(con, self.path)
         else:
             if exists and mode == "new":
                 raise StoreError(
@@ -195,11 +206,19 @@ class RunWriter:
         with self._transaction("Writing metadata") as con:
             con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", rows)
 
-    def set_symmetries(self, symmetries: Sequence[Symmetry]) -> None:
+    def set_symmetries(
+        self, symmetries: Sequence[Symmetry], dropped: Sequence[Any] | None = None
+    ) -> None:
+        """Store the tracked symmetries and, when given, the dropped candidates (records with
+        ``name, kind, params, signs, defect, rule``, as ``noether_dyn.symmetries.Dropped``)."""
         rows = symmetry_rows(symmetries)
+        drops = None if dropped is None else dropped_rows(dropped)
         with self._transaction("Writing the symmetries") as con:
+            if drops is not None:
+                con.execute("DELETE FROM dropped")
+                con.executemany("INSERT INTO dropped VALUES (?, ?, ?, ?, ?, ?, ?)", drops)
             con.execute("DELETE FROM symmetries")
-            con.executemany("INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            con.executemany("INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def add_event(self, step: int | None, kind: str, message: str) -> None:
         """Record one event (a resume, a failure) in its own transaction."""
@@ -210,12 +229,21 @@ class RunWriter:
             )
 
     def write_depth_profile(self, step: int, rows: np.ndarray) -> None:
-        """Store a depth profile taken at ``step``: ``rows`` (n_layers, 6) in the order
-        layer, sigma_max, sigma_min, defect, transmission, stability."""
+        """Store a depth profile taken at ``step``: ``rows`` (n_layers, 8) in the order
+        layer, sigma_max, sigma_min, defect, transmission, stability, h_max, max_real (rows of
+        6, as version 1 took them, get NaN for the last two)."""
+        width = len(DEPTH_COLUMNS) - 1
+        if rows.ndim == 2 and rows.shape[1] < width:
+            pad = np.full((rows.shape[0], width - rows.shape[1]), np.nan)
+            rows = np.concatenate([rows, pad], axis=1)
         values = [(step, int(r[0]), *map(float, r[1:])) for r in rows.tolist()]
+        sql = (
+            f"INSERT INTO depth_profile ({', '.join(DEPTH_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(DEPTH_COLUMNS))})"
+        )
         with self._transaction("Writing a depth profile") as con:
             con.execute("DELETE FROM depth_profile WHERE step = ?", (step,))
-            con.executemany("INSERT INTO depth_profile VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+            con.executemany(sql, values)
 
     def truncate(
         self,
@@ -362,6 +390,30 @@ class RunWriter:
 
     def __repr__(self) -> str:
         return f"RunWriter('{self.run_dir}', closed={self._closed})"
+
+
+def _migrate(con: sqlite3.Connection, path: Path) -> None:
+    """Bring an older store to :data:`SCHEMA_VERSION` in one transaction (new columns empty)."""
+    if con.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    try:
+        with con:
+            for table, columns in MIGRATION_V2.items():
+                have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                for column in columns:
+                    if column.split()[0] not in have:
+                        con.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            for statement in DDL.split(";"):
+                if "CREATE TABLE" in statement:
+                    con.execute(statement)
+            con.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                ("schema_version", json.dumps(SCHEMA_VERSION)),
+            )
+            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except sqlite3.Error as exc:
+        con.close()
+        raise StoreWriteError(f"Migrating the run store '{path}' failed: {cause(exc)}.") from exc
 
 
 def _reason(exc: BaseException) -> str:

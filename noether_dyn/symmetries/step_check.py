@@ -62,9 +62,11 @@ def judge_defects(
     """Apply the drop rule to defects measured on real training steps (:func:`gradient_defects`).
 
     A symmetry is kept as exact when its largest defect is <= the rounding tolerance of ``dtype``
-    (:data:`DEFAULT_TOL`); kept as approximate when it is <= ``eps_tol`` and the symmetry was
-    already known as eps-approximate (``exactness="approximate"`` from :func:`detect`: the eps
-    check needs the shrunk-eps model, which training steps do not have); dropped otherwise.
+    (:data:`DEFAULT_TOL`), unless :func:`detect` found it eps-approximate (it stays approximate:
+    in float32 the eps's break can be below rounding); kept as approximate when it is <=
+    ``eps_tol`` and the symmetry was already known as eps-approximate
+    (``exactness="approximate"`` from :func:`detect`: the eps check needs the shrunk-eps model,
+    which training steps do not have); dropped otherwise.
     Symmetries with no defect measured (zero gradient at every step) are returned unchanged.
 
     Returns:
@@ -80,9 +82,13 @@ def judge_defects(
             continue
         d = max(values)
         steps = f"over {len(values)} training steps"
-        if d <= tol:
-            note = f"verified exact on training gradients: defect {d:.1e} <= tol {tol:.0e} {steps}"
-            kept.append(_verified(s, d, "exact", note))
+        if d <= tol:  # an eps-approximate symmetry (detect's eps check) can be within rounding
+            exactness = "approximate" if s.exactness == "approximate" else "exact"
+            note = (
+                f"verified {exactness} on training gradients: defect {d:.1e} <= tol {tol:.0e} "
+                f"{steps}"
+            )
+            kept.append(_verified(s, d, exactness, note))
         elif s.exactness == "approximate" and d <= eps_tol:
             note = f"verified approximate on training gradients: defect {d:.1e} {steps}"
             kept.append(_verified(s, d, "approximate", note))
