@@ -16,10 +16,8 @@ from noether_dyn.optimizers.base import (
     GroupHyper,
     Metric,
     OptimizerAdapter,
-    Update,
     coef_rows,
     scalar,
-    solve_decay,
     step_count,
 )
 from noether_dyn.records import COEF_WIDTH
@@ -158,30 +156,6 @@ class AdamAdapter(OptimizerAdapter):
         coef[:, 2] = -d / (1.0 - d)
         coef[:, 3] = eps
         return FusedStep(adam_rule, tensors, coef)
-
-    def update(
-        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
-    ) -> Update:
-        """q <- q (1 - lr lambda) [decoupled] - (lr / bc1) m / G, with G the metric."""
-        hyper = self.hyper(optimizer, group)
-        beta1 = scalar(group["betas"][0])
-        metric = self.metric(optimizer, group, params)
-        states = [optimizer.state[p] for p in params]
-        exp_avgs = [st["exp_avg"] for st in states]
-        scales = [-hyper.lr / (1.0 - beta1**k) for k in (_step(group, st) for st in states)]
-        decay = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
-        if any(isinstance(c, torch.Tensor) for c in scales):  # capturable: counts on the device
-            step = [torch.div(m, g).mul_(c) for m, g, c in zip(exp_avgs, metric, scales)]
-            return solve_decay(hyper.lr, decay / hyper.lr if decay else 0.0, step, params), metric
-        # dq = (c m / G - lr lambda q_{n+1}) / (1 - lr lambda), in two passes; coupled L2 is
-        # inside m already (decay = 0)
-        if decay:
-            out = torch._foreach_mul(params, -decay / (1.0 - decay))
-            scales = [c / (1.0 - decay) for c in scales]
-        else:
-            out = torch._foreach_mul(exp_avgs, 0.0)
-        torch._foreach_addcdiv_(out, exp_avgs, metric, scales)
-        return out, metric
 
 
 def _denominator(

@@ -13,9 +13,7 @@ from noether_dyn.optimizers.base import (
     GroupHyper,
     Metric,
     OptimizerAdapter,
-    Update,
     coef_rows,
-    grads_of,
     scalar,
 )
 
@@ -104,21 +102,6 @@ class RMSpropAdapter(OptimizerAdapter):
             return FusedStep(rms_momentum_rule, tensors, coef_rows([row] * len(params), device))
         return preconditioned_step(group, tensors, device)
 
-    def update(
-        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
-    ) -> Update:
-        """With momentum q <- q - lr b; without, q <- q - lr (g + lambda q_n) / G, solved for
-        dq = -lr (g + lambda q_{n+1}) / (G - lr lambda)."""
-        lr = scalar(group["lr"])
-        wd = scalar(group.get("weight_decay", 0.0))
-        metric = self.metric(optimizer, group, params)
-        if scalar(group.get("momentum", 0.0)):
-            bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
-            return torch._foreach_mul(bufs, -lr), metric
-        return _preconditioned_step(
-            lr, wd, grads_of(params, group.get("maximize", False)), params, metric
-        ), metric
-
 
 def preconditioned_step(
     group: dict, states: list[tuple[torch.Tensor, ...]], device: torch.device
@@ -131,21 +114,3 @@ def preconditioned_step(
     row = [-lr, sign, wd, float(group["eps"]), lr * wd]
     rule = preconditioned_rule if wd else undecayed_rule
     return FusedStep(rule, states, coef_rows([row] * len(states), device))
-
-
-def _preconditioned_step(
-    lr: float,
-    wd: float,
-    grads: list[torch.Tensor],
-    params: list[torch.Tensor],
-    metric: list[torch.Tensor],
-) -> list[torch.Tensor]:
-    """dq of ``q <- q - lr (g + wd q_n) / G``: -lr (g + wd q_{n+1}) / (G - lr wd)."""
-    if wd:
-        num = torch._foreach_add(grads, params, alpha=wd)
-        den = torch._foreach_sub(metric, lr * wd)
-    else:
-        num, den = grads, metric
-    out = torch._foreach_div(num, den)
-    torch._foreach_mul_(out, -lr)
-    return out
