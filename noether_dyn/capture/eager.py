@@ -180,7 +180,7 @@ class EagerStats:
     def _rebuilt(self, optimizer, group, pos, params, with_metric, dq, gdq, iso, inv) -> None:
         """Fill dq, gdq, iso and inv at ``pos`` (one param group) from the adapter's rule."""
         t = self.t
-        step = self.adapter.fused_step(optimizer, group, params, t.device)
+        step = self.adapter.fused_step(optimizer, group, params, t.device, eager=True)
         if step is None:
             raise RuntimeError(
                 f"noether-dyn: {type(self.adapter).__name__}.fused_step returned None for a "

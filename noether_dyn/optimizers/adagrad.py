@@ -62,6 +62,7 @@ class AdagradAdapter(OptimizerAdapter):
         group: dict,
         params: list[torch.Tensor],
         device: torch.device,
+        eager: bool = False,
     ) -> FusedStep | None:
         if not self.can_reconstruct(group):
             return None

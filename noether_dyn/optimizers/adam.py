@@ -113,6 +113,7 @@ class AdamAdapter(OptimizerAdapter):
         group: dict,
         params: list[torch.Tensor],
         device: torch.device,
+        eager: bool = False,
     ) -> FusedStep | None:
         hyper = self.hyper(optimizer, group)
         beta1, beta2 = scalar(group["betas"][0]), scalar(group["betas"][1])
@@ -124,7 +125,7 @@ class AdamAdapter(OptimizerAdapter):
         d = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
         tensors = [(st["exp_avg"], st[key]) for st in states]
         counts = [st["step"] for st in states]
-        if _counts_in_program(group, counts, device):
+        if not eager and _counts_in_program(group, counts, device):
             row = [-hyper.lr, beta1, beta2, eps, 1.0 - d, -d / (1.0 - d)]
             tensors = [(m, v, k) for (m, v), k in zip(tensors, counts)]
             return FusedStep(adam_count_rule, tensors, coef_rows([row] * len(params), device))

@@ -109,6 +109,7 @@ class OptimizerAdapter:
         group: dict,
         params: list[torch.Tensor],
         device: torch.device,
+        eager: bool = False,
     ) -> FusedStep | None:
         """The step just taken as an elementwise rule over ``params`` (all with a gradient and
         optimizer state): dq = q_{n+1} - q_n and G, rebuilt from the parameters after the step,
@@ -116,7 +117,9 @@ class OptimizerAdapter:
         coupled or decoupled decay, q_n = q_{n+1} - dq is solved for exactly). The one source of
         an adapter's update rule: both statistics backends run it. None when this group's update
         has no such form (:meth:`can_reconstruct` false: the monitor then takes the difference
-        from a snapshot of q_n)."""
+        from a snapshot of q_n). ``eager``: the rule will run eagerly, tensor by tensor, where
+        coefficients read on the host (CPU step counts) cost less than forming them in the rule.
+        """
         return None
 
 

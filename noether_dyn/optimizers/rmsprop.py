@@ -85,6 +85,7 @@ class RMSpropAdapter(OptimizerAdapter):
         group: dict,
         params: list[torch.Tensor],
         device: torch.device,
+        eager: bool = False,
     ) -> FusedStep | None:
         lr = scalar(group["lr"])
         eps = float(group["eps"])

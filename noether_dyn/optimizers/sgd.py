@@ -65,6 +65,7 @@ class SGDAdapter(OptimizerAdapter):
         group: dict,
         params: list[torch.Tensor],
         device: torch.device,
+        eager: bool = False,
     ) -> FusedStep | None:
         lr = scalar(group["lr"])
         momentum = scalar(group.get("momentum", 0.0))
