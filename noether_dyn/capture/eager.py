@@ -59,6 +59,8 @@ class EagerStats:
         self.matrix = matrix
         self.adapter = adapter
         self.snap: dict[int, torch.Tensor] | None = None
+        self.zeros = torch.zeros(len(tracked), dtype=torch.float64, device=tracked.device)
+        """(n_tensors,) zeros, shared by the columns no symmetry needs: never written to."""
 
     @property
     def snapshot_bytes(self) -> int:
@@ -80,10 +82,16 @@ class EagerStats:
         <g_n, q_n> into ``plan``, read before the step."""
         t = self.t
         plan.qq = sq_norms(t.params, t.device)
-        plan.qs = t.subset(sums, self.matrix.sum_tensors, t.params)
-        if not closure:
+        plan.qs = self._sums(t.params)
+        if not closure and self.matrix.tensors:
             plan.gq_index = t.with_grad(self.matrix.tensors)
             plan.gq = t.subset(dots, plan.gq_index, t.grads(), t.params)
+
+    def _sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """sum(q) of the tensors a translation symmetry touches (the shared zeros without any)."""
+        if not self.matrix.sum_tensors:
+            return self.zeros
+        return self.t.subset(sums, self.matrix.sum_tensors, tensors)
 
     def __call__(
         self, optimizer: torch.optim.Optimizer, plan: StepPlan, inputs: tuple
@@ -98,7 +106,7 @@ class EagerStats:
         if plan.qq is None:  # the pre-hook left q_n to the compiled path, which could not run
             q0 = [p if u is None else p - u for p, u in zip(local(t.params), dq)]
             plan.qq = sq_norms(q0, t.device)
-            plan.qs = t.subset(sums, self.matrix.sum_tensors, q0)
+            plan.qs = self._sums(q0)
 
         has_grad = set(active)
         sym = [i for i in self.matrix.tensors if i in has_grad]
@@ -108,25 +116,27 @@ class EagerStats:
         sym_diag = [i for i in sym if i in diag_set]
         trans_diag = [i for i in trans if i in diag_set]
 
-        cols = dict.fromkeys(STATS)
+        cols = dict.fromkeys(STATS, self.zeros)  # columns of no tracked symmetry stay 0
         cols["QQ"] = plan.qq
         cols["QS"] = plan.qs
         cols["NUMEL"] = t.numel
         cols["GG"] = t.subset(sq_norms, active, grads)
         cols["DD"] = t.subset(sq_norms, active, dq)
         cols["GDD"] = t.subset(dots, diag, gdq, dq) + iso * cols["DD"]
-        dq_q1 = t.subset(dots, sym, dq, t.params)
-        cols["DQ"] = dq_q1 - t.restrict(cols["DD"], sym)
-        if plan.gq is not None and plan.gq_index == sym:  # <g_n, q_n>, read before the step
-            cols["GQ"] = plan.gq
-        else:  # a closure made the gradients inside the step: <g, q_n> = <g, q_{n+1} - dq>
-            g_q1 = t.subset(dots, sym, grads, t.params)
-            cols["GQ"] = g_q1 - t.subset(dots, sym, grads, dq)
-        gdq_q1 = t.subset(dots, sym_diag, gdq, t.params)
-        cols["GDQ"] = gdq_q1 - t.restrict(cols["GDD"], sym_diag) + iso * cols["DQ"]
-        cols["GS"] = t.subset(sums, trans, grads)
-        cols["DS"] = t.subset(sums, trans, dq)
-        cols["GDS"] = t.subset(sums, trans_diag, gdq) + iso * cols["DS"]
+        if sym:
+            dq_q1 = t.subset(dots, sym, dq, t.params)
+            cols["DQ"] = dq_q1 - t.restrict(cols["DD"], sym)
+            if plan.gq is not None and plan.gq_index == sym:  # <g_n, q_n>, read before the step
+                cols["GQ"] = plan.gq
+            else:  # a closure made the gradients inside the step: <g, q_n> = <g, q_{n+1} - dq>
+                g_q1 = t.subset(dots, sym, grads, t.params)
+                cols["GQ"] = g_q1 - t.subset(dots, sym, grads, dq)
+            gdq_q1 = t.subset(dots, sym_diag, gdq, t.params)
+            cols["GDQ"] = gdq_q1 - t.restrict(cols["GDD"], sym_diag) + iso * cols["DQ"]
+        if trans:
+            cols["GS"] = t.subset(sums, trans, grads)
+            cols["DS"] = t.subset(sums, trans, dq)
+            cols["GDS"] = t.subset(sums, trans_diag, gdq) + iso * cols["DS"]
         cols["IG"] = upd.inv
         return torch.stack([cols[k] for k in STATS], dim=1), None
 

@@ -22,7 +22,7 @@ def _rms_metric(state, c):
     v = state[0]
     if len(state) == 2:  # centered: v - gbar^2
         v = v - state[1] * state[1]
-    return v.sqrt() + c[3].to(v.dtype)
+    return v.sqrt().add_(c[3].to(v.dtype))
 
 
 def rms_momentum_rule(q1, g, state, c):
@@ -35,15 +35,15 @@ def preconditioned_rule(q1, g, state, c):
     c2 = lambda, c4 = lr lambda; G = sqrt(v [- gbar^2]) + c3; state (v[, gbar])."""
     dt = q1.dtype
     metric = _rms_metric(state, c)
-    num = g * c[1].to(dt) + q1 * c[2].to(dt)
-    return (num / (metric - c[4].to(dt))) * c[0].to(dt), metric, None
+    num = (g * c[1].to(dt)).add_(q1 * c[2].to(dt))
+    return num.div_(metric - c[4].to(dt)).mul_(c[0].to(dt)), metric, None
 
 
 def undecayed_rule(q1, g, state, c):
     """:func:`preconditioned_rule` without weight decay (one division per entry)."""
     metric = _rms_metric(state, c)
     inverse = metric.reciprocal()
-    return (g * inverse) * (c[0] * c[1]).to(q1.dtype), metric, inverse
+    return (g * inverse).mul_((c[0] * c[1]).to(q1.dtype)), metric, inverse
 
 
 class RMSpropAdapter(OptimizerAdapter):

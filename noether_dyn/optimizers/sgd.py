@@ -30,8 +30,8 @@ def direct_rule(q1, g, state, c):
     dt = q1.dtype
     step = g * c[0].to(dt)
     if state:
-        step = step + state[0] * c[1].to(dt)
-    return step + q1 * c[2].to(dt), c[3], None
+        step.add_(state[0] * c[1].to(dt))
+    return step.add_(q1 * c[2].to(dt)), c[3], None
 
 
 class SGDAdapter(OptimizerAdapter):
