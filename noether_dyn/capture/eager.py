@@ -182,8 +182,8 @@ class EagerStats:
                 if inv is not None:
                     inv[sel] /= c
                 continue
-            for i, v in zip(pos, torch._foreach_mul(metric, upd)):
-                gdq[i] = v
+            for i, m, u in zip(pos, metric, upd):
+                gdq[i] = m * u
             inv[sel] = inverse_sums(metric, t.device)
         return Updates(dq, gdq, iso, inv)
 
@@ -215,8 +215,8 @@ class EagerStats:
             if inv is not None:
                 inv[sel] = inv[sel] / c
         if diag_pos and with_metric:
-            for i, v in zip(diag_pos, torch._foreach_mul(diag_g, [dq[i] for i in diag_pos])):
-                gdq[i] = v
+            for i, metric in zip(diag_pos, diag_g):  # per tensor: faster than foreach on a CPU
+                gdq[i] = metric * dq[i]
             sel = t.index_tensor(diag_pos)
             if all(x is not None for x in diag_inv):
                 inv[sel] = sums(diag_inv, t.device)
