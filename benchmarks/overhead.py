@@ -30,6 +30,13 @@ step); memory <= 1x parameter bytes, <= 0.1x for SGD, Adam, AdamW and RMSprop.
 Run: ``python benchmarks/overhead.py [--steps N | --seconds S] [--quick]
 [--only mlp|cnn|transformer] [--every 1|10] [--device cpu|cuda]``. On CUDA every timed region
 starts and ends with a device synchronize.
+
+Sweep over model size (issue "Performance on every model"): ``--sweep`` times MLPs and CNNs of
+about 50k, 250k, 1M, 5M and 50M parameters (``--sizes`` picks some), each with its detected
+symmetries and with none tracked (``symmetries=[]``), on the eager path, the compiled one or
+both (``--path eager|compiled|both``, i.e. ``fused=False``/``True``), with ``--optimizer``
+choosing among the optimizers; ``--sweep --quick`` is the wiring test (the two smallest sizes,
+SGD, every=1, 6 steps). The columns are those above plus ``params`` and ``path``.
 """
 
 from __future__ import annotations
@@ -124,7 +131,40 @@ def transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return Transformer(), tokens, torch.randint(0, 1000, (16 * 128,))
 
 
+SWEEP_SIZES = {"50k": 0, "250k": 1, "1M": 2, "5M": 3, "50M": 4}
+_MLP_WIDTH = (150, 400, 900, 2100, 7000)  # 256 -> w -> w -> 10: 0.06M, 0.27M, 1.0M, 5.0M, 51M
+_CNN_WIDTH = (24, 52, 106, 236, 745)  # 3 -> c -> 2c -> 4c (3x3 convs) -> 10: ~90 c^2 entries
+
+
+def sweep_mlp(size: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 3-layer MLP with BatchNorm of size index ``size`` (0..4: 50k to 50M parameters)."""
+    w = _MLP_WIDTH[size]
+    model = nn.Sequential(
+        nn.Linear(256, w), nn.BatchNorm1d(w), nn.ReLU(),
+        nn.Linear(w, w), nn.BatchNorm1d(w), nn.ReLU(),
+        nn.Linear(w, 10),
+    )  # fmt: skip
+    return model, torch.randn(64, 256), torch.randint(0, 10, (64,))
+
+
+def sweep_cnn(size: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 3-conv CNN with BatchNorm of size index ``size`` (0..4: 50k to 50M parameters); the
+    input shrinks with the width so that the largest step stays a few seconds on a CPU."""
+    c = _CNN_WIDTH[size]
+    hw, batch = ((32, 16), (32, 16), (16, 16), (16, 8), (8, 4))[size]
+    model = nn.Sequential(
+        nn.Conv2d(3, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(c, 2 * c, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
+        nn.Conv2d(2 * c, 4 * c, 3, 2, 1, bias=False), nn.BatchNorm2d(4 * c), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, 10),
+    )  # fmt: skip
+    return model, torch.randn(batch, 3, hw, hw), torch.randint(0, 10, (batch,))
+
+
 WORKLOADS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
+for _label, _size in SWEEP_SIZES.items():
+    WORKLOADS[f"mlp-{_label}"] = lambda s=_size: sweep_mlp(s)
+    WORKLOADS[f"cnn-{_label}"] = lambda s=_size: sweep_cnn(s)
 OPTIMIZERS = {
     "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, weight_decay=5e-4),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01),
@@ -209,20 +249,26 @@ def run_case(
     tmp: Path,
     device: str = "cpu",
     seconds: float = 3.0,
+    fused: bool | None = None,
+    track: bool = True,
 ) -> dict:
-    """One row of the table; ``steps`` timed steps per arm (None: about ``seconds`` of them)."""
+    """One row of the table; ``steps`` timed steps per arm (None: about ``seconds`` of them).
+    ``fused``: the monitor's path (None: its default); ``track``: the detected symmetries, else
+    none at all."""
     torch.manual_seed(0)
     model, x, y = WORKLOADS[workload]()
     model, x, y = model.to(device), x.to(device), y.to(device)
     opt = OPTIMIZERS[opt_name](model.parameters())
-    symmetries = find_symmetries(model, x[:4])
+    symmetries = find_symmetries(model, x[:4]) if track else []
+    path = {None: "default", True: "compiled", False: "eager"}[fused]
     monitor = nd.watch(
         model,
         opt,
-        tmp / f"{workload}-{opt_name}-{every}",
+        tmp / f"{workload}-{opt_name}-{every}-{path}-{len(symmetries)}",
         every=every,
         symmetries=symmetries,
         flush_every=50,
+        fused=fused,
     )
     warm = [_step(model, opt, x, y, monitor)[0] for _ in range(3)]  # + the fused compile
     if steps is None:  # about `seconds` of timed steps per arm, at least 20
@@ -265,6 +311,8 @@ def run_case(
     mem_target = 0.1 if opt_name in ("sgd-momentum", "adamw", "rmsprop") else 1.0
     return {
         "workload": workload,
+        "params": sum(p.numel() for p in model.parameters()),
+        "path": path,
         "optimizer": opt_name,
         "every": every,
         "symmetries": len(symmetries),
@@ -303,7 +351,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--every", type=int, action="append", help="only this logging interval (1 or 10)"
     )
+    parser.add_argument("--sweep", action="store_true", help="the model-size sweep (see above)")
+    parser.add_argument("--sizes", choices=sorted(SWEEP_SIZES), action="append")
+    parser.add_argument("--path", choices=("eager", "compiled", "both"), default="both")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), action="append")
     args = parser.parse_args(argv)
+    if args.sweep:
+        return sweep(args)
     # the arms switch the monitor's hooks, which would also hide a monitor that stopped itself
     warnings.simplefilter("error", nd.MonitorFailure)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -344,6 +398,51 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"| {row['mem ok']} |",
                         flush=True,
                     )
+    return rows
+
+
+SWEEP_HEADER = (
+    "| workload | params | path | optimizer | every | symmetries | ratio | added/floor in step "
+    "| added/state floor | added/step | +- | hook/step | mem/params | fused | steps | time ok |"
+)
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """The model-size sweep: MLP and CNN x sizes x (detected symmetries, none) x paths."""
+    warnings.simplefilter("error", nd.MonitorFailure)
+    sizes = args.sizes or (["50k", "250k"] if args.quick else list(SWEEP_SIZES))
+    sizes = sorted(sizes, key=SWEEP_SIZES.__getitem__)
+    paths = {"eager": [False], "compiled": [True], "both": [False, True]}[args.path]
+    optimizers = args.optimizer or (["sgd-momentum"] if args.quick else list(OPTIMIZERS))
+    everies = args.every or ([1] if args.quick else [1, 10])
+    steps = 6 if args.quick else args.steps
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads", file=sys.stderr)
+    print(SWEEP_HEADER)
+    print("|" + "---|" * 16)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in ("mlp", "cnn"):
+            for size in sizes:
+                for fused in paths:
+                    for track in (True, False):
+                        for opt_name in optimizers:
+                            for every in everies:
+                                row = run_case(
+                                    f"{family}-{size}", opt_name, every, steps, Path(tmp),
+                                    args.device, args.seconds, fused, track,
+                                )  # fmt: skip
+                                rows.append(row)
+                                print(
+                                    f"| {row['workload']} | {row['params']} | {row['path']} "
+                                    f"| {row['optimizer']} | {row['every']} "
+                                    f"| {row['symmetries']} | {row['ratio']:.3f} "
+                                    f"| {row['added/floor in step']:.2f} "
+                                    f"| {row['added/state floor']:.2f} "
+                                    f"| {row['added/step']:.2%} | {row['+-']:.2%} "
+                                    f"| {row['hook/step']:.2%} | {row['mem/params']:.2f} "
+                                    f"| {row['fused']} | {row['steps']} | {row['time ok']} |",
+                                    flush=True,
+                                )
     return rows
 
 

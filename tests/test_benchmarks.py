@@ -55,3 +55,19 @@ def test_overhead_judges_every_row_and_sizes_steps_by_time(tmp_path, monkeypatch
     row = bench.run_case("tiny", "adamw", 10, 4, tmp_path / "b")
     added = row["added/step"]
     assert row["time ok"] == ("yes" if added <= 0.02 else "NO")
+
+
+def test_overhead_sweep_rows_cover_both_families_and_the_zero_symmetry_case(capsys):
+    """``--sweep``: per family and size, a row with the detected symmetries and one with none,
+    on the path asked for (the wiring only: 2 steps per arm)."""
+    bench = load_overhead()
+    rows = bench.main(
+        ["--sweep", "--sizes", "50k", "--path", "eager", "--steps", "2"]
+        + ["--optimizer", "sgd-momentum", "--every", "1"]
+    )
+    got = {(r["workload"], r["symmetries"] > 0) for r in rows}
+    assert got == {("mlp-50k", True), ("mlp-50k", False), ("cnn-50k", True), ("cnn-50k", False)}
+    assert all(r["path"] == "eager" and r["fused"] == "no" for r in rows)
+    assert all(40_000 <= r["params"] <= 80_000 for r in rows), "the 50k size"
+    assert all(r["optimizer"] == "sgd-momentum" and r["every"] == 1 for r in rows)
+    assert capsys.readouterr().out.count("| mlp-50k |") == 2

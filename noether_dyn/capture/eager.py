@@ -1,20 +1,53 @@
 """The eager statistics backend: per-tensor statistics from foreach reductions over the update.
 
-dq and G dq are rebuilt from the optimizer's state by its adapter (or taken as the difference from
-a snapshot of q_n), then reduced to the (n_tensors, len(STATS)) float64 statistics of
-:mod:`noether_dyn.quantities.charges` in a few stacked reductions. q_n's own reductions are read
-in the pre-hook (:meth:`EagerStats.read_before`) when the step's gradients are already there.
+dq and G are rebuilt by running the adapter's elementwise rule (:meth:`fused_step`, the same rule
+the compiled program compiles) tensor by tensor, or dq is taken as the difference from a snapshot
+of q_n; both are then reduced to the (n_tensors, len(STATS)) float64 statistics of
+:mod:`noether_dyn.quantities.charges` in a few stacked reductions. An isotropic G = c I (a 0-d G
+from the rule) is applied to the reduced columns (dq^T G dq = c |dq|^2): no pass forms G dq.
+q_n's own reductions are read in the pre-hook (:meth:`EagerStats.read_before`) when the step's
+gradients are already there.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter
+from noether_dyn.optimizers.base import FusedStep
 from noether_dyn.quantities.charges import ChargeMatrix
-from noether_dyn.quantities.reductions import dots, inverse_sums, sq_norms, sums
+from noether_dyn.quantities.reductions import dots, inverse_sums, local, sq_norms, sums
 from noether_dyn.records import STATS, StepPlan
+
+
+@dataclass
+class Updates:
+    """dq and G of a step, per tracked tensor (None where not formed).
+
+    dq: the update (local shards under FSDP2). gdq: G dq for a diagonal G, None for an isotropic
+    one. iso: (n_tensors,) float64, c at the tensors whose G = c I, 0 elsewhere. inv:
+    (n_tensors,) float64 sum(1/G_ii) over each tensor's local entries (None unless asked for).
+    """
+
+    dq: list[torch.Tensor | None]
+    gdq: list[torch.Tensor | None]
+    iso: torch.Tensor
+    inv: torch.Tensor | None
+
+
+def run_rule(
+    step: FusedStep, params: list[torch.Tensor], grads: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The adapter's elementwise rule run eagerly on each tensor: ``(dq, G, 1/G or None)`` per
+    parameter, on the local shards of DTensors (FSDP2) as the compiled program runs it."""
+    states = [tuple(local(list(st))) for st in step.states]
+    rows = step.coef.unbind(0)
+    return [
+        step.rule(q, g, st, c) for q, g, st, c in zip(local(params), local(grads), states, rows)
+    ]
 
 
 class EagerStats:
@@ -26,6 +59,8 @@ class EagerStats:
         self.matrix = matrix
         self.adapter = adapter
         self.snap: dict[int, torch.Tensor] | None = None
+        self.zeros = torch.zeros(len(tracked), dtype=torch.float64, device=tracked.device)
+        """(n_tensors,) zeros, shared by the columns no symmetry needs: never written to."""
 
     @property
     def snapshot_bytes(self) -> int:
@@ -48,10 +83,16 @@ class EagerStats:
         t = self.t
         params = t.widen(t.params)  # 16-bit parameters reduce in float64 (tracked.widen)
         plan.qq = sq_norms(params, t.device)
-        plan.qs = t.subset(sums, self.matrix.sum_tensors, params)
-        if not closure:
+        plan.qs = self._sums(params)
+        if not closure and self.matrix.tensors:
             plan.gq_index = t.with_grad(self.matrix.tensors)
             plan.gq = t.subset(dots, plan.gq_index, t.widen(t.grads()), params)
+
+    def _sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """sum(q) of the tensors a translation symmetry touches (the shared zeros without any)."""
+        if not self.matrix.sum_tensors:
+            return self.zeros
+        return self.t.subset(sums, self.matrix.sum_tensors, tensors)
 
     def __call__(
         self, optimizer: torch.optim.Optimizer, plan: StepPlan, inputs: tuple
@@ -61,62 +102,51 @@ class EagerStats:
         t = self.t
         active = t.with_grad()
         grads, params = t.widen(t.grads()), t.widen(t.params)
-        dq, gdq, inv_metric = self.updates(optimizer, plan.rebuild, active, with_metric=True)
+        upd = self.updates(optimizer, plan.rebuild, active, with_metric=True)
+        dq, gdq, iso = upd.dq, upd.gdq, upd.iso
         if plan.qq is None:  # the pre-hook left q_n to the compiled path, which could not run
-            q0 = [p if u is None else p - u for p, u in zip(params, dq)]
+            q0 = [p if u is None else p - u for p, u in zip(local(params), dq)]
             plan.qq = sq_norms(q0, t.device)
-            plan.qs = t.subset(sums, self.matrix.sum_tensors, q0)
+            plan.qs = self._sums(q0)
 
         has_grad = set(active)
         sym = [i for i in self.matrix.tensors if i in has_grad]
         trans = [i for i in self.matrix.sum_tensors if i in has_grad]
+        diag = [i for i in active if gdq[i] is not None]  # G dq formed: a diagonal G
+        diag_set = set(diag)
+        sym_diag = [i for i in sym if i in diag_set]
+        trans_diag = [i for i in trans if i in diag_set]
 
-        cols = dict.fromkeys(STATS)
+        cols = dict.fromkeys(STATS, self.zeros)  # columns of no tracked symmetry stay 0
         cols["QQ"] = plan.qq
         cols["QS"] = plan.qs
         cols["NUMEL"] = t.numel
         cols["GG"] = t.subset(sq_norms, active, grads)
         cols["DD"] = t.subset(sq_norms, active, dq)
-        cols["GDD"] = t.subset(dots, active, gdq, dq)
-        dq_q1 = t.subset(dots, sym, dq, params)
-        cols["DQ"] = dq_q1 - t.restrict(cols["DD"], sym)
-        if plan.gq is not None and plan.gq_index == sym:  # <g_n, q_n>, read before the step
-            cols["GQ"] = plan.gq
-        else:  # a closure made the gradients inside the step: <g, q_n> = <g, q_{n+1} - dq>
-            g_q1 = t.subset(dots, sym, grads, params)
-            cols["GQ"] = g_q1 - t.subset(dots, sym, grads, dq)
-        gdq_q1 = t.subset(dots, sym, gdq, params)
-        cols["GDQ"] = gdq_q1 - t.restrict(cols["GDD"], sym)
-        cols["GS"] = t.subset(sums, trans, grads)
-        cols["DS"] = t.subset(sums, trans, dq)
-        cols["GDS"] = t.subset(sums, trans, gdq)
-        cols["IG"] = inv_metric
+        cols["GDD"] = t.subset(dots, diag, gdq, dq) + iso * cols["DD"]
+        if sym:
+            dq_q1 = t.subset(dots, sym, dq, params)
+            cols["DQ"] = dq_q1 - t.restrict(cols["DD"], sym)
+            if plan.gq is not None and plan.gq_index == sym:  # <g_n, q_n>, read before the step
+                cols["GQ"] = plan.gq
+            else:  # a closure made the gradients inside the step: <g, q_n> = <g, q_{n+1} - dq>
+                g_q1 = t.subset(dots, sym, grads, params)
+                cols["GQ"] = g_q1 - t.subset(dots, sym, grads, dq)
+            gdq_q1 = t.subset(dots, sym_diag, gdq, params)
+            cols["GDQ"] = gdq_q1 - t.restrict(cols["GDD"], sym_diag) + iso * cols["DQ"]
+        if trans:
+            cols["GS"] = t.subset(sums, trans, grads)
+            cols["DS"] = t.subset(sums, trans, dq)
+            cols["GDS"] = t.subset(sums, trans_diag, gdq) + iso * cols["DS"]
+        cols["IG"] = upd.inv
         return torch.stack([cols[k] for k in STATS], dim=1), None
 
     def update_sq(
         self, optimizer: torch.optim.Optimizer, rebuild: list[bool], idx: list[int]
     ) -> torch.Tensor:
-        """|dq|^2 per tensor at positions ``idx`` ((n_tensors,), zeros elsewhere), from the
-        adapter's norms of its state when it has them (no update tensor is formed)."""
-        t = self.t
-        out = torch.zeros(len(t), dtype=torch.float64, device=t.device)
-        rest = []
-        for g, group in enumerate(optimizer.param_groups):
-            pos = [i for i in idx if t.group_of[i] == g]
-            if not pos:
-                continue
-            norms = None
-            if rebuild[g]:
-                params = [t.params[i] for i in pos]
-                norms = self.adapter.update_sq_norms(optimizer, group, params, t.device)
-            if norms is None:
-                rest += pos
-            else:
-                out[t.index_tensor(pos)] = norms
-        if rest:
-            dq, _, _ = self.updates(optimizer, rebuild, rest, with_metric=False)
-            out = out + t.subset(sq_norms, rest, dq)
-        return out
+        """|dq|^2 per tensor at positions ``idx`` ((n_tensors,), zeros elsewhere)."""
+        dq = self.updates(optimizer, rebuild, idx, with_metric=False).dq
+        return self.t.subset(sq_norms, idx, dq)
 
     def updates(
         self,
@@ -124,14 +154,15 @@ class EagerStats:
         rebuild: list[bool],
         idx: list[int],
         with_metric: bool,
-    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], torch.Tensor | None]:
-        """dq and G dq of the step just taken, at positions ``idx`` (None elsewhere): rebuilt from
-        the optimizer's state where the adapter can, else the difference from the snapshot; with
-        ``with_metric`` also sum(1/G_ii) per tensor ((n_tensors,), numel/c for G = c I)."""
+    ) -> Updates:
+        """dq and G of the step just taken, at positions ``idx``: rebuilt by the adapter's rule
+        where it can, else the difference from the snapshot; with ``with_metric`` also
+        sum(1/G_ii) per tensor (numel/c for G = c I)."""
         t = self.t
         n = len(t)
         dq: list[torch.Tensor | None] = [None] * n
         gdq: list[torch.Tensor | None] = [None] * n
+        iso = torch.zeros(n, dtype=torch.float64, device=t.device)
         inv = t.local_numel.clone() if with_metric else None
         for g, group in enumerate(optimizer.param_groups):
             pos = [i for i in idx if t.group_of[i] == g]
@@ -139,21 +170,59 @@ class EagerStats:
                 continue
             params = [t.params[i] for i in pos]
             if rebuild[g]:
-                upd, metric = self.adapter.update(optimizer, group, params)
-            else:  # q_{n+1} - q_n of 16-bit parameters is exact in float64, not in their dtype
-                upd = torch._foreach_sub(t.widen(params), t.widen([self.snap[i] for i in pos]))
-                metric = self.adapter.metric(optimizer, group, params) if with_metric else None
-            upd = t.widen(upd)
+                self._rebuilt(optimizer, group, pos, params, with_metric, dq, gdq, iso, inv)
+                continue
+            # q_{n+1} - q_n of 16-bit parameters is exact in float64, not in their dtype
+            upd = torch._foreach_sub(t.widen(params), t.widen([self.snap[i] for i in pos]))
+            metric = self.adapter.metric(optimizer, group, params) if with_metric else None
             if isinstance(metric, list):
                 metric = t.widen(metric)
-            if not with_metric or metric is None:
-                prods = upd
-            elif isinstance(metric, float):
-                prods = torch._foreach_mul(upd, metric)
-                inv[t.index_tensor(pos)] /= metric
+            sel = t.index_tensor(pos)
+            for i, u in zip(pos, upd):
+                dq[i] = u
+            if not with_metric or metric is None or isinstance(metric, float):
+                c = 1.0 if metric is None else metric
+                iso[sel] = c
+                if inv is not None:
+                    inv[sel] /= c
+                continue
+            for i, m, u in zip(pos, metric, upd):
+                gdq[i] = m * u
+            inv[sel] = inverse_sums(metric, t.device)
+        return Updates(dq, gdq, iso, inv)
+
+    def _rebuilt(self, optimizer, group, pos, params, with_metric, dq, gdq, iso, inv) -> None:
+        """Fill dq, gdq, iso and inv at ``pos`` (one param group) from the adapter's rule."""
+        t = self.t
+        step = self.adapter.fused_step(optimizer, group, params, t.device, eager=True)
+        if step is None:
+            raise RuntimeError(
+                f"noether-dyn: {type(self.adapter).__name__}.fused_step returned None for a "
+                "param group whose update it said it can rebuild (can_reconstruct); make "
+                "can_reconstruct false for that group so that the monitor takes a snapshot."
+            )
+        out = run_rule(step, params, [p.grad for p in params])
+        iso_pos, iso_c, diag_pos, diag_g, diag_inv = [], [], [], [], []
+        for i, (u, metric, inverse) in zip(pos, out):
+            dq[i] = u
+            if metric.dim() == 0:
+                iso_pos.append(i)
+                iso_c.append(metric)
             else:
-                prods = torch._foreach_mul(metric, upd)
-                inv[t.index_tensor(pos)] = inverse_sums(metric, t.device)
-            for i, u, v in zip(pos, upd, prods):
-                dq[i], gdq[i] = u, v
-        return dq, gdq, inv
+                diag_pos.append(i)
+                diag_g.append(metric)
+                diag_inv.append(inverse)
+        if iso_pos:
+            c = torch.stack(iso_c).to(device=t.device, dtype=torch.float64)
+            sel = t.index_tensor(iso_pos)
+            iso[sel] = c
+            if inv is not None:
+                inv[sel] = inv[sel] / c
+        if diag_pos and with_metric:
+            for i, metric in zip(diag_pos, diag_g):  # per tensor: faster than foreach on a CPU
+                gdq[i] = metric * dq[i]
+            sel = t.index_tensor(diag_pos)
+            if all(x is not None for x in diag_inv):
+                inv[sel] = sums(diag_inv, t.device)
+            else:
+                inv[sel] = inverse_sums(diag_g, t.device)

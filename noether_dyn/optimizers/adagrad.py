@@ -12,11 +12,9 @@ from noether_dyn.optimizers.base import (
     GroupHyper,
     Metric,
     OptimizerAdapter,
-    Update,
-    grads_of,
     scalar,
 )
-from noether_dyn.optimizers.rmsprop import _preconditioned_step, preconditioned_step
+from noether_dyn.optimizers.rmsprop import preconditioned_step
 
 
 class AdagradAdapter(OptimizerAdapter):
@@ -64,6 +62,7 @@ class AdagradAdapter(OptimizerAdapter):
         group: dict,
         params: list[torch.Tensor],
         device: torch.device,
+        eager: bool = False,
     ) -> FusedStep | None:
         if not self.can_reconstruct(group):
             return None
@@ -71,13 +70,3 @@ class AdagradAdapter(OptimizerAdapter):
         if not all(st and "sum" in st for st in states):
             return None
         return preconditioned_step(group, [(st["sum"],) for st in states], device)
-
-    def update(
-        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
-    ) -> Update:
-        """q <- q - lr (g + lambda q_n) / G."""
-        lr = scalar(group["lr"])
-        wd = scalar(group.get("weight_decay", 0.0))
-        metric = self.metric(optimizer, group, params)
-        grads = grads_of(params, group.get("maximize", False))
-        return _preconditioned_step(lr, wd, grads, params, metric), metric

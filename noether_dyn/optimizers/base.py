@@ -18,13 +18,10 @@ import torch
 
 from noether_dyn.records import COEF_WIDTH, GroupHyper, Rule
 
-__all__ = ["GroupHyper", "FusedStep", "Metric", "OptimizerAdapter", "Update"]
+__all__ = ["GroupHyper", "FusedStep", "Metric", "OptimizerAdapter"]
 
 Metric = list[torch.Tensor] | float | None
 """Diagonal of G per parameter (same shapes), an isotropic factor c (G = c I), or None (G = I)."""
-
-Update = tuple[list[torch.Tensor], Metric]
-"""The update dq = q_{n+1} - q_n per parameter and the metric G of that step."""
 
 
 def scalar(x: float | torch.Tensor) -> float:
@@ -42,13 +39,15 @@ def scalar(x: float | torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class FusedStep:
-    """One param group's update in elementwise form, for the compiled statistics program
-    (:mod:`noether_dyn.quantities.fused`).
+    """One param group's update in elementwise form: the one statement of an optimizer's update
+    rule, run by the compiled statistics program (:mod:`noether_dyn.quantities.fused`) and,
+    tensor by tensor, by the eager backend (:mod:`noether_dyn.capture.eager`).
 
-    rule: ``rule(q1, g, state, c) -> (dq, G)`` for one tensor (a module-level function: it is
-    part of the compiled program's identity). states: per parameter, the state tensors the rule
-    reads. coef: (len(params), COEF_WIDTH) float64 on the parameters' device, the row c of each
-    parameter (built without a host-device sync).
+    rule: ``rule(q1, g, state, c) -> (dq, G, 1/G or None)`` for one tensor, G shaped like q1 or
+    0-d (G = c I) (a module-level function: it is part of the compiled program's identity).
+    states: per parameter, the state tensors the rule reads. coef: (len(params), COEF_WIDTH)
+    float64 on the parameters' device, the row c of each parameter (built without a host-device
+    sync).
     """
 
     rule: Rule
@@ -100,21 +99,9 @@ class OptimizerAdapter:
         return None
 
     def can_reconstruct(self, group: dict) -> bool:
-        """Whether :meth:`update` can rebuild this group's step from the optimizer's state, so
-        that the monitor needs no snapshot of the parameters (no memory held per parameter)."""
+        """Whether :meth:`fused_step` can rebuild this group's step from the optimizer's state,
+        so that the monitor needs no snapshot of the parameters (no memory held per parameter)."""
         return False
-
-    def update_sq_norms(
-        self,
-        optimizer: torch.optim.Optimizer,
-        group: dict,
-        params: list[torch.Tensor],
-        device: torch.device,
-    ) -> torch.Tensor | None:
-        """|dq|^2 per parameter (float64, shape (len(params),)) straight from the optimizer's
-        state when the update is a scaled state tensor (heavy-ball momentum buffers), else None
-        (the caller then forms dq with :meth:`update`)."""
-        return None
 
     def fused_step(
         self,
@@ -122,38 +109,18 @@ class OptimizerAdapter:
         group: dict,
         params: list[torch.Tensor],
         device: torch.device,
+        eager: bool = False,
     ) -> FusedStep | None:
         """The step just taken as an elementwise rule over ``params`` (all with a gradient and
-        optimizer state), or None when this group's update has no such form here (the monitor
-        then uses :meth:`update`). Must agree with :meth:`update`."""
+        optimizer state): dq = q_{n+1} - q_n and G, rebuilt from the parameters after the step,
+        their gradients and the optimizer's state (where the step depends on q_n, through
+        coupled or decoupled decay, q_n = q_{n+1} - dq is solved for exactly). The one source of
+        an adapter's update rule: both statistics backends run it. None when this group's update
+        has no such form (:meth:`can_reconstruct` false: the monitor then takes the difference
+        from a snapshot of q_n). ``eager``: the rule will run eagerly, tensor by tensor, where
+        coefficients read on the host (CPU step counts) cost less than forming them in the rule.
+        """
         return None
-
-    def update(
-        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
-    ) -> Update:
-        """dq and G of the step just taken, for ``params`` (all with a gradient), rebuilt from the
-        parameters after the step, their gradients and the optimizer's state. Where the step
-        depends on q_n (coupled or decoupled decay), q_n = q_{n+1} - dq is solved for exactly.
-        The result equals the parameters' change up to the rounding of q_{n+1} itself."""
-        raise NotImplementedError(f"{type(self).__name__} cannot rebuild an update from state.")
-
-
-def grads_of(params: list[torch.Tensor], maximize: bool) -> list[torch.Tensor]:
-    """The gradients the optimizer descended (negated when it maximizes)."""
-    grads = [p.grad for p in params]
-    return torch._foreach_neg(grads) if maximize else grads
-
-
-def solve_decay(
-    lr: float, weight_decay: float, step: list[torch.Tensor], params: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """dq from ``dq = step - lr lambda q_n`` with q_n = q_{n+1} - dq, i.e.
-    dq = (step - lr lambda q_{n+1}) / (1 - lr lambda); ``step`` holds the decay-free part."""
-    if not weight_decay:
-        return step
-    out = torch._foreach_add(step, params, alpha=-lr * weight_decay)
-    torch._foreach_div_(out, 1.0 - lr * weight_decay)
-    return out
 
 
 def step_count(state: dict) -> float | torch.Tensor:

@@ -13,9 +13,7 @@ from noether_dyn.optimizers.base import (
     GroupHyper,
     Metric,
     OptimizerAdapter,
-    Update,
     coef_rows,
-    grads_of,
     scalar,
 )
 
@@ -24,7 +22,7 @@ def _rms_metric(state, c):
     v = state[0]
     if len(state) == 2:  # centered: v - gbar^2
         v = v - state[1] * state[1]
-    return v.sqrt() + c[3].to(v.dtype)
+    return v.sqrt().add_(c[3].to(v.dtype))
 
 
 def rms_momentum_rule(q1, g, state, c):
@@ -37,15 +35,15 @@ def preconditioned_rule(q1, g, state, c):
     c2 = lambda, c4 = lr lambda; G = sqrt(v [- gbar^2]) + c3; state (v[, gbar])."""
     dt = q1.dtype
     metric = _rms_metric(state, c)
-    num = g * c[1].to(dt) + q1 * c[2].to(dt)
-    return (num / (metric - c[4].to(dt))) * c[0].to(dt), metric, None
+    num = (g * c[1].to(dt)).add_(q1 * c[2].to(dt))
+    return num.div_(metric - c[4].to(dt)).mul_(c[0].to(dt)), metric, None
 
 
 def undecayed_rule(q1, g, state, c):
     """:func:`preconditioned_rule` without weight decay (one division per entry)."""
     metric = _rms_metric(state, c)
     inverse = metric.reciprocal()
-    return (g * inverse) * (c[0] * c[1]).to(q1.dtype), metric, inverse
+    return (g * inverse).mul_((c[0] * c[1]).to(q1.dtype)), metric, inverse
 
 
 class RMSpropAdapter(OptimizerAdapter):
@@ -87,6 +85,7 @@ class RMSpropAdapter(OptimizerAdapter):
         group: dict,
         params: list[torch.Tensor],
         device: torch.device,
+        eager: bool = False,
     ) -> FusedStep | None:
         lr = scalar(group["lr"])
         eps = float(group["eps"])
@@ -104,21 +103,6 @@ class RMSpropAdapter(OptimizerAdapter):
             return FusedStep(rms_momentum_rule, tensors, coef_rows([row] * len(params), device))
         return preconditioned_step(group, tensors, device)
 
-    def update(
-        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
-    ) -> Update:
-        """With momentum q <- q - lr b; without, q <- q - lr (g + lambda q_n) / G, solved for
-        dq = -lr (g + lambda q_{n+1}) / (G - lr lambda)."""
-        lr = scalar(group["lr"])
-        wd = scalar(group.get("weight_decay", 0.0))
-        metric = self.metric(optimizer, group, params)
-        if scalar(group.get("momentum", 0.0)):
-            bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
-            return torch._foreach_mul(bufs, -lr), metric
-        return _preconditioned_step(
-            lr, wd, grads_of(params, group.get("maximize", False)), params, metric
-        ), metric
-
 
 def preconditioned_step(
     group: dict, states: list[tuple[torch.Tensor, ...]], device: torch.device
@@ -131,21 +115,3 @@ def preconditioned_step(
     row = [-lr, sign, wd, float(group["eps"]), lr * wd]
     rule = preconditioned_rule if wd else undecayed_rule
     return FusedStep(rule, states, coef_rows([row] * len(states), device))
-
-
-def _preconditioned_step(
-    lr: float,
-    wd: float,
-    grads: list[torch.Tensor],
-    params: list[torch.Tensor],
-    metric: list[torch.Tensor],
-) -> list[torch.Tensor]:
-    """dq of ``q <- q - lr (g + wd q_n) / G``: -lr (g + wd q_{n+1}) / (G - lr wd)."""
-    if wd:
-        num = torch._foreach_add(grads, params, alpha=wd)
-        den = torch._foreach_sub(metric, lr * wd)
-    else:
-        num, den = grads, metric
-    out = torch._foreach_div(num, den)
-    torch._foreach_mul_(out, -lr)
-    return out

@@ -14,13 +14,9 @@ from noether_dyn.optimizers.base import (
     GroupHyper,
     Metric,
     OptimizerAdapter,
-    Update,
     coef_rows,
-    grads_of,
     scalar,
-    solve_decay,
 )
-from noether_dyn.quantities.reductions import sq_norms
 
 
 def heavy_ball_rule(q1, g, state, c):
@@ -34,8 +30,8 @@ def direct_rule(q1, g, state, c):
     dt = q1.dtype
     step = g * c[0].to(dt)
     if state:
-        step = step + state[0] * c[1].to(dt)
-    return step + q1 * c[2].to(dt), c[3], None
+        step.add_(state[0] * c[1].to(dt))
+    return step.add_(q1 * c[2].to(dt)), c[3], None
 
 
 class SGDAdapter(OptimizerAdapter):
@@ -63,24 +59,13 @@ class SGDAdapter(OptimizerAdapter):
     def can_reconstruct(self, group: dict) -> bool:
         return True
 
-    def update_sq_norms(
-        self,
-        optimizer: torch.optim.Optimizer,
-        group: dict,
-        params: list[torch.Tensor],
-        device: torch.device,
-    ) -> torch.Tensor | None:
-        if not scalar(group.get("momentum", 0.0)) or group.get("nesterov", False):
-            return None
-        bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
-        return sq_norms(bufs, device) * scalar(group["lr"]) ** 2  # dq = -lr b
-
     def fused_step(
         self,
         optimizer: torch.optim.Optimizer,
         group: dict,
         params: list[torch.Tensor],
         device: torch.device,
+        eager: bool = False,
     ) -> FusedStep | None:
         lr = scalar(group["lr"])
         momentum = scalar(group.get("momentum", 0.0))
@@ -97,22 +82,3 @@ class SGDAdapter(OptimizerAdapter):
         row = [-lr * sign / k, -lr * momentum / k, -lr * wd / k, c_metric]
         states = [(optimizer.state[p]["momentum_buffer"],) if momentum else () for p in params]
         return FusedStep(direct_rule, states, coef_rows([row] * len(params), device))
-
-    def update(
-        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
-    ) -> Update:
-        lr = scalar(group["lr"])
-        momentum = scalar(group.get("momentum", 0.0))
-        wd = scalar(group.get("weight_decay", 0.0))
-        metric = self.metric(optimizer, group, params)
-        if momentum and not group.get("nesterov", False):
-            bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
-            return torch._foreach_mul(bufs, -lr), metric  # q <- q - lr b
-        grads = grads_of(params, group.get("maximize", False))
-        if momentum:  # Nesterov: q <- q - lr (g + lambda q + momentum b)
-            bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
-            step = torch._foreach_add(grads, bufs, alpha=momentum)
-            torch._foreach_mul_(step, -lr)
-        else:
-            step = torch._foreach_mul(grads, -lr)
-        return solve_decay(lr, wd, step, params), metric

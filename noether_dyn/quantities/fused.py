@@ -1,8 +1,9 @@
 """All per-tensor statistics of a logged step in one compiled program (Inductor).
 
-The eager path (:mod:`noether_dyn.quantities.reductions`) forms the update dq and the metric G as
-tensors and then reads them again for every statistic: 10 to 25 passes over parameter-sized
-memory per logged step. Here each optimizer family states its update as an elementwise *rule*
+The eager path (:mod:`noether_dyn.capture.eager`) runs the same rules tensor by tensor, forms dq
+and G as tensors and then reads them again for every statistic
+(:mod:`noether_dyn.quantities.reductions`): 10 to 25 passes over parameter-sized memory per
+logged step. Here each optimizer family states its update as an elementwise *rule*
 ``rule(q1, g, state, c) -> (dq, G)`` of the parameter after the step q1, its gradient g, the
 optimizer's state tensors and a row c of per-tensor coefficients (float64, shape (COEF_WIDTH,))
 (returning also 1/G where it formed it, so that no entry is divided twice),
