@@ -94,7 +94,7 @@ class Monitor:
         self._eager = eager = EagerStats(t, self._matrix, self.adapter)
         self.compiled = CompiledStats(t, self._matrix, self.adapter, self._step_rows)
         self._planner = Planner(t, self.adapter, eager, self.compiled, every, snapshot, fused)
-        self._prediction = Prediction(t, self._matrix, eager, predictor, self._reduced)
+        self._prediction = Prediction(t, self._matrix, eager, predictor, self._reduced, optimizer)
         self._buffer = RowBuffer(flush_every, flush_seconds, len(t.symmetries))
         self._state = mstate.monitor_states(t.n_groups)
         self._plan: StepPlan | None = None

@@ -116,6 +116,13 @@ class OptimizerAdapter:
         (the caller then forms dq with :meth:`update`)."""
         return None
 
+    def momentum_buffers(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> list[torch.Tensor] | None:
+        """The heavy-ball buffers b_n after the step, per parameter, for rules whose exact charge
+        prediction reads them (SGD with Nesterov); None for every other rule."""
+        return None
+
     def fused_step(
         self,
         optimizer: torch.optim.Optimizer,

@@ -75,6 +75,13 @@ class SGDAdapter(OptimizerAdapter):
         bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
         return sq_norms(bufs, device) * scalar(group["lr"]) ** 2  # dq = -lr b
 
+    def momentum_buffers(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> list[torch.Tensor] | None:
+        if not scalar(group.get("momentum", 0.0)):
+            return None
+        return [optimizer.state[p]["momentum_buffer"] for p in params]
+
     def fused_step(
         self,
         optimizer: torch.optim.Optimizer,

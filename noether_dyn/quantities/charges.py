@@ -130,5 +130,5 @@ class ChargeMatrix:
 
 
 _SUMS = frozenset({"QS", "GS", "DS", "GDS"})
-_OPTIONAL = ("effective_lr", "angular_update")
+_OPTIONAL = ("predicted_ode", "effective_lr", "angular_update")
 """Columns a kind may leave out (NaN for it); the others it leaves out are 0 (``predicted``)."""

@@ -15,6 +15,7 @@ from noether_dyn.store.schema import (
     CHARGE_COLUMNS,
     DEPTH_COLUMNS,
     GROUP_COLUMNS,
+    LEGACY_CHARGE_COLUMNS,
     STEP_COLUMNS,
     TENSOR_COLUMNS,
 )
@@ -83,9 +84,14 @@ class Run:
         (n_steps, n_symmetries, len(CHARGE_COLUMNS)), symmetries in ``self.symmetries`` order.
         Read from the store on first use (``load_run`` itself reads no charge data)."""
         if "charge_blocks" not in self._arrays:
-            self._arrays["charge_blocks"] = self._read_blocks(
-                "charge_blocks", len(self.symmetries), len(CHARGE_COLUMNS)
-            )
+            # schema versions before 2 lack columns (predicted_ode): read their width, NaN-fill
+            cols = LEGACY_CHARGE_COLUMNS.get(self.meta.get("schema_version"), CHARGE_COLUMNS)
+            steps, data = self._read_blocks("charge_blocks", len(self.symmetries), len(cols))
+            if cols != CHARGE_COLUMNS:
+                full = np.full(data.shape[:2] + (len(CHARGE_COLUMNS),), np.nan)
+                full[..., [CHARGE_COLUMNS.index(c) for c in cols]] = data
+                data = full
+            self._arrays["charge_blocks"] = steps, data
         return self._arrays["charge_blocks"]
 
     def tensor_array(self) -> tuple[np.ndarray, np.ndarray]:

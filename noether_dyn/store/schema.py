@@ -1,4 +1,4 @@
-"""The run store's schema, version 1: one SQLite file, ``<run_dir>/run.sqlite``.
+"""The run store's schema, version 2: one SQLite file, ``<run_dir>/run.sqlite``.
 
 Tables (all numbers float64 unless said; a step is the 0-based count of optimizer steps; row n
 holds quantities at the parameters *before* update n and the kinetic energy *of* update n):
@@ -41,7 +41,11 @@ from __future__ import annotations
 
 from noether_dyn.records import CHARGE_COLUMNS, GROUP_COLUMNS, STEP_COLUMNS, TENSOR_COLUMNS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: the charge table gained ``predicted_ode`` (12 columns); version-1 stores (11 columns, without
+it) are still read, with ``predicted_ode`` NaN (``LEGACY_CHARGE_COLUMNS``)."""
+LEGACY_CHARGE_COLUMNS = {1: tuple(c for c in CHARGE_COLUMNS if c != "predicted_ode")}
+"""The charge columns of older schema versions, by version."""
 STORE_FILENAME = "run.sqlite"
 
 __all__ = [
