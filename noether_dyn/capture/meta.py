@@ -10,6 +10,7 @@ import torch
 
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter
+from noether_dyn.quantities.effective_rate import RATE_RULES
 from noether_dyn.records import VERSION, GroupHyper
 from noether_dyn.store.schema import SCHEMA_VERSION
 
@@ -59,6 +60,8 @@ def run_meta(
             "adapter": adapter.name,
             "metric": adapter.metric_name,
             "metric_fallback": adapter.fallback,
+            "family": adapter.family,
+            "effective_rate": RATE_RULES[adapter.family],
             "prediction": regime,
             "param_groups": groups,
         },

@@ -84,7 +84,7 @@ class Monitor:
         self.tracked = t = Tracked(model, optimizer, symmetries)
         self.device, self.sharded = t.device, t.sharded
         self.names, self.params, self.group_of = t.names, t.params, t.group_of
-        self._matrix = ChargeMatrix(t.symmetries, t.index, t.device)
+        self._matrix = ChargeMatrix(t.symmetries, t.index, t.device, self.adapter.family)
         hypers = [self.adapter.hyper(optimizer, g) for g in optimizer.param_groups]
         predictor = ChargePredictor(
             regime_for(self.adapter.name, [h.beta for h in hypers]),

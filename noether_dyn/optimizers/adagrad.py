@@ -21,6 +21,7 @@ from noether_dyn.optimizers.rmsprop import _preconditioned_step, preconditioned_
 
 class AdagradAdapter(OptimizerAdapter):
     name = "adagrad"
+    family = "adagrad"
     metric_name = "G = diag(sqrt(sum g^2) + eps)"
     optimizers = (torch.optim.Adagrad,)
 

@@ -69,6 +69,7 @@ def _step(group: dict, state: dict) -> float | torch.Tensor:
 
 class AdamAdapter(OptimizerAdapter):
     name = "adam"
+    family = "adam"
     metric_name = "G = diag(sqrt(v_hat) + eps)"
     optimizers = (torch.optim.Adam, torch.optim.AdamW)
     normalization = "decoupled"

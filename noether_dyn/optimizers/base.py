@@ -79,6 +79,12 @@ class OptimizerAdapter:
     metric_name: ClassVar[str] = "G = I"
     optimizers: ClassVar[tuple[type, ...]] = ()
     fallback: ClassVar[bool] = False
+    family: ClassVar[str] = "sgd"
+    """The rule's family for THEORY §4's effective rate (a key of
+    ``noether_dyn.quantities.effective_rate.FAMILIES``: ``"sgd"``, ``"adam"``, ``"rmsprop"``,
+    ``"adagrad"``). The Euclidean fallback declares ``"sgd"``: an unknown optimizer is read as a
+    plain gradient step with G = I and no momentum, so eta_eff = eta / r^2 there is an
+    assumption, flagged by ``metric_fallback`` in the run's metadata."""
     normalization: ClassVar[str | None] = None
     """How THEORY §4 reads a scale-invariant layer under this rule (a key of
     ``noether_dyn.quantities.normalization.RULES``: ``"l2"`` for coupled L2 decay with heavy-ball

@@ -40,6 +40,7 @@ def direct_rule(q1, g, state, c):
 
 class SGDAdapter(OptimizerAdapter):
     name = "sgd"
+    family = "sgd"
     metric_name = "G = I / (1 - dampening)"
     optimizers = (torch.optim.SGD,)
     normalization = "l2"

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from noether_dyn.quantities.effective_rate import RATE_RULES
 from noether_dyn.report import figures
 from noether_dyn.report import formulas as F
 from noether_dyn.report.data import (
@@ -380,6 +381,12 @@ NORMALIZATION_HEADERS = {
 }
 
 
+def _rate_rule(run: Run) -> str:
+    """The effective-rate formula the run stored (runs before it was recorded used SGD's)."""
+    opt = run.meta.get("optimizer") or {}
+    return opt.get("effective_rate", RATE_RULES["sgd"] + " (recorded before rules by family)")
+
+
 def normalization_section(run: Run) -> Section:
     """Normalization as adaptive optimization, per normalized layer (THEORY §4)."""
     title = "Normalization as adaptive optimization"
@@ -405,9 +412,12 @@ def normalization_section(run: Run) -> Section:
                 "logged steps; the equilibrium time is 1/(1 − ρ_eff) for SGD(M) and 1/(2ηλ) for "
                 "AdamW; r*² (noise theory) is the square root of ",
                 F.RADIUS_NOISE,
-                ".",
+                ". Under the adaptive rules (Adam/AdamW, RMSprop, Adagrad) the preconditioner "
+                "rescales with the gradient, √v ∝ 1/r, so the direction's rate is η/r, not "
+                "η/r² (Kosson et al. 2024 RE; Gould & Tanaka 2024).",
             ]
         ),
+        Paragraph(f"Effective-rate rule of this run (column effective_lr): {_rate_rule(run)}."),
     ]
     table = scale_table(run)
     if table.empty:
@@ -440,8 +450,8 @@ def normalization_section(run: Run) -> Section:
     blocks.append(
         plot_or_note(
             "normalization",
-            "One colour per normalized layer. Left: effective learning rate η_eff = "
-            "η/((1 − β) r²) per step (log scale). Middle: angular update of the layer's "
+            "One colour per normalized layer. Left: effective learning rate "
+            f"{_rate_rule(run)} (log scale). Middle: angular update of the layer's "
             "direction in rad/step, dashed at its equilibrium θ*. Right: r² = |q|², the "
             "implied √v of RMSprop (log scale). Red bands: NaN/Inf steps.",
             lambda: figures.normalization_figure(run, table),
