@@ -1,4 +1,6 @@
-"""Adam and AdamW: G = diag(sqrt(v_hat) + eps), v_hat = v / (1 - beta2^k) (THEORY.md §2).
+"""Adam and AdamW: G = diag(sqrt(v_hat) + eps) / (1 - beta1), v_hat = v / (1 - beta2^k)
+(THEORY.md §2; the metric convention of docs/conventions.md: Adam's first moment is a buffer
+dampened by d = beta1, and the dampening belongs in G = P / (1 - d) as for SGD).
 
 beta = beta1 is the momentum of the Lagrangian. With ``amsgrad`` the running maximum of v is the
 one that preconditions the step. AdamW (or Adam with ``decoupled_weight_decay=True``) applies
@@ -26,13 +28,15 @@ from noether_dyn.records import COEF_WIDTH
 
 
 def adam_rule(q1, g, state, c):
-    """G = sqrt(v) c1 + c3 (c1 = 1 / sqrt(1 - beta2^k), c3 = eps); dq = c0 m / G + c2 q1, with
-    c0 = -lr / (1 - beta1^k) / (1 - d) and c2 = -d / (1 - d), d = lr lambda when decoupled."""
+    """P = sqrt(v) c1 + c3 (c1 = 1 / sqrt(1 - beta2^k), c3 = eps); dq = c0 m / P + c2 q1, with
+    c0 = -lr / (1 - beta1^k) / (1 - d) and c2 = -d / (1 - d), d = lr lambda when decoupled;
+    G = P / c4 with c4 = 1 - beta1 (the metric convention)."""
     m, v = state
     dt = q1.dtype
-    metric = v.sqrt() * c[1].to(dt) + c[3].to(dt)
-    inverse = metric.reciprocal()
-    return (m * inverse) * c[0].to(dt) + q1 * c[2].to(dt), metric, inverse
+    precond = v.sqrt() * c[1].to(dt) + c[3].to(dt)
+    inverse = precond.reciprocal()
+    keep = c[4].to(dt)
+    return (m * inverse) * c[0].to(dt) + q1 * c[2].to(dt), precond / keep, inverse * keep
 
 
 def adam_count_rule(q1, g, state, c):
@@ -44,7 +48,8 @@ def adam_count_rule(q1, g, state, c):
     k = k.to(torch.float64)
     step_size = c[0] / (1.0 - c[1] ** k) / c[4]
     bc2_sqrt_inv = 1.0 / torch.sqrt(1.0 - c[2] ** k)
-    return adam_rule(q1, g, (m, v), torch.stack([step_size, bc2_sqrt_inv, c[5], c[3]]))
+    row = torch.stack([step_size, bc2_sqrt_inv, c[5], c[3], 1.0 - c[1]])
+    return adam_rule(q1, g, (m, v), row)
 
 
 def _counts_in_program(group: dict, counts: list, device: torch.device) -> bool:
@@ -70,7 +75,7 @@ def _step(group: dict, state: dict) -> float | torch.Tensor:
 class AdamAdapter(OptimizerAdapter):
     name = "adam"
     family = "adam"
-    metric_name = "G = diag(sqrt(v_hat) + eps)"
+    metric_name = "G = diag(sqrt(v_hat) + eps) / (1 - beta1)"
     optimizers = (torch.optim.Adam, torch.optim.AdamW)
     normalization = "decoupled"
 
@@ -88,6 +93,12 @@ class AdamAdapter(OptimizerAdapter):
     def metric(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
     ) -> Metric:
+        return _to_metric(self._preconditioner(optimizer, group, params), group)
+
+    def _preconditioner(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """P = sqrt(v_hat) + eps per parameter (fresh tensors: the caller may scale them)."""
         beta2 = scalar(group["betas"][1])
         eps = float(group["eps"])
         key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
@@ -139,6 +150,7 @@ class AdamAdapter(OptimizerAdapter):
                     1.0 / math.sqrt(1.0 - beta2**k),
                     -d / (1.0 - d),
                     eps,
+                    1.0 - beta1,
                 ]
                 for k in steps
             ]
@@ -158,22 +170,24 @@ class AdamAdapter(OptimizerAdapter):
         coef[:, 1] = bc2_sqrt.reciprocal()
         coef[:, 2] = -d / (1.0 - d)
         coef[:, 3] = eps
+        coef[:, 4] = 1.0 - beta1
         return FusedStep(adam_rule, tensors, coef)
 
     def update(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
     ) -> Update:
-        """q <- q (1 - lr lambda) [decoupled] - (lr / bc1) m / G, with G the metric."""
+        """q <- q (1 - lr lambda) [decoupled] - (lr / bc1) m / P; returns G = P / (1 - beta1)."""
         hyper = self.hyper(optimizer, group)
         beta1 = scalar(group["betas"][0])
-        metric = self.metric(optimizer, group, params)
+        metric = self._preconditioner(optimizer, group, params)
         states = [optimizer.state[p] for p in params]
         exp_avgs = [st["exp_avg"] for st in states]
         scales = [-hyper.lr / (1.0 - beta1**k) for k in (_step(group, st) for st in states)]
         decay = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
         if any(isinstance(c, torch.Tensor) for c in scales):  # capturable: counts on the device
             step = [torch.div(m, g).mul_(c) for m, g, c in zip(exp_avgs, metric, scales)]
-            return solve_decay(hyper.lr, decay / hyper.lr if decay else 0.0, step, params), metric
+            dq = solve_decay(hyper.lr, decay / hyper.lr if decay else 0.0, step, params)
+            return dq, _to_metric(metric, group)
         # dq = (c m / G - lr lambda q_{n+1}) / (1 - lr lambda), in two passes; coupled L2 is
         # inside m already (decay = 0)
         if decay:
@@ -182,7 +196,15 @@ class AdamAdapter(OptimizerAdapter):
         else:
             out = torch._foreach_mul(exp_avgs, 0.0)
         torch._foreach_addcdiv_(out, exp_avgs, metric, scales)
-        return out, metric
+        return out, _to_metric(metric, group)
+
+
+def _to_metric(precond: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+    """G = P / (1 - beta1), in place on the fresh preconditioner tensors."""
+    beta1 = scalar(group["betas"][0])
+    if beta1:
+        torch._foreach_div_(precond, 1.0 - beta1)
+    return precond
 
 
 def _denominator(
