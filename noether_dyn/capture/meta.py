@@ -10,9 +10,11 @@ import torch
 
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter
+from noether_dyn.quantities.decay_rule import DECAY_RULES, decay_rule
 from noether_dyn.quantities.effective_rate import RATE_RULES
 from noether_dyn.records import VERSION, GroupHyper
 from noether_dyn.store.schema import SCHEMA_VERSION
+from noether_dyn.symmetries.kinds import kind_of
 
 
 def run_meta(
@@ -64,6 +66,17 @@ def run_meta(
             "effective_rate": RATE_RULES[adapter.family],
             "prediction": regime,
             "param_groups": groups,
+        },
+        "decay": {
+            "rules": DECAY_RULES,
+            "by_symmetry": {
+                s.name: decay_rule(
+                    adapter.family,
+                    hypers[tracked.group_of[tracked.index[s.params[0]]]],
+                    kind_of(s.kind).linear,
+                )
+                for s in tracked.symmetries
+            },
         },
         "every": every,
         "symmetry_note": note,

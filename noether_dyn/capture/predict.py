@@ -15,8 +15,8 @@ import torch
 from noether_dyn.capture.eager import EagerStats
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.quantities.charges import ChargeMatrix
-from noether_dyn.quantities.momentum import MomentumPredictor
-from noether_dyn.quantities.reductions import dots, sq_norms
+from noether_dyn.quantities.momentum import MomentumPredictor, TranslationDecayShare
+from noether_dyn.quantities.reductions import dots, sq_norms, sums
 from noether_dyn.quantities.theory import ChargePredictor
 from noether_dyn.records import COL, S_, GroupHyper, StepPlan
 
@@ -59,6 +59,10 @@ class Prediction:
             self._fresh = all(
                 optimizer.state.get(p, {}).get("momentum_buffer") is None for p in tracked.params
             )
+            if any(matrix.linear_flags):  # decay's true share of translation (no memory)
+                predictor.translation_share = TranslationDecayShare()
+        self._share_done = False
+        self._x_next: torch.Tensor | None = None
 
     @property
     def waiting(self) -> bool:
@@ -96,11 +100,18 @@ class Prediction:
         pred, ex = self.predictor, self.predictor.exact
         plan.grad_sq = stats[:, S_["GG"]]
         plan.update_sq = stats[:, S_["DD"]]
+        share = pred.translation_share
         if ex is not None and ex.value is None and charges is not None:
             charge = self.matrix.charges(stats[:, S_["QQ"]], stats[:, S_["QS"]])
-            ex.start(charge, None if self._fresh else self._carried(plan, stats))
+            carried = None if self._fresh else self._carried(plan, stats)
+            ex.start(charge, carried)
             charges[:, COL["predicted"]] = ex.value
+            if share is not None and share.carry is None and carried is not None:
+                share.carry = carried  # <b_{n-1}, 1>_S is all decay's: <g, 1>_S = 0
         self._fresh = False
+        if share is not None and charges is not None:
+            x = self.matrix.charges(stats[:, S_["QQ"]], stats[:, S_["QS"]])
+            self._write_share(charges, self._share_step(plan, x))
         if advanced is not None and pred.value is not None:
             pred.value, pred.velocity = advanced
             plan.advanced = True
@@ -115,6 +126,7 @@ class Prediction:
         pred = self.predictor
         ex = pred.exact
         exact_on = ex is not None and ex.value is not None
+        self._advance_share(plan)
         if pred.value is None or not len(self.matrix) or (plan.advanced and not exact_on):
             return
         t = self.t
@@ -136,13 +148,43 @@ class Prediction:
             pred.advance(*self.lead_rates(hypers), grad_sq=grad_sq, update_sq=update_sq)
         if exact_on:
             cross = self._buffer_cross(optimizer, plan, active) if ex.needs_cross else None
-            eta, beta, lam, damp = self._exact_rates(optimizer, hypers)
+            eta, beta, lam, damp = self._exact_rates(hypers)
             ex.advance(eta, beta, lam, update_sq, dampening=damp, buffer_cross=cross)
 
-    def _exact_rates(self, optimizer: torch.optim.Optimizer, hypers: list[GroupHyper]):
+    def _share_step(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
+        """Decay's share of step n for every symmetry (used on translation rows), from the
+        measured x_n; advances the share's recurrence once per step."""
+        share, ex = self.predictor.translation_share, self.predictor.exact
+        eta, beta, lam, damp = self._exact_rates(plan.hypers)
+        self._share_done = True
+        return share.step(x, eta, beta, lam, damp, ex.nesterov if ex is not None else None)
+
+    def _write_share(self, charges: torch.Tensor, share: torch.Tensor) -> None:
+        """Replace translation rows' instantaneous decay by the true share (rule keeps the
+        rest: decay + rule still equals the measured change)."""
+        trans = self.matrix.linear
+        old = charges[:, COL["decay"]]
+        new = torch.where(trans, share, old)
+        charges[:, COL["rule"]] = charges[:, COL["rule"]] + old - new
+        charges[:, COL["decay"]] = new
+
+    def _advance_share(self, plan: StepPlan) -> None:
+        """On a step that stored no row, advance the share from x_n read after the last step;
+        then read x_{n+1} (sums of the translation tensors now) for the next step."""
+        share = self.predictor.translation_share
+        if share is None:
+            return
+        if not self._share_done and self._x_next is not None and share.carry is not None:
+            self._share_step(plan, self._x_next)
+        self._share_done = False
+        t = self.t
+        qs = self._reduce(t.subset(sums, self.matrix.sum_tensors, t.params))
+        self._x_next = self.matrix.charges(torch.zeros_like(qs), qs)
+
+    def _exact_rates(self, hypers: list[GroupHyper]):
         """Per symmetry (device tensors, rebuilt when a constant changes): eta, beta, lambda and
         dampening of its lead tensor's group."""
-        damp = [float(g.get("dampening", 0.0)) for g in optimizer.param_groups]
+        damp = [float(g.get("dampening", 0.0)) for g in self._param_groups]
         lead = [self.t.group_of[i] for i in self.matrix.lead]
         key = (tuple(hypers), tuple(damp))
         if self._exact_key is None or self._exact_key[0] != key:

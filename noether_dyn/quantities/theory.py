@@ -32,7 +32,7 @@ from functools import lru_cache
 
 import torch
 
-from noether_dyn.quantities.momentum import MomentumPredictor
+from noether_dyn.quantities.momentum import MomentumPredictor, TranslationDecayShare
 
 REGIMES = ("sgd", "momentum", "flow")
 
@@ -97,6 +97,9 @@ class ChargePredictor:
         """The exact discrete prediction ("momentum" regime; set by the monitor, which knows each
         symmetry's Nesterov flag): then ``value`` is the ODE's and ``exact.value`` is stored as
         ``predicted``."""
+        self.translation_share: TranslationDecayShare | None = None
+        """Weight decay's share of translation charges through the momentum buffer (set by the
+        monitor under SGD with momentum); checkpointed with the predictions."""
 
     @property
     def needs_grad_sq(self) -> bool:
@@ -184,9 +187,18 @@ class ChargePredictor:
                 "cross": ex.cross.tolist(),
                 "fresh": ex.fresh,
             }
+        share = self.translation_share
+        if share is not None and share.carry is not None:
+            out["decay_carry"] = share.carry.tolist()
         return out
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
+        share = self.translation_share
+        if share is not None:
+            carry = state.get("decay_carry")
+            share.carry = (
+                None if carry is None else torch.tensor(carry, dtype=torch.float64, device=device)
+            )
         ex, saved = self.exact, state.get("exact")
         if ex is not None:  # without a saved state it restarts at the next logged step
             ex.value = ex.carry = ex.cross = None
