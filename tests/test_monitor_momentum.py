@@ -163,3 +163,12 @@ def test_translation_decay_share_is_the_whole_change(case, tmp_path):
     full = run.charges.set_index(["step", "symmetry"]).loc[sparse.index]
     for col in ("decay", "rule"):
         np.testing.assert_allclose(sparse[col].to_numpy(), full[col].to_numpy(), rtol=0, atol=tol)
+
+
+def test_report_says_which_decay_column_is_only_part(run_dir):
+    from noether_dyn.report.sections import ksb_section
+
+    run = _train(CASES["heavy-ball"], run_dir, steps=5)
+    text = " ".join(str(getattr(b, "text", "")) for b in ksb_section(run).blocks)
+    assert "decay of rescale:1, scale:0 is the instantaneous" in text
+    assert "only part of the share" in text and "translation:3" not in text

@@ -260,6 +260,23 @@ def charges_section(run: Run) -> Section:
     return Section("charges", title, blocks)
 
 
+def _decay_rule_note(run: Run) -> list:
+    """What the decay column holds per symmetry (meta ``decay``; absent in older runs)."""
+    decay = run.meta.get("decay") or {}
+    by_sym, rules = decay.get("by_symmetry") or {}, decay.get("rules") or {}
+    partial = sorted(n for n, r in by_sym.items() if r != "exact")
+    if not by_sym:
+        return [Note("This run does not record which rule filled its decay column.")]
+    if not partial:
+        return [Paragraph("decay is weight decay's true share of the change for every row.")]
+    return [
+        Note(
+            f"decay of {', '.join(partial)} is the {rules.get('instantaneous', 'instantaneous')}"
+            " (THEORY §3.1). The other rows hold weight decay's true share."
+        )
+    ]
+
+
 def ksb_section(run: Run) -> Section:
     """The exact decomposition decay / rule / ksb over time, and its totals."""
     title = "Kinetic symmetry breaking: decay, rule, KSB"
@@ -281,6 +298,7 @@ def ksb_section(run: Run) -> Section:
                 "charge. A term that dominates the accumulated change names what moves the charge.",
             ]
         ),
+        *_decay_rule_note(run),
     ]
     try:
         names, choice = figures.select_symmetries(run)
