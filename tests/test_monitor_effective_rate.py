@@ -52,3 +52,24 @@ def test_effective_rate_ratio_by_family(family, tmp_path):
     assert "eta_eff" in run.meta["optimizer"]["effective_rate"]
     assert small["effective_lr"] / large["effective_lr"] == pytest.approx(ratio, rel=1e-12)
     assert small["angular_update"] / large["angular_update"] == pytest.approx(ratio, rel=1e-4)
+
+
+def test_compare_direction_rate_is_eta_eff_under_plain_sgd(run_dir):
+    """``report.compare.direction_rate`` = |dq| / (r^2 |g|): under plain SGD (dq = -eta g) on a
+    scale-invariant layer it is eta / r^2, the stored effective_lr, to rounding (1e-12)."""
+    from noether_dyn.report.compare import direction_rate, tail_quantiles
+
+    model = exact_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch(dtype=torch.float64, n=64)
+    with nd.watch(model, opt, run_dir, symmetries=SYMS):
+        for _ in range(10):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    run = nd.load_run(run_dir)
+    steps, rate = direction_rate(run, ("0.weight", "0.bias"))
+    eff = run.charge("scale:0").loc[steps, "effective_lr"].to_numpy()
+    assert rate == pytest.approx(eff, rel=1e-12)
+    q10, q50, q90 = tail_quantiles(rate)
+    assert q10 <= q50 <= q90 and q50 > 0
