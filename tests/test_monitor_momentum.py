@@ -172,3 +172,51 @@ def test_report_says_which_decay_column_is_only_part(run_dir):
     text = " ".join(str(getattr(b, "text", "")) for b in ksb_section(run).blocks)
     assert "decay of rescale:1, scale:0 is the instantaneous" in text
     assert "only part of the share" in text and "translation:3" not in text
+
+
+@pytest.mark.parametrize("case", ["heavy-ball", "dampening"])
+@pytest.mark.parametrize("every", [1, 3])
+def test_exact_decay_opt_in_matches_the_buffer_share(case, every, run_dir):
+    """watch(..., exact_decay=True): scale and rescale rows' decay is weight decay's share
+    through the buffer, -2 eta <q_n, A_n>_S with A_n = beta A_{n-1} + (1 - d) lambda q_n
+    (A_0 = lambda q_0), recomputed here from parameter snapshots in float64 (1e-10 relative:
+    sums of a few hundred products over 30 steps); decay + rule + ksb still closes."""
+    kw = CASES[case]
+    lr, beta, lam, d = kw["lr"], kw["momentum"], kw["weight_decay"], kw.get("dampening", 0.0)
+    model = exact_model(0)
+    opt = torch.optim.SGD(model.parameters(), **kw)
+    x, y = batch(dtype=torch.float64, n=64)
+    acc, ref = {}, []
+    with nd.watch(model, opt, run_dir, symmetries=SYMS, every=every, exact_decay=True) as mon:
+        for n in range(30):
+            q = {k: p.detach().clone() for k, p in model.named_parameters()}
+            for k, v in q.items():
+                acc[k] = lam * v if n == 0 else beta * acc[k] + (1 - d) * lam * v
+            ref.append(
+                {
+                    s.name: -2 * lr * sum(sg * float((q[k] * acc[k]).sum())
+                                          for k, sg in zip(s.params, s.signs))  # fmt: skip
+                    for s in SYMS
+                }
+            )
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert mon._prediction.exact_decay.nbytes > 0
+    run = nd.load_run(run_dir)
+    assert run.meta["decay"]["by_symmetry"] == dict.fromkeys([s.name for s in SYMS], "exact")
+    for sym in SYMS[:2]:
+        c = run.charge(sym.name)
+        want = np.array([ref[int(s)][sym.name] for s in c.index])
+        np.testing.assert_allclose(c["decay"].to_numpy(), want, rtol=1e-10)
+        naive = -2 * lr * lam * c["charge"].to_numpy()
+        assert np.abs(want[-1]) > 3 * np.abs(naive[-1])  # the buffer's share is larger
+        if every == 1:
+            total = (c["decay"] + c["rule"] + c["ksb"]).to_numpy()[:-1]
+            np.testing.assert_allclose(total, np.diff(c["charge"].to_numpy()), rtol=1e-10)
+
+
+def test_exact_decay_refuses_what_it_cannot_split(run_dir):
+    model = exact_model(0)
+    with pytest.raises(ValueError, match="exact_decay=True supports torch.optim.SGD"):
+        nd.watch(model, torch.optim.Adam(model.parameters()), run_dir, exact_decay=True)

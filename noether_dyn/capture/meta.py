@@ -27,6 +27,7 @@ def run_meta(
     every: int,
     note: str,
     state: dict[str, Any],
+    exact_decay: bool = False,
 ) -> dict[str, Any]:
     """The ``meta`` items of a new run (see ``noether_dyn.store.schema``)."""
     groups = []
@@ -74,6 +75,7 @@ def run_meta(
                     adapter.family,
                     hypers[tracked.group_of[tracked.index[s.params[0]]]],
                     kind_of(s.kind).linear,
+                    exact_decay,
                 )
                 for s in tracked.symmetries
             },

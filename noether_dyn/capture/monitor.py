@@ -50,14 +50,11 @@ class MonitorFailure(RuntimeWarning):
 class Monitor:
     """Watches one optimizer of one model; create it with :func:`noether_dyn.watch`.
 
-    Attributes:
-        run_dir: where the run store lives. step: optimizer steps seen so far (the next step's
-        number). symmetries: the tracked symmetries. adapter: the optimizer adapter (its
-        ``name``, ``metric_name`` and ``fallback``). fused: whether logged steps use the
-        compiled statistics. compiled: the compiled backend (``compiled_ok``: a compiled call
-        succeeded; ``programs``). sharded: parameters are sharded (FSDP2). writes: whether this
-        rank writes the store (rank 0). on_stats: None, or a callable given each logged step's
-        (n_tensors, len(STATS)) statistics before any cross-rank reduction (a seam for tests).
+    Attributes: run_dir (the store), step (steps seen), symmetries, adapter (``name``,
+        ``metric_name``, ``fallback``), fused (compiled statistics in use), compiled (its backend:
+        ``compiled_ok``, ``programs``), sharded (FSDP2), writes (rank 0 writes), on_stats (None or
+        a callable given each logged step's (n_tensors, len(STATS)) statistics before any
+        cross-rank reduction: a seam for tests).
     """
 
     def __init__(
@@ -75,6 +72,7 @@ class Monitor:
         overwrite: bool = False,
         snapshot: bool = False,
         fused: bool | None = None,
+        exact_decay: bool = False,
     ) -> None:
         checks.check_arguments(model, optimizer, every, (flush_every, flush_seconds), resume,
                                overwrite, fused, getattr(optimizer, _ATTR, None))  # fmt: skip
@@ -94,7 +92,8 @@ class Monitor:
         self._eager = eager = EagerStats(t, self._matrix, self.adapter)
         self.compiled = CompiledStats(t, self._matrix, self.adapter, self._step_rows)
         self._planner = Planner(t, self.adapter, eager, self.compiled, every, snapshot, fused)
-        self._prediction = Prediction(t, self._matrix, eager, predictor, self._reduced, optimizer)
+        self._prediction = Prediction(t, self._matrix, eager, predictor, self._reduced,
+                                      optimizer, exact_decay)  # fmt: skip
         self._buffer = RowBuffer(flush_every, flush_seconds, len(t.symmetries))
         self._state = mstate.monitor_states(t.n_groups)
         self._plan: StepPlan | None = None
@@ -112,7 +111,7 @@ class Monitor:
             else:
                 self._writer.set_meta(run_meta(model, optimizer, t, self.adapter, hypers,
                                                predictor.regime, every, symmetry_note,
-                                               self._checkpoint()))  # fmt: skip
+                                               self._checkpoint(), exact_decay))  # fmt: skip
                 self._writer.set_symmetries(t.symmetries)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from noether_dyn.capture.decay import ExactDecay, check_exact_decay
 from noether_dyn.capture.eager import EagerStats
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.quantities.charges import ChargeMatrix
@@ -34,6 +35,7 @@ class Prediction:
         predictor: ChargePredictor,
         reduce,
         optimizer: torch.optim.Optimizer | None = None,
+        exact_decay: bool = False,
     ) -> None:
         self.t = tracked
         self.matrix = matrix
@@ -63,6 +65,10 @@ class Prediction:
                 predictor.translation_share = TranslationDecayShare()
         self._share_done = False
         self._x_next: torch.Tensor | None = None
+        self.exact_decay: ExactDecay | None = None
+        if exact_decay:
+            check_exact_decay(optimizer, eager.adapter.family)
+            self.exact_decay = ExactDecay(tracked, matrix, optimizer, reduce)
 
     @property
     def waiting(self) -> bool:
@@ -112,6 +118,10 @@ class Prediction:
         if share is not None and charges is not None:
             x = self.matrix.charges(stats[:, S_["QQ"]], stats[:, S_["QS"]])
             self._write_share(charges, self._share_step(plan, x))
+        if self.exact_decay is not None:
+            per_tensor = self.exact_decay.step(plan.hypers)
+            if charges is not None:
+                self.exact_decay.write(charges, per_tensor)
         if advanced is not None and pred.value is not None:
             pred.value, pred.velocity = advanced
             plan.advanced = True
@@ -127,6 +137,10 @@ class Prediction:
         ex = pred.exact
         exact_on = ex is not None and ex.value is not None
         self._advance_share(plan)
+        if self.exact_decay is not None:
+            if not self.exact_decay.done:
+                self.exact_decay.step(plan.hypers)
+            self.exact_decay.done = False
         if pred.value is None or not len(self.matrix) or (plan.advanced and not exact_on):
             return
         t = self.t

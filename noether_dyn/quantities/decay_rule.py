@@ -27,11 +27,12 @@ DECAY_RULES = {
 """The meaning of each rule, in words (stored in a run's metadata)."""
 
 
-def decay_rule(family: str, hyper: GroupHyper, linear: bool) -> str:
+def decay_rule(family: str, hyper: GroupHyper, linear: bool, exact_decay: bool = False) -> str:
     """The rule of a symmetry's ``decay`` column for the optimizer ``family`` and the constants
-    of its lead group; ``linear``: a translation charge."""
+    of its lead group; ``linear``: a translation charge; ``exact_decay``: the opt-in
+    accumulator of quadratic charges under SGD with momentum is on."""
     if not hyper.weight_decay or hyper.decoupled:
         return "exact"
     if family == "sgd":
-        return "exact" if linear or not hyper.beta else "instantaneous"
+        return "exact" if linear or not hyper.beta or exact_decay else "instantaneous"
     return "instantaneous"  # coupled L2 passes through a preconditioner
