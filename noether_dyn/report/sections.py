@@ -52,10 +52,13 @@ PREDICTION_TEXT = {
         "the symmetry defect alone.",
     ),
     "momentum": (
-        F.MOMENTUM_ODE,
-        "SGD with momentum: the damped oscillator above, from Neural Mechanics (Kunin et al. "
-        "2021; THEORY §3.3), driven by the measured updates. The residual is the finite-step "
-        "error of that continuous theory (first order in η).",
+        F.MOMENTUM_RECURSION,
+        "SGD with momentum: the exact discrete recurrence above (THEORY §3.2b; ρ = β η_n/η_(n−1), "
+        "c = (1 − d) η λ; torch's undamped first step, dampening and Nesterov included), rolled "
+        "from the first step with the measured updates. It is exact when the symmetry is, so the "
+        "residual is the symmetry defect alone. The continuous damped oscillator of Neural "
+        "Mechanics (Kunin et al. 2021; THEORY §3.3) is stored beside it as predicted_ode; its "
+        "residual is a finite-step error, first order in η.",
     ),
     "flow": (
         F.FLOW,
