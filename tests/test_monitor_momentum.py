@@ -194,8 +194,11 @@ def test_exact_decay_opt_in_matches_the_buffer_share(case, every, run_dir):
                 acc[k] = lam * v if n == 0 else beta * acc[k] + (1 - d) * lam * v
             ref.append(
                 {
-                    s.name: -2 * lr * sum(sg * float((q[k] * acc[k]).sum())
-                                          for k, sg in zip(s.params, s.signs))  # fmt: skip
+                    s.name: -2
+                    * lr
+                    * sum(
+                        sg * float((q[k] * acc[k]).sum()) for k, sg in zip(s.params, s.signs)
+                    )  # fmt: skip
                     for s in SYMS
                 }
             )
