@@ -24,7 +24,8 @@ noise) from random minibatches. Three symmetries are declared by hand: scale of 
   continuous theory of §3.3 (damped oscillator driven by the measured |q'|^2). Its residual is a
   discretization error; the ``scaling`` table gives its apparent order in eta.
 
-Columns: ``theory`` (the monitor's ``predicted`` at the last logged step), ``measured``
+Columns: ``theory`` (the monitor's ``predicted``, or ``predicted_ode`` under momentum, at the
+last logged step), ``measured``
 (``charge`` there), ``residual = measured - theory``, ``rel_residual = |residual| / max_n |Q_n|``,
 ``rel_to_change = max_n |Q_n - predicted_n| / max_n |Q_n - Q_0|`` (the error as a fraction of what
 the theory had to predict), ``defect_median``, ``defect_bound`` and ``defect_identity`` (above).
@@ -86,12 +87,19 @@ def defect_terms(
     return bound, identity
 
 
+def _theory(g) -> np.ndarray:
+    """The continuous theory's column: ``predicted_ode`` under momentum (where ``predicted`` is
+    the exact discrete recurrence), else ``predicted``."""
+    ode = g["predicted_ode"] if "predicted_ode" in g else None
+    return (ode if ode is not None and ode.notna().any() else g["predicted"]).to_numpy()
+
+
 def summarize(run, regime: str, eta: float, beta: float, lam: float, steps: int, numel: dict):
     """One table row per symmetry of ``run``."""
     rows = []
     for sym in run.symmetries.itertuples():
         g = run.charge(sym.symmetry)
-        q, pred = g["charge"].to_numpy(), g["predicted"].to_numpy()
+        q, pred = g["charge"].to_numpy(), _theory(g)
         err = np.abs(q - pred)
         change = np.max(np.abs(q - q[0]))
         bound, identity = (
@@ -155,7 +163,7 @@ def plot(runs: dict[str, tuple], table: pd.DataFrame):
         for j, name in enumerate(names):
             g = run.charge(name)
             tt = t.loc[g.index].to_numpy()
-            q, pred = g["charge"].to_numpy(), g["predicted"].to_numpy()
+            q, pred = g["charge"].to_numpy(), _theory(g)
             axes[0, j].plot(tt, q, color=colors[label], lw=1.2, label=f"{label} measured")
             axes[0, j].plot(tt, pred, "--", color=colors[label], lw=1.0, label=f"{label} theory")
             scale = max(np.max(np.abs(q - q[0])), 1e-300)

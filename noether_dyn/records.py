@@ -113,6 +113,7 @@ CHARGE_SPEC: tuple[Column, ...] = tuple(
     for name in (
         "charge",
         "predicted",
+        "predicted_ode",
         "decay",
         "rule",
         "ksb",
@@ -124,7 +125,10 @@ CHARGE_SPEC: tuple[Column, ...] = tuple(
         "angular_update",
     )
 )
-"""The charge table's columns: per logged step and symmetry."""
+"""The charge table's columns: per logged step and symmetry. ``predicted`` is the theory's
+exact discrete prediction where one exists (SGD with or without momentum), else gradient flow
+(adaptive rules); ``predicted_ode`` is the continuous ODE of Neural Mechanics for SGD with
+momentum (NaN under the other rules), so that its modified-equation error is itself measured."""
 CHARGE_COLUMNS = _names(CHARGE_SPEC)
 COL = {name: i for i, name in enumerate(CHARGE_COLUMNS)}
 

@@ -80,7 +80,10 @@ def main() -> None:
         dry = Counter(None)
         shutil.copytree(run_dir, os.path.join(tmp, "dry"))
         resume_and_load(os.path.join(tmp, "dry"), state, dry)
-        for kill_at in range(1, dry.n + 2, max(1, (dry.n + 1) // n_points)):
+        spread = range(1, dry.n + 2, max(1, (dry.n + 1) // n_points))
+        # and the last events densely: the commit sits near the end of load_state_dict
+        tail = range(max(1, dry.n - n_points // 4), dry.n + 2)
+        for kill_at in sorted(set(spread) | set(tail)):
             copy = os.path.join(tmp, f"k{kill_at}")
             shutil.copytree(run_dir, copy)
             pid = os.fork()

@@ -117,9 +117,15 @@ def test_sgd_rule_term_vanishes_by_symmetry(run_dir):
 
 @pytest.mark.parametrize("name", ["sgd-momentum", "adam", "rmsprop"])
 def test_rule_term_breaks_for_momentum_and_metrics(name, run_dir):
+    """The rule term moves the quadratic charges under momentum and metrics. Translation under
+    SGD with momentum is the exception: its whole change is weight decay's share through the
+    buffer (the ``decay`` column since issue 13), so its rule is rounding only."""
     run, _, _ = run_with(OPTIMIZERS[name], run_dir)
     for sym in SYMS:
         c = run.charge(sym.name).iloc[2:]
+        if name == "sgd-momentum" and sym.kind == "translation":
+            assert (np.abs(c["rule"]) <= 1e-12 * np.abs(c["charge"]).max()).all()
+            continue
         assert (np.abs(c["rule"]) > 1e-6 * np.abs(c["charge"])).any(), sym.name
 
 

@@ -114,7 +114,7 @@ def _compare(fused, eager):
         _assert_close(fused_run.steps[col], eager_run.steps[col], f"steps.{col}")
     # the split columns (decay, rule, ksb, defect, NLD) are linear in the statistics compared
     # above; several vanish by symmetry, so only their statistics have a meaningful scale
-    cols = ["charge", "predicted", "grad_sq", "effective_lr", "angular_update"]
+    cols = ["charge", "predicted", "predicted_ode", "grad_sq", "effective_lr", "angular_update"]
     _assert_close(fused_run.charges[cols], eager_run.charges[cols], "charges")
     numeric = [c for c in eager_run.tensors.columns if eager_run.tensors[c].dtype.kind == "f"]
     _assert_close(fused_run.tensors[numeric], eager_run.tensors[numeric], "tensors")

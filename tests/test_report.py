@@ -237,10 +237,13 @@ def test_compare_shows_the_adaptive_runs_per_layer_rate(runs, tmp_path):
     path = compare(runs["sgd"], runs["rmsprop"], tmp_path / "c.html")
     html = path.read_text()
     assert "Normalization vs adaptive optimization" in html
-    assert "B η/G per coordinate (layer mean)" in html
+    assert "B η/G per coordinate (layer mean, median over steps)" in html
+    assert "B direction rate median" in html
     assert "same parameters" in html  # layer 0 of the ReLU twin, matched by name
     table = layer_table(nd.load_run(runs["sgd"]), nd.load_run(runs["rmsprop"]))
-    assert np.isfinite(table["B η/G per coordinate (layer mean)"]).all()
+    assert np.isfinite(table["B η/G per coordinate (layer mean, median over steps)"]).all()
+    for col in ("A direction rate median", "B direction rate median"):
+        assert (table[col] > 0).all(), col
     assert len(embedded_pngs(html)) >= 3
     md = compare(nd.load_run(runs["rmsprop"]), runs["sgd"], tmp_path / "c.md")
     assert "RMSprop ρ" in md.read_text()  # roles found from the runs, not the order

@@ -10,8 +10,11 @@ import torch
 
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter
+from noether_dyn.quantities.decay_rule import DECAY_RULES, decay_rule
+from noether_dyn.quantities.effective_rate import RATE_RULES
 from noether_dyn.records import VERSION, GroupHyper
 from noether_dyn.store.schema import SCHEMA_VERSION
+from noether_dyn.symmetries.kinds import kind_of
 
 
 def run_meta(
@@ -24,6 +27,7 @@ def run_meta(
     every: int,
     note: str,
     state: dict[str, Any],
+    exact_decay: bool = False,
 ) -> dict[str, Any]:
     """The ``meta`` items of a new run (see ``noether_dyn.store.schema``)."""
     groups = []
@@ -59,8 +63,22 @@ def run_meta(
             "adapter": adapter.name,
             "metric": adapter.metric_name,
             "metric_fallback": adapter.fallback,
+            "family": adapter.family,
+            "effective_rate": RATE_RULES[adapter.family],
             "prediction": regime,
             "param_groups": groups,
+        },
+        "decay": {
+            "rules": DECAY_RULES,
+            "by_symmetry": {
+                s.name: decay_rule(
+                    adapter.family,
+                    hypers[tracked.group_of[tracked.index[s.params[0]]]],
+                    kind_of(s.kind).linear,
+                    exact_decay,
+                )
+                for s in tracked.symmetries
+            },
         },
         "every": every,
         "symmetry_note": note,

@@ -43,14 +43,11 @@ __all__ = ["FUSED_MIN_NUMEL", "STATE_VERSION", "Monitor", "MonitorFailure"]
 class Monitor:
     """Watches one optimizer of one model; create it with :func:`noether_dyn.watch`.
 
-    Attributes:
-        run_dir: where the run store lives. step: optimizer steps seen so far (the next step's
-        number). symmetries: the tracked symmetries. adapter: the optimizer adapter (its
-        ``name``, ``metric_name`` and ``fallback``). fused: whether logged steps use the
-        compiled statistics. compiled: the compiled backend (``compiled_ok``: a compiled call
-        succeeded; ``programs``). sharded: parameters are sharded (FSDP2). writes: whether this
-        rank writes the store (rank 0). on_stats: None, or a callable given each logged step's
-        (n_tensors, len(STATS)) statistics before any cross-rank reduction (a seam for tests).
+    Attributes: run_dir (the store), step (steps seen), symmetries, adapter (``name``,
+        ``metric_name``, ``fallback``), fused (compiled statistics in use), compiled (its backend:
+        ``compiled_ok``, ``programs``), sharded (FSDP2), writes (rank 0 writes), on_stats (None or
+        a callable given each logged step's (n_tensors, len(STATS)) statistics before any
+        cross-rank reduction: a seam for tests).
     """
 
     def __init__(
@@ -70,6 +67,7 @@ class Monitor:
         snapshot: bool = False,
         fused: bool | None = None,
         sinks: Sequence[Any] | None = (),
+        exact_decay: bool = False,
     ) -> None:
         checks.check_arguments(model, optimizer, every, (flush_every, flush_seconds), resume,
                                overwrite, fused, getattr(optimizer, _ATTR, None), snapshot,
@@ -80,7 +78,7 @@ class Monitor:
         self.tracked = t = Tracked(model, optimizer, symmetries)
         self.device, self.sharded = t.device, t.sharded
         self.names, self.params, self.group_of = t.names, t.params, t.group_of
-        self._options = (every, snapshot, fused, flush_every, flush_seconds, sinks)
+        self._options = (every, snapshot, fused, flush_every, flush_seconds, sinks, exact_decay)
         self._plan, hypers = None, self._track(t.symmetries)
         self._state = mstate.monitor_states(t.n_groups)
         self._sample = zero_config(model, t, detect_first)
@@ -93,7 +91,7 @@ class Monitor:
         if self.writes:  # storage errors: StoreError naming the path (storage.StoreHandle)
             meta = None if resume else run_meta(model, optimizer, t, self.adapter, hypers,
                                                 self._predictor.regime, every, symmetry_note,
-                                                self._checkpoint())  # fmt: skip
+                                                self._checkpoint(), exact_decay)  # fmt: skip
             self._store = StoreHandle(self.run_dir, "resume" if resume else "overwrite" if
                                       overwrite else "new", meta, None if resume else
                                       t.symmetries)  # fmt: skip

@@ -48,14 +48,14 @@ def assemble(
     tracked: Tracked,
     optimizer: torch.optim.Optimizer,
     adapter: OptimizerAdapter,
-    options: tuple[int, bool, bool | None, int, float, Sequence[Any] | None],
+    options: tuple[int, bool, bool | None, int, float, Sequence[Any] | None, bool],
     reduced: Callable[[torch.Tensor], torch.Tensor],
 ) -> Parts:
     """The parts for ``tracked.symmetries``; ``options`` are watch()'s (every, snapshot, fused,
-    flush_every, flush_seconds, sinks), ``reduced`` the monitor's cross-rank sum."""
-    every, snapshot, fused, flush_every, flush_seconds, sinks = options
+    flush_every, flush_seconds, sinks, exact_decay), ``reduced`` the monitor's cross-rank sum."""
+    every, snapshot, fused, flush_every, flush_seconds, sinks, exact_decay = options
     t = tracked
-    matrix = ChargeMatrix(t.symmetries, t.index, t.device)
+    matrix = ChargeMatrix(t.symmetries, t.index, t.device, adapter.family)
     hypers = [adapter.hyper(optimizer, g) for g in optimizer.param_groups]
     predictor = ChargePredictor(
         regime_for(adapter.name, [h.beta for h in hypers]), matrix.linear_flags
@@ -64,6 +64,6 @@ def assemble(
     eager = EagerStats(t, matrix, adapter)
     compiled = CompiledStats(t, matrix, adapter, step_rows)
     planner = Planner(t, adapter, eager, compiled, every, snapshot, fused)
-    prediction = Prediction(t, matrix, eager, predictor, reduced)
+    prediction = Prediction(t, matrix, eager, predictor, reduced, optimizer, exact_decay)
     buffer = RowBuffer(flush_every, flush_seconds, len(t.symmetries), sinks, t.symmetries)
     return Parts(matrix, predictor, step_rows, eager, compiled, planner, prediction, buffer, hypers)

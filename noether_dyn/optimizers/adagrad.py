@@ -19,6 +19,7 @@ from noether_dyn.optimizers.rmsprop import preconditioned_step
 
 class AdagradAdapter(OptimizerAdapter):
     name = "adagrad"
+    family = "adagrad"
     metric_name = "G = diag(sqrt(sum g^2) + eps)"
     optimizers = (torch.optim.Adagrad,)
 

@@ -1,4 +1,6 @@
-"""Adam and AdamW: G = diag(sqrt(v_hat) + eps), v_hat = v / (1 - beta2^k) (THEORY.md §2).
+"""Adam and AdamW: G = diag(sqrt(v_hat) + eps) / (1 - beta1), v_hat = v / (1 - beta2^k)
+(THEORY.md §2; the metric convention of docs/conventions.md: Adam's first moment is a buffer
+dampened by d = beta1, and the dampening belongs in G = P / (1 - d) as for SGD).
 
 beta = beta1 is the momentum of the Lagrangian. With ``amsgrad`` the running maximum of v is the
 one that preconditions the step. AdamW (or Adam with ``decoupled_weight_decay=True``) applies
@@ -24,14 +26,17 @@ from noether_dyn.records import COEF_WIDTH
 
 
 def adam_rule(q1, g, state, c):
-    """G = sqrt(v) c1 + c3 (c1 = 1 / sqrt(1 - beta2^k), c3 = eps); dq = c0 m / G + c2 q1, with
-    c0 = -lr / (1 - beta1^k) / (1 - d) and c2 = -d / (1 - d), d = lr lambda when decoupled."""
+    """P = sqrt(v) c1 + c3 (c1 = 1 / sqrt(1 - beta2^k), c3 = eps); dq = c0 m / P + c2 q1, with
+    c0 = -lr / (1 - beta1^k) / (1 - d) and c2 = -d / (1 - d), d = lr lambda when decoupled;
+    G = P / c4 with c4 = 1 - beta1 (the metric convention)."""
     m, v = state
     dt = q1.dtype
     # in place on the rule's own temporaries: the same roundings, fewer buffers when run eagerly
-    metric = v.sqrt().mul_(c[1].to(dt)).add_(c[3].to(dt))
-    inverse = metric.reciprocal()
-    return (m * inverse).mul_(c[0].to(dt)).add_(q1 * c[2].to(dt)), metric, inverse
+    precond = v.sqrt().mul_(c[1].to(dt)).add_(c[3].to(dt))
+    inverse = precond.reciprocal()
+    dq = (m * inverse).mul_(c[0].to(dt)).add_(q1 * c[2].to(dt))
+    keep = c[4].to(dt)
+    return dq, precond.div_(keep), inverse.mul_(keep)
 
 
 def adam_count_rule(q1, g, state, c):
@@ -43,7 +48,8 @@ def adam_count_rule(q1, g, state, c):
     k = k.to(torch.float64)
     step_size = c[0] / (1.0 - c[1] ** k) / c[4]
     bc2_sqrt_inv = 1.0 / torch.sqrt(1.0 - c[2] ** k)
-    return adam_rule(q1, g, (m, v), torch.stack([step_size, bc2_sqrt_inv, c[5], c[3]]))
+    row = torch.stack([step_size, bc2_sqrt_inv, c[5], c[3], 1.0 - c[1]])
+    return adam_rule(q1, g, (m, v), row)
 
 
 def _counts_in_program(group: dict, counts: list, device: torch.device) -> bool:
@@ -68,7 +74,8 @@ def _step(group: dict, state: dict) -> float | torch.Tensor:
 
 class AdamAdapter(OptimizerAdapter):
     name = "adam"
-    metric_name = "G = diag(sqrt(v_hat) + eps)"
+    family = "adam"
+    metric_name = "G = diag(sqrt(v_hat) + eps) / (1 - beta1)"
     optimizers = (torch.optim.Adam, torch.optim.AdamW)
     normalization = "decoupled"
 
@@ -86,6 +93,12 @@ class AdamAdapter(OptimizerAdapter):
     def metric(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
     ) -> Metric:
+        return _to_metric(self._preconditioner(optimizer, group, params), group)
+
+    def _preconditioner(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """P = sqrt(v_hat) + eps per parameter (fresh tensors: the caller may scale them)."""
         beta2 = scalar(group["betas"][1])
         eps = float(group["eps"])
         key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
@@ -138,6 +151,7 @@ class AdamAdapter(OptimizerAdapter):
                     1.0 / math.sqrt(1.0 - beta2**k),
                     -d / (1.0 - d),
                     eps,
+                    1.0 - beta1,
                 ]
                 for k in steps
             ]
@@ -157,7 +171,16 @@ class AdamAdapter(OptimizerAdapter):
         coef[:, 1] = bc2_sqrt.reciprocal()
         coef[:, 2] = -d / (1.0 - d)
         coef[:, 3] = eps
+        coef[:, 4] = 1.0 - beta1
         return FusedStep(adam_rule, tensors, coef)
+
+
+def _to_metric(precond: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+    """G = P / (1 - beta1) (docs/conventions.md), in place on the fresh preconditioner tensors."""
+    beta1 = scalar(group["betas"][0])
+    if beta1:
+        torch._foreach_div_(precond, 1.0 - beta1)
+    return precond
 
 
 def _denominator(

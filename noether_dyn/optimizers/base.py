@@ -78,6 +78,12 @@ class OptimizerAdapter:
     metric_name: ClassVar[str] = "G = I"
     optimizers: ClassVar[tuple[type, ...]] = ()
     fallback: ClassVar[bool] = False
+    family: ClassVar[str] = "sgd"
+    """The rule's family for THEORY §4's effective rate (a key of
+    ``noether_dyn.quantities.effective_rate.FAMILIES``: ``"sgd"``, ``"adam"``, ``"rmsprop"``,
+    ``"adagrad"``). The Euclidean fallback declares ``"sgd"``: an unknown optimizer is read as a
+    plain gradient step with G = I and no momentum, so eta_eff = eta / r^2 there is an
+    assumption, flagged by ``metric_fallback`` in the run's metadata."""
     normalization: ClassVar[str | None] = None
     """How THEORY §4 reads a scale-invariant layer under this rule (a key of
     ``noether_dyn.quantities.normalization.RULES``: ``"l2"`` for coupled L2 decay with heavy-ball
@@ -102,6 +108,13 @@ class OptimizerAdapter:
         """Whether :meth:`fused_step` can rebuild this group's step from the optimizer's state,
         so that the monitor needs no snapshot of the parameters (no memory held per parameter)."""
         return False
+
+    def momentum_buffers(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> list[torch.Tensor] | None:
+        """The heavy-ball buffers b_n after the step, per parameter, for rules whose exact charge
+        prediction reads them (SGD with Nesterov); None for every other rule."""
+        return None
 
     def fused_step(
         self,

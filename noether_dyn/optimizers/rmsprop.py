@@ -48,6 +48,7 @@ def undecayed_rule(q1, g, state, c):
 
 class RMSpropAdapter(OptimizerAdapter):
     name = "rmsprop"
+    family = "rmsprop"
     metric_name = "G = diag(sqrt(v) + eps)"
     optimizers = (torch.optim.RMSprop,)
 

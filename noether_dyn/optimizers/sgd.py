@@ -1,8 +1,9 @@
 """SGD with momentum, Nesterov, dampening and coupled weight decay: G = I (THEORY.md §2).
 
 Heavy ball ``b <- beta b + (1 - d)(g + lambda q)``, ``q <- q - eta b``. Dampening d scales the
-force by (1 - d), which is the isotropic metric G = I / (1 - d). Nesterov is the same flow to first
-order in eta (Tanaka & Kunin 2021, §2), with the same m and tau.
+force by (1 - d), which is the isotropic metric G = I / (1 - d) (docs/conventions.md); torch's
+first step fills the buffer undamped (``b_0 = u_0``), so that step has G = I. Nesterov is the
+same flow to first order in eta (Tanaka & Kunin 2021, §2), with the same m and tau.
 """
 
 from __future__ import annotations
@@ -36,11 +37,19 @@ def direct_rule(q1, g, state, c):
 
 class SGDAdapter(OptimizerAdapter):
     name = "sgd"
-    metric_name = "G = I / (1 - dampening)"
+    family = "sgd"
+    metric_name = "G = I / (1 - dampening); G = I on torch's undamped first step"
     optimizers = (torch.optim.SGD,)
     normalization = "l2"
 
+    def __init__(self) -> None:
+        self._first: dict[int, bool] = {}  # per group: the coming step is torch's first
+
     def hyper(self, optimizer: torch.optim.Optimizer, group: dict) -> GroupHyper:
+        # read before each step: whether its buffers are still empty (the undamped first step)
+        self._first[id(group)] = all(
+            optimizer.state.get(p, {}).get("momentum_buffer") is None for p in group["params"]
+        )
         return GroupHyper(
             lr=scalar(group["lr"]),
             beta=scalar(group.get("momentum", 0.0)),
@@ -52,12 +61,20 @@ class SGDAdapter(OptimizerAdapter):
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
     ) -> Metric:
         dampening = scalar(group.get("dampening", 0.0))
-        if dampening and scalar(group.get("momentum", 0.0)):
+        first = self._first.get(id(group), False)
+        if dampening and scalar(group.get("momentum", 0.0)) and not first:
             return 1.0 / (1.0 - dampening)
         return None
 
     def can_reconstruct(self, group: dict) -> bool:
         return True
+
+    def momentum_buffers(
+        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
+    ) -> list[torch.Tensor] | None:
+        if not scalar(group.get("momentum", 0.0)):
+            return None
+        return [optimizer.state[p]["momentum_buffer"] for p in params]
 
     def fused_step(
         self,

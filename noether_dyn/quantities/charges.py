@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from noether_dyn.quantities.effective_rate import FAMILIES, effective_rate
 from noether_dyn.records import CHARGE_COLUMNS, COL, S_, STATS
 from noether_dyn.symmetries.kinds import kind_of
 from noether_dyn.symmetries.symmetry import Symmetry
@@ -48,6 +49,10 @@ class ChargeMatrix:
         symmetries: the symmetries, each naming parameters in ``index``.
         index: parameter name -> position in the monitor's tensor list.
         device: where the per-tensor statistics live.
+        family: the optimizer family (``OptimizerAdapter.family``) whose effective rate
+            (:func:`~noether_dyn.quantities.effective_rate.effective_rate`) fills the
+            ``effective_lr`` column of normalized kinds: eta/((1 - beta) r^2) for SGD(M),
+            eta/r for Adam, eta/((1 - beta) r) for RMSprop, eta/r for Adagrad.
 
     Attributes:
         signs: (n_symmetries, n_tensors) float64, the generator's sign on each tensor (0 off it).
@@ -61,8 +66,15 @@ class ChargeMatrix:
     """
 
     def __init__(
-        self, symmetries: Sequence[Symmetry], index: dict[str, int], device: torch.device
+        self,
+        symmetries: Sequence[Symmetry],
+        index: dict[str, int],
+        device: torch.device,
+        family: str = "sgd",
     ) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}.")
+        self.family = family
         n_t = len(set(index.values()))
         self.symmetries = list(symmetries)
         self.kinds = [kind_of(s.kind) for s in self.symmetries]
@@ -120,6 +132,10 @@ class ChargeMatrix:
             g_xi, xi_sq = cols.pop("g_xi"), cols.pop("xi_sq")
             cols["defect"] = g_xi.abs() / torch.sqrt((signs.abs() @ x["GG"]) * xi_sq)
             cols["grad_sq"] = signs @ x["GG"]
+            if kind.normalized:  # THEORY §4 by family: the direction's rate from r^2 = |q_A|^2
+                cols["effective_lr"] = effective_rate(
+                    self.family, eta[lead], signs.abs() @ x["QQ"], beta[lead]
+                )
             zero = torch.zeros_like(g_xi)
             nan = torch.full_like(g_xi, float("nan"))
             block = torch.stack(
@@ -130,5 +146,5 @@ class ChargeMatrix:
 
 
 _SUMS = frozenset({"QS", "GS", "DS", "GDS"})
-_OPTIONAL = ("effective_lr", "angular_update")
+_OPTIONAL = ("predicted_ode", "effective_lr", "angular_update")
 """Columns a kind may leave out (NaN for it); the others it leaves out are 0 (``predicted``)."""

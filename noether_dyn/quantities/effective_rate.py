@@ -56,6 +56,15 @@ def rate_exponent(family: str) -> int:
     return 2 if family == "sgd" else 1
 
 
+RATE_RULES = {
+    "sgd": "eta_eff = eta / ((1 - beta) r^2), rad per step per unit |ghat| (SGD(M): r^-2)",
+    "adam": "eta_eff = eta / r, rad per step per unit |u| (Adam/AdamW: r^-1)",
+    "rmsprop": "eta_eff = eta / ((1 - beta) r), rad per step per unit |u| (RMSprop: r^-1)",
+    "adagrad": "eta_eff = eta / r, rad per step per unit |u| (Adagrad: r^-1)",
+}
+"""The effective-rate formula of each family, in words (stored in a run's metadata)."""
+
+
 def effective_rate(
     family: str, lr: torch.Tensor | float, norm_sq: torch.Tensor | float, beta: float = 0.0
 ) -> torch.Tensor:

@@ -43,10 +43,11 @@ class StepRows:
 
     Calling it with ``stats`` (n_tensors, len(STATS)), ``hyper`` (n_groups, 5), the step's
     ``loss`` (a 0-d tensor of any float dtype, NaN when not logged) and ``prediction`` (the
-    predictor's (value, velocity, constants) before the step, or None) returns
+    predictor's (value, velocity, constants, exact value or None) before the step, or None) returns
     ``(row, groups, charges, tensors, advanced)``: row (6,) = loss, L2 term of V, kinetic T,
     |q|, |g|, |dq| over all tensors; groups (n_groups, 2) = kinetic, L2 per group; charges
-    (n_symmetries, 11) with the prediction in its ``predicted`` column (0 without one), or None
+    (n_symmetries, len(CHARGE_COLUMNS)) with the prediction in its ``predicted`` (and
+    ``predicted_ode``) column (0 and NaN without one), or None
     without symmetries; tensors (n_tensors, 5) = |q|^2, |g|^2, |dq|^2, dq^T G dq, mean 1/G_ii;
     advanced: the predictor's (value, velocity) after the step, or None.
     """
@@ -96,8 +97,12 @@ class StepRows:
             eta, lam, beta = per_tensor[:, 2], per_tensor[:, 3], per_tensor[:, 4]
             charges = self.matrix.rows(stats, eta, lam, beta)
             if prediction is not None:
-                value, velocity, constants = prediction
-                charges[:, COL["predicted"]] = value
+                value, velocity, constants, exact = prediction
+                if exact is None:
+                    charges[:, COL["predicted"]] = value
+                else:  # the exact discrete prediction, and the continuous ODE beside it
+                    charges[:, COL["predicted"]] = exact
+                    charges[:, COL["predicted_ode"]] = value
                 signs = self.matrix.signs
                 advanced = advance_charge(
                     self.regime,

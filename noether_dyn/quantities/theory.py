@@ -6,7 +6,11 @@ Three regimes, chosen per run from the learning rule:
     scale, rescale: ``Q_{n+1} = (1 - eta lambda)^2 Q_n + sum_A s_A eta_A^2 |g_A|^2``;
     translation: ``Q_{n+1} = (1 - eta lambda) Q_n``. The residual against the measured charge
     is the accumulated symmetry defect (BatchNorm's eps, rounding).
-``"momentum"`` (SGD with momentum, continuous theory; Kunin et al., "Neural Mechanics", 2021)
+``"momentum"`` (SGD with momentum) stores two predictions. ``predicted``: the exact discrete
+    recurrence of :class:`~noether_dyn.quantities.momentum.MomentumPredictor` (torch's start-up
+    step, dampening, Nesterov and changing rates included; its residual is the accumulated
+    symmetry defect), held in :attr:`ChargePredictor.exact`. ``predicted_ode``: the continuous
+    theory (Kunin et al., "Neural Mechanics", 2021), first order in eta:
     ``Q'' + 2 gamma Q' + omega^2 Q = F(t)`` with ``gamma = (1 - beta)/(eta (1 + beta))``,
     ``omega^2 = 4 lambda / (eta (1 + beta))`` and ``F = 2 |q'_A|^2`` (signed for rescale);
     translation: ``omega^2 = 2 lambda / (eta (1 + beta))``, ``F = 0``. Q(0) is the measured
@@ -27,6 +31,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+
+from noether_dyn.quantities.momentum import MomentumPredictor, TranslationDecayShare
 
 REGIMES = ("sgd", "momentum", "flow")
 
@@ -87,6 +93,13 @@ class ChargePredictor:
         self.velocity: torch.Tensor | None = None
         self._is_trans: torch.Tensor | None = None
         self._constants: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+        self.exact: MomentumPredictor | None = None
+        """The exact discrete prediction ("momentum" regime; set by the monitor, which knows each
+        symmetry's Nesterov flag): then ``value`` is the ODE's and ``exact.value`` is stored as
+        ``predicted``."""
+        self.translation_share: TranslationDecayShare | None = None
+        """Weight decay's share of translation charges through the momentum buffer (set by the
+        monitor under SGD with momentum); checkpointed with the predictions."""
 
     @property
     def needs_grad_sq(self) -> bool:
@@ -161,13 +174,40 @@ class ChargePredictor:
 
     def state_dict(self) -> dict:
         """Host copy (lists of floats) for the store and checkpoints; syncs: call at flush only."""
-        return {
+        out = {
             "regime": self.regime,
             "value": None if self.value is None else self.value.tolist(),
             "velocity": None if self.velocity is None else self.velocity.tolist(),
         }
+        ex = self.exact
+        if ex is not None and ex.value is not None:
+            out["exact"] = {
+                "value": ex.value.tolist(),
+                "carry": ex.carry.tolist(),
+                "cross": ex.cross.tolist(),
+                "fresh": ex.fresh,
+            }
+        share = self.translation_share
+        if share is not None and share.carry is not None:
+            out["decay_carry"] = share.carry.tolist()
+        return out
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
+        share = self.translation_share
+        if share is not None:
+            carry = state.get("decay_carry")
+            share.carry = (
+                None if carry is None else torch.tensor(carry, dtype=torch.float64, device=device)
+            )
+        ex, saved = self.exact, state.get("exact")
+        if ex is not None:  # without a saved state it restarts at the next logged step
+            ex.value = ex.carry = ex.cross = None
+            if saved is not None:
+                ex.value, ex.carry, ex.cross = (
+                    torch.tensor(saved[k], dtype=torch.float64, device=device)
+                    for k in ("value", "carry", "cross")
+                )
+                ex.fresh = bool(saved["fresh"])
         if state.get("value") is None:
             self.value = self.velocity = None
             return

@@ -43,12 +43,19 @@ from noether_dyn.report.render import check_writable, output_format, write_docum
 from noether_dyn.store import Run
 
 RATE_NOTE = (
+    "The direction rate |dq|/(r²|g|) of each layer (r² = |q|², norms over the layer's tensors) "
+    "is in the same units for both runs: radians per step per unit of the gradient at unit "
+    "norm; it equals η_eff for a normalized layer under SGD. Shown as the median and the "
+    "10%–90% range over the last 20% of logged steps (not a mean, which a few steps can "
+    "dominate). "
     "B's per-layer rate is the mean over the layer's coordinates of η/G_ii, the rate at which "
     "the optimizer moves a raw coordinate per unit gradient: η/(√v_i + ε) for RMSprop and "
     "Adam (bias-corrected v), η for SGD. It comes from the run's per-tensor table "
     "(run.tensors: lr x inv_metric, averaged over the layer's tensors by size) at each logged "
     "step. For a normalized layer of A the same role is played by η_eff = η/((1 − β) r²), "
-    "which moves the unit direction; compare time courses and decays, not raw magnitudes."
+    "which moves the unit direction; compare time courses and decays, not raw magnitudes. "
+    "A coordinate mean of η/G_ii is dominated by dead units (√v ≈ 0: rate η/ε); the direction "
+    "rates above are not."
 )
 
 
@@ -67,6 +74,36 @@ def layer_rate(run: Run, params: tuple[str, ...]) -> tuple[np.ndarray, np.ndarra
     inv = data[:, pos, 4]  # inv_metric column
     rates = inv * lr[groups].to_numpy()
     return steps, rates @ sizes / sizes.sum()
+
+
+def direction_rate(run: Run, params: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and the per-layer direction rate ``|dq| / (r^2 |g|)`` over the tensors ``params``
+    (r^2 = |q|^2, norms over the layer's tensors together), from ``run.tensors``: the angle the
+    layer's direction turns per step (|dq|/r, small angles) per unit of the gradient at unit
+    norm (r |g|). The same units for every optimizer, and for a scale-invariant layer under SGD
+    equal to eta/r^2 (eta/((1 - beta) r^2) in momentum's steady state); coordinates that do not
+    move (dead units) add nothing, unlike a coordinate mean of eta/G_ii. Empty arrays without
+    a per-tensor table."""
+    meta = run.meta.get("parameters", []) or []
+    index = {p["name"]: i for i, p in enumerate(meta)}
+    pos = [index[n] for n in params if n in index]
+    steps, data = run.tensor_array()
+    if not pos or not len(steps):
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    qq, gg, dd = (data[:, pos, c].sum(axis=1) for c in (0, 1, 2))  # sq_norm, grad_sq, update_sq
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = np.sqrt(dd) / (qq * np.sqrt(gg))
+    return steps, np.where(np.isfinite(rate), rate, np.nan)
+
+
+def tail_quantiles(values: np.ndarray) -> tuple[float, float, float]:
+    """(10%, 50%, 90%) quantiles of the finite values over the last 20% of logged steps."""
+    tail = values[tail_mask(len(values))] if len(values) else values
+    tail = tail[np.isfinite(tail)]
+    if not len(tail):
+        return np.nan, np.nan, np.nan
+    q10, q50, q90 = np.quantile(tail, [0.1, 0.5, 0.9])
+    return float(q10), float(q50), float(q90)
 
 
 def _time_constant(rho: float) -> float:
@@ -109,6 +146,10 @@ def realized_rate(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return s["step"].to_numpy(), np.where(np.isfinite(rate), rate, np.nan)
 
 
+def _span(q: tuple[float, float, float]) -> str:
+    return "n/a" if not np.isfinite(q[0]) else f"{q[0]:.3g}–{q[2]:.3g}"
+
+
 def _tail_mean(values: np.ndarray) -> float:
     tail = values[tail_mask(len(values))]
     return float(np.nanmean(tail)) if np.isfinite(tail).any() else np.nan
@@ -133,7 +174,9 @@ def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
     for _, r in table.iterrows():
         params = tuple(params_a[r["symmetry"]])
         _, rate_layer = layer_rate(adaptive, params)
-        layer_b = _tail_mean(rate_layer) if len(rate_layer) else np.nan
+        layer_b = tail_quantiles(rate_layer)[1] if len(rate_layer) else np.nan
+        dir_a = tail_quantiles(direction_rate(normalized, params)[1])
+        dir_b = tail_quantiles(direction_rate(adaptive, params)[1])
         if params in b_scale:
             eff_b = _tail_mean(cube_b["effective_lr"][:, cube_b.index(b_scale[params])])
             status = f"scale symmetry {b_scale[params]}: η_eff shown"
@@ -152,9 +195,13 @@ def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
                 "A ρ_eff": r["rho_eff"],
                 "A 1/(1 − ρ_eff) (steps)": r["accumulator_steps"],
                 "A angular / theory": r["angular_ratio"],
+                "A direction rate median": dir_a[1],
+                "A direction rate q10–q90": _span(dir_a),
+                "B direction rate median": dir_b[1],
+                "B direction rate q10–q90": _span(dir_b),
                 f"B {cls_b} ρ": rho_b,
                 "B 1/(1 − ρ) (steps)": _time_constant(rho_b),
-                "B η/G per coordinate (layer mean)": layer_b,
+                "B η/G per coordinate (layer mean, median over steps)": layer_b,
                 "B η_eff (scale layer)": eff_b,
                 "B |dq|/|g| run-wide": _tail_mean(rate_b),
                 "B per-layer state": status,

@@ -33,6 +33,20 @@ SGD_RECURSION = m(
 MOMENTUM_ODE = m("Q″ + 2 γ Q′ + ", sup("ω", "2"), " Q = 2 ", sup(m("|", sub("q′", "A"), "|"), "2"))
 """Damped-oscillator prediction with momentum (THEORY §3.3; NM)."""
 
+MOMENTUM_RECURSION = m(
+    Q_NEXT,
+    " = (1 + ρ − 2 c) ",
+    Q_N,
+    " − ρ ",
+    sub("Q", "n−1"),
+    " + ",
+    sup(m("|", sub("dq", "n"), "|"), "2"),
+    " + ρ ",
+    sup(m("|", sub("dq", "n−1"), "|"), "2"),
+)
+"""Exact two-step recurrence of a scale charge under SGD with momentum (THEORY §3.2b):
+rho = beta eta_n / eta_{n-1}, c = (1 - d) eta lambda."""
+
 FLOW = m("Q(t) = ", sup("e", "−2 λ t"), " Q(0)")
 """What gradient flow conserves, up to weight decay (THEORY §3; NM)."""
 

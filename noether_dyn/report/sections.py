@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from noether_dyn.quantities.effective_rate import RATE_RULES
 from noether_dyn.report import figures
 from noether_dyn.report import formulas as F
 from noether_dyn.report.data import (
@@ -51,10 +52,13 @@ PREDICTION_TEXT = {
         "the symmetry defect alone.",
     ),
     "momentum": (
-        F.MOMENTUM_ODE,
-        "SGD with momentum: the damped oscillator above, from Neural Mechanics (Kunin et al. "
-        "2021; THEORY §3.3), driven by the measured updates. The residual is the finite-step "
-        "error of that continuous theory (first order in η).",
+        F.MOMENTUM_RECURSION,
+        "SGD with momentum: the exact discrete recurrence above (THEORY §3.2b; ρ = β η_n/η_(n−1), "
+        "c = (1 − d) η λ; torch's undamped first step, dampening and Nesterov included), rolled "
+        "from the first step with the measured updates. It is exact when the symmetry is, so the "
+        "residual is the symmetry defect alone. The continuous damped oscillator of Neural "
+        "Mechanics (Kunin et al. 2021; THEORY §3.3) is stored beside it as predicted_ode; its "
+        "residual is a finite-step error, first order in η.",
     ),
     "flow": (
         F.FLOW,
@@ -285,6 +289,23 @@ def charges_section(run: Run) -> Section:
     return Section("charges", title, blocks)
 
 
+def _decay_rule_note(run: Run) -> list:
+    """What the decay column holds per symmetry (meta ``decay``; absent in older runs)."""
+    decay = run.meta.get("decay") or {}
+    by_sym, rules = decay.get("by_symmetry") or {}, decay.get("rules") or {}
+    partial = sorted(n for n, r in by_sym.items() if r != "exact")
+    if not by_sym:
+        return [Note("This run does not record which rule filled its decay column.")]
+    if not partial:
+        return [Paragraph("decay is weight decay's true share of the change for every row.")]
+    return [
+        Note(
+            f"decay of {', '.join(partial)} is the {rules.get('instantaneous', 'instantaneous')}"
+            " (THEORY §3.1). The other rows hold weight decay's true share."
+        )
+    ]
+
+
 def ksb_section(run: Run) -> Section:
     """The exact decomposition decay / rule / ksb over time, and its totals."""
     title = "Kinetic symmetry breaking: decay, rule, KSB"
@@ -306,6 +327,7 @@ def ksb_section(run: Run) -> Section:
                 "charge. A term that dominates the accumulated change names what moves the charge.",
             ]
         ),
+        *_decay_rule_note(run),
     ]
     try:
         names, choice = figures.select_symmetries(run)
@@ -406,6 +428,12 @@ NORMALIZATION_HEADERS = {
 }
 
 
+def _rate_rule(run: Run) -> str:
+    """The effective-rate formula the run stored (runs before it was recorded used SGD's)."""
+    opt = run.meta.get("optimizer") or {}
+    return opt.get("effective_rate", RATE_RULES["sgd"] + " (recorded before rules by family)")
+
+
 def normalization_section(run: Run) -> Section:
     """Normalization as adaptive optimization, per normalized layer (THEORY §4)."""
     title = "Normalization as adaptive optimization"
@@ -431,9 +459,12 @@ def normalization_section(run: Run) -> Section:
                 "logged steps; the equilibrium time is 1/(1 − ρ_eff) for SGD(M) and 1/(2ηλ) for "
                 "AdamW; r*² (noise theory) is the square root of ",
                 F.RADIUS_NOISE,
-                ".",
+                ". Under the adaptive rules (Adam/AdamW, RMSprop, Adagrad) the preconditioner "
+                "rescales with the gradient, √v ∝ 1/r, so the direction's rate is η/r, not "
+                "η/r² (Kosson et al. 2024 RE; Gould & Tanaka 2024).",
             ]
         ),
+        Paragraph(f"Effective-rate rule of this run (column effective_lr): {_rate_rule(run)}."),
     ]
     table = scale_table(run)
     if table.empty:
@@ -466,8 +497,8 @@ def normalization_section(run: Run) -> Section:
     blocks.append(
         plot_or_note(
             "normalization",
-            "One colour per normalized layer. Left: effective learning rate η_eff = "
-            "η/((1 − β) r²) per step (log scale). Middle: angular update of the layer's "
+            "One colour per normalized layer. Left: effective learning rate "
+            f"{_rate_rule(run)} (log scale). Middle: angular update of the layer's "
             "direction in rad/step, dashed at its equilibrium θ*. Right: r² = |q|², the "
             "implied √v of RMSprop (log scale). Red bands: NaN/Inf steps.",
             lambda: figures.normalization_figure(run, table),

@@ -177,10 +177,14 @@ def check_symmetry(path: Path, name: str, kind: str, params: Any, signs: Any) ->
         raise fail(path, f"symmetry {name[:80]!r} is invalid: {exc}") from None
 
 
-def check_block_index(path: Path, table: str, index: list[tuple], n_rows: int, n_col: int) -> None:
+def check_block_index(
+    path: Path, table: str, index: list[tuple], n_rows: int, n_cols: tuple[int, ...]
+) -> list[int]:
     """Rows ``(first_step, n_steps, steps_length, data_length)`` of a block table, ordered by
-    first_step: lengths agree with n_steps, the row count (symmetries or tensors) and the
-    column count. Checked before any blob is read."""
+    first_step: lengths agree with n_steps, the row count (symmetries or tensors) and one of the
+    column counts ``n_cols`` (the current layout first, then older ones). Checked before any blob
+    is read. Returns each block's column count."""
+    widths = []
     for first, n, steps_len, data_len in index:
         if n < 1:
             raise fail(path, f"{table} block at step {first} has n_steps = {n}")
@@ -190,12 +194,16 @@ def check_block_index(path: Path, table: str, index: list[tuple], n_rows: int, n
                 f"{table} block at step {first}: its steps blob holds {steps_len} bytes, not "
                 f"8 x n_steps = {8 * n}",
             )
-        if data_len != 8 * n * n_rows * n_col:
+        width = next((c for c in n_cols if data_len == 8 * n * n_rows * c), None)
+        if width is None or (n_rows == 0 and data_len):
+            n_col = n_cols[0]
             raise fail(
                 path,
                 f"{table} block at step {first}: its data blob holds {data_len} bytes, not "
                 f"8 x {n} steps x {n_rows} rows x {n_col} columns = {8 * n * n_rows * n_col}",
             )
+        widths.append(width)
+    return widths
 
 
 def check_block_steps(

@@ -28,6 +28,7 @@ from noether_dyn.store.schema import (
     DROPPED_COLUMNS,
     GENERATION_KEY,
     GROUP_COLUMNS,
+    LEGACY_CHARGE_COLUMNS,
     STEP_COLUMNS,
     SYMMETRY_COLUMNS,
     TENSOR_COLUMNS,
@@ -45,6 +46,8 @@ class _BlockIndex:
     steps: np.ndarray
     n_rows: int
     n_col: int
+    widths: list[int]
+    """Each block's column count (``n_col``, or fewer in blocks of an older layout)."""
 
 
 class Run:
@@ -133,7 +136,6 @@ class Run:
         if not index.first or index.n_rows == 0:
             return np.zeros(0, dtype=np.int64), np.zeros((0, index.n_rows, index.n_col))
         data = np.empty((len(index.steps), index.n_rows, index.n_col))
-        size = 8 * index.n_rows * index.n_col
         con = open_existing(self.path, readonly=True)
         try:
             con.isolation_level = None
@@ -146,11 +148,11 @@ class Run:
                     "or replaced) after load_run read it. Call load_run again."
                 )
             at = 0
-            for first, n in zip(index.first, index.n_steps):
+            for first, n, width in zip(index.first, index.n_steps, index.widths):
                 head = con.execute(
                     f"SELECT n_steps, length(data) FROM {table} WHERE first_step = ?", (first,)
                 ).fetchone()
-                if head != (n, n * size):
+                if head != (n, n * 8 * index.n_rows * width):
                     raise StoreError(
                         f"The run store '{self.path}' changed after load_run read it ({table} "
                         f"block at step {first}). Call load_run again."
@@ -158,9 +160,12 @@ class Run:
                 (blob,) = con.execute(
                     f"SELECT data FROM {table} WHERE first_step = ?", (first,)
                 ).fetchone()
-                data[at : at + n] = np.frombuffer(blob, dtype="<f8").reshape(
-                    n, index.n_rows, index.n_col
-                )
+                block = np.frombuffer(blob, dtype="<f8").reshape(n, index.n_rows, width)
+                if width == index.n_col:
+                    data[at : at + n] = block
+                else:  # an older layout: its columns in place, the newer ones NaN
+                    data[at : at + n] = np.nan
+                    data[at : at + n, :, _legacy_positions(width)] = block
                 at += n
         except sqlite3.DatabaseError as exc:
             raise StoreError(
@@ -298,14 +303,21 @@ def _dropped(con: sqlite3.Connection, path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(DROPPED_COLUMNS))
 
 
+def _legacy_positions(width: int) -> list[int]:
+    """Where the columns of an older charge layout of ``width`` columns sit in CHARGE_COLUMNS."""
+    cols = next(c for c in LEGACY_CHARGE_COLUMNS.values() if len(c) == width)
+    return [CHARGE_COLUMNS.index(c) for c in cols]
+
+
 def _block_index(
     con: sqlite3.Connection, path: Path, table: str, n_rows: int, n_col: int
 ) -> _BlockIndex:
+    legacy = [len(c) for c in LEGACY_CHARGE_COLUMNS.values()] if table == "charge_blocks" else []
     """Check a block table's lengths without reading its blobs, then read and check its steps."""
     index = con.execute(
         f"SELECT first_step, n_steps, length(steps), length(data) FROM {table} ORDER BY first_step"
     ).fetchall()
-    checks.check_block_index(path, table, index, n_rows, n_col)
+    widths = checks.check_block_index(path, table, index, n_rows, (n_col, *legacy))
     parts, last = [], -(2**63)
     for (first, *_), (blob,) in zip(
         index, con.execute(f"SELECT steps FROM {table} ORDER BY first_step")
@@ -315,7 +327,7 @@ def _block_index(
         parts.append(steps)
         last = int(steps[-1])
     steps = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    return _BlockIndex([r[0] for r in index], [r[1] for r in index], steps, n_rows, n_col)
+    return _BlockIndex([r[0] for r in index], [r[1] for r in index], steps, n_rows, n_col, widths)
 
 
 def load_run(path: str | Path) -> Run:

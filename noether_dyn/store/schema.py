@@ -54,6 +54,10 @@ from __future__ import annotations
 from noether_dyn.records import CHARGE_COLUMNS, GROUP_COLUMNS, STEP_COLUMNS, TENSOR_COLUMNS
 
 SCHEMA_VERSION = 2
+"""2: the charge table gained ``predicted_ode`` (12 columns); 11-column blocks (version 1, and
+the blocks a migrated version-1 store kept) are still read, with ``predicted_ode`` NaN."""
+LEGACY_CHARGE_COLUMNS = {1: tuple(c for c in CHARGE_COLUMNS if c != "predicted_ode")}
+"""The charge columns of older schema versions, by version."""
 STORE_FILENAME = "run.sqlite"
 # meta key (an integer, absent until the first rewrite): how many times stored blocks were
 # rewritten (truncated or replaced), so that a reader holding a block index sees it is stale.

@@ -1,6 +1,7 @@
 """Scale symmetry: f(a q_A) = f(q_A) for a > 0 (a layer feeding a normalization); xi = q_A,
-Q = |q_A|^2 (Kunin et al., "Neural Mechanics", ICLR 2021). Its direction qhat = q / |q| moves with
-the effective rate eta / ((1 - beta) |q|^2) and turns by the angle between q_n and q_{n+1}."""
+Q = |q_A|^2 (Kunin et al., "Neural Mechanics", ICLR 2021). Its direction qhat = q / |q| turns by the
+angle between q_n and q_{n+1} (``angular_update``); its effective rate, which depends on the
+optimizer family, is formed by the charge matrix (``noether_dyn.quantities.effective_rate``)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ class Scale(Quadratic):
 
     def columns(self, signs, x, eta, lam, half_m, lead):
         out = super().columns(signs, x, eta, lam, half_m, lead)
-        eta_lead, beta_lead = lead
         a = signs.abs()
         norm_sq, cross, step_sq = a @ x["QQ"], a @ x["DQ"], a @ x["DD"]
         sine = torch.sqrt(torch.clamp(norm_sq * step_sq - cross.square(), min=0.0))
-        out["effective_lr"] = eta_lead / ((1.0 - beta_lead) * norm_sq)
         out["angular_update"] = torch.atan2(sine, norm_sq + cross)
         return out
