@@ -63,7 +63,7 @@ def mixture(
 class BNMLP(nn.Module):
     """``x -> fc1 -> bn1 -> relu -> fc2 -> [bn2] -> relu -> head`` (softmax cross-entropy).
 
-    Symmetries (THEORY.md §3): ``fc1.weight`` (and ``fc2.weight`` with ``bn2``) are
+    Symmetries (docs/theory.md §3): ``fc1.weight`` (and ``fc2.weight`` with ``bn2``) are
     scale-invariant (they feed BatchNorm, and have no bias); without ``bn2`` each hidden unit of
     ``fc2`` is rescale-invariant between ``(fc2.weight, fc2.bias)`` and ``head.weight`` (ReLU is
     positively homogeneous); ``(head.weight, head.bias)`` is translation-invariant per input column
@@ -142,7 +142,8 @@ def train(
     ``after_step(n)``, if given, runs after ``optimizer.step()`` of step n (outside the
     optimizer, so outside the monitor's view); a dict it returns is kept in ``records``.
     ``snapshot`` is passed to ``watch``: True (the default here) takes dq_n = q_{n+1} - q_n from
-    a copy of the parameters, so the exact identities of THEORY §3.1-3.2 hold to the rounding of
+    a copy of the parameters, so the exact identities of docs/theory.md §3.1-3.2 hold to the
+    rounding of
     the reductions; False rebuilds dq_n from the optimizer's state (the toolkit's default), which
     misses the rounding of q_{n+1} = q_n + dq_n.
     """

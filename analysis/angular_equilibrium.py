@@ -2,7 +2,7 @@
 
 Wan, Zhu, Zhang, Sun, "Spherical Motion Dynamics: Learning Dynamics of Normalized Neural Network
 using SGD and Weight Decay", NeurIPS 2021 (SMD); Kosson, Messmer, Jaggi, "Rotational Equilibrium:
-How Weight Decay Balances Learning Across Neural Networks", ICML 2024 (RE); THEORY.md §4.
+How Weight Decay Balances Learning Across Neural Networks", ICML 2024 (RE); docs/theory.md §4.
 
 A scale-invariant weight (here ``fc1.weight`` and ``fc2.weight``, each feeding BatchNorm, no bias)
 trained with weight decay reaches an equilibrium norm where the norm growth from the (orthogonal)
@@ -15,7 +15,8 @@ noise,
 A float64 MLP ``fc1 -> BN -> ReLU -> fc2 -> BN -> ReLU -> head`` learns a Gaussian mixture with
 30% label noise (the loss cannot reach zero, so minibatch gradients stay noisy) from random
 batches, for three (eta, lambda) settings per optimizer (two with ``--quick``). The norm relaxes
-to equilibrium in about 1/(4 eta lambda/(1-beta)) steps (SGDM, the r^4 decay rate of THEORY §4)
+to equilibrium in about 1/(4 eta lambda/(1-beta)) steps (SGDM, the r^4 decay rate of docs/theory.md
+§4)
 or 1/(2 eta lambda) (AdamW, whose update size does not depend on r); the settings keep that under
 a tenth of the run. Weight decay acts on the two scale-invariant weights only (the usual practice
 of exempting norm gains and biases). With decay on every parameter, the strongest AdamW setting

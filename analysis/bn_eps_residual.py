@@ -4,7 +4,8 @@ A weight feeding BatchNorm is scale invariant only up to eps: BN divides by sqrt
 rescaling the weight by c rescales var by c^2 but not eps, so ``<g, q>`` is of order
 ``eps / (var + eps)`` times |g||q| instead of zero (Kunin et al., "Neural Mechanics", ICLR 2021,
 note that normalization symmetries are exact only with eps = 0). The exact predictions of
-:mod:`noether_dyn.quantities.momentum` (SGD with momentum) and THEORY §3.2 (plain SGD) assume the
+:mod:`noether_dyn.quantities.momentum` (SGD with momentum) and docs/theory.md §3.2 (plain SGD)
+assume the
 symmetry, so their residual against the measured charge is the accumulated defect: it must
 scale with eps down to float64 rounding.
 

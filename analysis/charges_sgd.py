@@ -1,14 +1,15 @@
 """Three Noether charges of a BatchNorm/ReLU/softmax network under SGD, against Neural Mechanics.
 
 Kunin, Sagastuy-Brena, Ganguli, Yamins, Tanaka, "Neural Mechanics: Symmetry and Broken
-Conservation Laws in Deep Learning Dynamics", ICLR 2021; THEORY.md §3.2-3.3.
+Conservation Laws in Deep Learning Dynamics", ICLR 2021; docs/theory.md §3.2-3.3.
 
 A float64 MLP ``fc1 -> BN -> ReLU -> fc2 -> ReLU -> head`` learns a Gaussian mixture (10% label
 noise) from random minibatches. Three symmetries are declared by hand: scale of ``fc1.weight``
 (it feeds BatchNorm), rescale of the ReLU units of ``fc2`` (in: ``fc2.weight, fc2.bias``; out:
 ``head.weight``), translation of the softmax head (``head.weight, head.bias``). Runs:
 
-* ``sgd``: SGD with weight decay. The monitor's prediction (regime "sgd", THEORY §3.2) is exact
+* ``sgd``: SGD with weight decay. The monitor's prediction (regime "sgd", docs/theory.md §3.2) is
+exact
   given the symmetry, so ``charge - predicted`` is the accumulated symmetry defect. Per step the
   residual is ``r_n = -2 (1 - eta lambda) eta <g_n, xi(q_n)>`` (scale; translation:
   ``-eta <g_n, 1>``), whose size is ``2 (1 - eta lambda) eta defect_n |g_n| |xi_n|`` with the
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ]
     write_results(
         Path(args.out),
-        "Charges under SGD and SGD+momentum (Neural Mechanics, THEORY §3.2-3.3)",
+        "Charges under SGD and SGD+momentum (Neural Mechanics, docs/theory.md §3.2-3.3)",
         {"table": table, "scaling": scaling},
         fig,
         "charges.png",

@@ -1,7 +1,7 @@
 """Deep classifiers on two spirals: what a plain tanh MLP, a forward-Euler ResNet and a symplectic
 net each tolerate, read through gradient transmission and sigma_min / sigma_max per layer.
 
-THEORY.md §5; Haber & Ruthotto, "Stable architectures for deep neural networks" (2018).
+docs/theory.md §5; Haber & Ruthotto, "Stable architectures for deep neural networks" (2018).
 Each model is embed (Linear 2 -> dim) -> body of ``depth`` layers -> head (Linear dim -> 2):
 
 * ``tanh_mlp``: TanhMLP (y <- tanh(W y + b), default nn.Linear init); no step size.

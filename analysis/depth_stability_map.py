@@ -1,7 +1,7 @@
 """CFL-type stability study: the smallest stable depth of a net that integrates one vector field
 over a fixed horizon, against the field's stiffness and the width.
 
-THEORY.md §5; Haber & Ruthotto, "Stable architectures for deep neural networks", Inverse
+docs/theory.md §5; Haber & Ruthotto, "Stable architectures for deep neural networks", Inverse
 Problems 34 (2018) (a residual layer is stable when |1 + h lambda| <= 1); Hairer, Lubich,
 Wanner, "Geometric Numerical Integration" (2006), §I.1 and §I.5 (linear stability of
 forward Euler, symplectic Euler and Stormer-Verlet on the harmonic oscillator).

@@ -1,7 +1,7 @@
 """Filter-norm ablation: normalization as implicit adaptive optimization (NLD section 4).
 
 Tanaka & Kunin, "Noether's Learning Dynamics: Role of Symmetry Breaking in Neural Networks",
-NeurIPS 2021, section 4; THEORY.md §4.
+NeurIPS 2021, section 4; docs/theory.md §4.
 
 A float64 MLP ``fc1 -> BN -> ReLU -> fc2 -> BN -> ReLU -> head`` (``fc1``, ``fc2`` without bias,
 so each is scale-invariant: symmetries ``scale:fc1``, ``scale:fc2``) learns a Gaussian mixture with
@@ -9,7 +9,8 @@ plain SGD (no momentum, no weight decay) at a low and a high rate, in two varian
 
 * ``free``: the weights feeding BatchNorm move freely. Their norm r grows (r_{n+1}^2 = r_n^2 +
   eta^2 |g_n|^2 exactly, given the symmetry), so the rate at which their direction moves,
-  eta_eff = eta / r^2, decays: THEORY §4's (r^4)' = (2 eta (1+beta)/(1-beta)^3) |ghat|^2, here
+  eta_eff = eta / r^2, decays: docs/theory.md §4's (r^4)' = (2 eta (1+beta)/(1-beta)^3) |ghat|^2,
+  here
   (beta = 0, t = n eta) r^4_{n+1} - r^4_n = 2 eta^2 |ghat_n|^2 to first order in the step, an
   Adagrad-like accumulator (eta_eff = eta / sqrt(r_0^4 + 2 eta^2 sum |ghat|^2)), with
   |ghat|^2 = |g|^2 r^2 = ``grad_sq * charge`` (the gradient at unit norm).
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ]
     write_results(
         Path(args.out),
-        "Filter-norm ablation: free vs constrained BN-fed weights (NLD §4, THEORY §4)",
+        "Filter-norm ablation: free vs constrained BN-fed weights (NLD §4, docs/theory.md §4)",
         {"table": table},
         fig,
         "filter_norm.png",

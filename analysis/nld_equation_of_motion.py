@@ -1,6 +1,6 @@
 """NLD's equation of motion for the Noether charge, measured under SGD with momentum.
 
-Tanaka & Kunin, "Noether's Learning Dynamics" (NeurIPS 2021), THEORY.md §3: with
+Tanaka & Kunin, "Noether's Learning Dynamics" (NeurIPS 2021), docs/theory.md §3: with
 ``C = m <G q', xi>`` (m = eta (1 + beta)/2, G = I for SGD, q' = dq / eta), Noether's identity
 gives ``dC/dt + C/tau = d_sT - d_sV`` with tau = eta (1 + beta) / (2 (1 - beta)),
 ``d_sT = m |q'|^2_xi`` (scale, rescale with signs; 0 for translation) and

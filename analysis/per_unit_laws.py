@@ -22,7 +22,7 @@ Numerical count, at a random parameter point, float64:
   squared error head (no softmax) the same count gives 16.
 
 Per-unit breaking under SGD (lr 0.1, no decay, no momentum, 200 steps): each unit's change is
-exactly its kinetic term ``|dq_unit|^2_S`` (THEORY §3.1); the table compares
+exactly its kinetic term ``|dq_unit|^2_S`` (docs/theory.md §3.1); the table compares
 ``sum_units |dQ_unit|`` with ``|dQ_layer|`` per step (summed over steps), and the drift of each
 unit's charge over the run with the layer's drift.
 

@@ -2,7 +2,7 @@
 
 Kunin et al., "Neural Mechanics", ICLR 2021 (translation symmetry of softmax logits); Tanaka &
 Kunin, "Noether's Learning Dynamics", NeurIPS 2021 (a preconditioner is a kinetic metric that
-breaks the symmetry); THEORY.md §3 and §3.1.
+breaks the symmetry); docs/theory.md §3 and §3.1.
 
 The charge is Q = <q_A, 1>, the sum of the head's weights and bias (A = ``head.weight,
 head.bias``). Every gradient sums to zero over the classes, so the exact one-step decomposition
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ]
     write_results(
         Path(args.out),
-        "Translation charge: SGD vs Adam (Neural Mechanics; NLD; THEORY §3.1)",
+        "Translation charge: SGD vs Adam (Neural Mechanics; NLD; docs/theory.md §3.1)",
         {"table": table},
         fig,
         "translation.png",

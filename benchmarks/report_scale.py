@@ -6,7 +6,7 @@ report on 2 CPU cores). :func:`write_synthetic_run` is also used by ``tests/test
 small run.
 
 The synthetic charges obey the store's exact identity Q_(n+1) - Q_n = decay + rule + ksb
-(THEORY §3.1), scale groups carry effective_lr = eta/((1-beta) Q) and an angular update near
+(docs/theory.md §3.1), scale groups carry effective_lr = eta/((1-beta) Q) and an angular update near
 sqrt(2 eta lambda/(1+beta)) (Wan et al. 2021 SMD), so every section has data to draw.
 """
 

@@ -5,7 +5,7 @@ p velocity in m/s), is observed every dt = 0.05 s for 2 s on 8 throws (launch he
 speed 5-15 m/s up), so the training heights lie in about [-4, 8] m. Three time-dt maps are fit
 to the observed pairs (full-batch L-BFGS, float64):
 
-* ``symplectic_poly``: one Stormer-Verlet layer (THEORY.md §5) with T = p^2/2 and a learned
+* ``symplectic_poly``: one Stormer-Verlet layer (docs/theory.md §5) with T = p^2/2 and a learned
   potential V(q) = c1 q + c2 q^2 (:class:`PolynomialPotential`). The family holds the truth
   (c1 = g, c2 = 0), and Verlet is exact for a constant force, so what it learns holds at every
   height: the structure is what extrapolates.

@@ -5,7 +5,8 @@ eccentric orbit (e = 0.6, semi-major axis 1, period 2 pi, H0 = -0.5), is sampled
 for one period from a fine RK4 integration. Three time-dt maps are fit to the pairs (full-batch
 L-BFGS, float64):
 
-* ``symplectic_verlet``: four Stormer-Verlet layers of h = dt/4 (THEORY.md §5) sharing a learned
+* ``symplectic_verlet``: four Stormer-Verlet layers of h = dt/4 (docs/theory.md §5) sharing a
+learned
   central potential V(q) = c1/|q| + c2/|q|^2 (:class:`CentralPotential`).
 * ``midpoint_rk2``: the *same* potential family and the same four substeps, integrated by the
   explicit midpoint rule (Runge-Kutta order 2, like Verlet, but not symplectic).

@@ -4,7 +4,7 @@ The pendulum H(q, p) = p^2/2 - cos q (unit mass, length and gravity) is sampled 
 along one orbit (q0 = 1.5 rad, p0 = 0) for 30 time units, from a fine RK4 integration. Three
 maps y_n -> y_{n+1} are fit to the pairs (full-batch L-BFGS, float64):
 
-* ``symplectic_fourier``: four Stormer-Verlet layers of h = dt/4 (THEORY.md §5) sharing one
+* ``symplectic_fourier``: four Stormer-Verlet layers of h = dt/4 (docs/theory.md §5) sharing one
   learned Hamiltonian H~ = p^2/2 + V~(q), V~ a 3-mode Fourier series (the family of an angle,
   :class:`FourierPotential`, which holds -cos q). Symplectic for any V~.
 * ``symplectic_logcosh``: the same four layers with the default learned potential (log-cosh,

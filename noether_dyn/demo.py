@@ -1,9 +1,10 @@
 """The demo: a normalized network under SGD + momentum + weight decay against its un-normalized
-twin under RMSprop, trained on data generated here (no download), then compared (THEORY §4).
+twin under RMSprop, trained on data generated here (no download), then compared (docs/theory.md §4).
 
 * ``normalized``: MLP fc1-bn1-relu-fc2-bn2-relu-fc3-bn3-relu-head, SGD(lr 0.1, momentum 0.9).
   fc1 sits in a param group without weight decay, the rest use weight decay 5e-3: the report then
-  shows both regimes of THEORY §4, r^4 accumulating like Adagrad's sum (fc1) and like RMSprop's
+  shows both regimes of docs/theory.md §4, r^4 accumulating like Adagrad's sum (fc1) and like
+  RMSprop's
   moving average with rho_eff = 1 - 4 eta lambda/(1-beta) = 0.98 (fc2, fc3).
 * ``rmsprop``: the same layers without BatchNorm, RMSprop(lr 1e-3, alpha 0.99).
 

@@ -1,4 +1,4 @@
-"""Charges and the exact decomposition of their change (THEORY.md §3, §3.1, §3.2).
+"""Charges and the exact decomposition of their change (docs/theory.md §3, §3.1, §3.2).
 
 The model is Linear -> BatchNorm(eps=1e-30, below the rounding of the variance) -> ReLU -> Linear,
 in float64, where the three symmetries are exact: scale of (0.weight, 0.bias) (BatchNorm in train
@@ -142,7 +142,7 @@ def test_translation_conserved_by_sgd_broken_by_adam(tmp_path):
 
 
 def test_sgd_prediction_is_exact(run_dir):
-    """THEORY §3.2: Q_{n+1} = (1 - eta lambda)^2 Q_n + eta^2 |g_A|^2 (translation: (1 - eta
+    """docs/theory.md §3.2: Q_{n+1} = (1 - eta lambda)^2 Q_n + eta^2 |g_A|^2 (translation: (1 - eta
     lambda) Q_n), rolled from Q_0 with the measured gradients; exact symmetries, so the residual
     is rounding."""
     run, _, _ = run_with(OPTIMIZERS["sgd-wd"], run_dir, steps=30)
@@ -282,7 +282,7 @@ def test_declared_symmetry_failing_verification_is_kept_with_its_defect(run_dir)
 def test_decomposition_holds_for_any_sgd_hyperparameters(
     lr, momentum, weight_decay, nesterov, seed, tmp_path_factory
 ):
-    """THEORY §3.1 is an identity of the update, whatever the hyperparameters (float64)."""
+    """docs/theory.md §3.1 is an identity of the update, whatever the hyperparameters (float64)."""
     nesterov = nesterov and momentum > 0
     run, snaps, _ = run_with(
         lambda ps: torch.optim.SGD(

@@ -1,4 +1,4 @@
-"""Tests for noether_dyn.depth.integrators: SymplecticNet layers as integrators (THEORY.md §5).
+"""Tests for noether_dyn.depth.integrators: SymplecticNet layers as integrators (docs/theory.md §5).
 
 Identities checked: consistency of the stage tables (kick and drift weights each sum to 1);
 global error against the exact pendulum flow falls as h^order (order 1, 2, 4); the symmetric

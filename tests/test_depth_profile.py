@@ -1,4 +1,5 @@
-"""Tests for noether_dyn.depth.profile: per-layer diagnostics and the two invariants (THEORY.md §5).
+"""Tests for noether_dyn.depth.profile: per-layer diagnostics and the two invariants
+(docs/theory.md §5).
 
 Identities checked, in float64:
 - M_j^T J M_j = J for every layer of a SymplecticNet with random weights (defect < 1e-10), hence

@@ -1,4 +1,5 @@
-"""Tests for noether_dyn.depth.stability, the forward-Euler stability diagnostic (THEORY.md §5).
+"""Tests for noether_dyn.depth.stability, the forward-Euler stability diagnostic (docs/theory.md
+§5).
 
 Identities checked in float64 against values computed by hand:
 - a linear branch F with eigenvalues a +- ib and c gives max |1 + h lambda| =

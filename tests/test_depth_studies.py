@@ -1,7 +1,7 @@
 """The depth studies at CI size: each ``--quick`` run, in a subprocess (the studies pin torch to one
 thread), writes its figure and tables, and its numbers pass checks a wrong study would fail.
 
-Stability map (THEORY.md §5, Haber & Ruthotto 2018): forward Euler grows every mode of the
+Stability map (docs/theory.md §5, Haber & Ruthotto 2018): forward Euler grows every mode of the
 linearized field, the stiffest fastest, by exactly sqrt(1 + h^2 rho^2) per layer in the energy
 norm, so its smallest stable depth must *equal* the one-mode theory (integer search, no
 tolerance); the symplectic methods are stable iff h rho <= 2, and the band c only adds the steps

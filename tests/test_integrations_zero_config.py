@@ -2,7 +2,7 @@
 GPT-2 and Lightning on a small LayerNorm/ReLU net (random weights, nothing downloaded) detect
 the symmetries at the first step (zero-config ``watch``) and store their charges.
 
-Each stored charge obeys its exact split C_{n+1} - C_n = decay + rule + ksb (THEORY.md §3). The
+Each stored charge obeys its exact split C_{n+1} - C_n = decay + rule + ksb (docs/theory.md §3). The
 parameters are float32 and the statistics float64: the split is algebra on dq, while C_{n+1} is
 computed from the stored q_{n+1}, rounded to float32 (unit roundoff u = 6e-8). Per entry that
 moves q_i^2 by at most ~2u q_i^2 and q_i by u |q_i|, so |change - split| <= 2u |q|^2 (scale and

@@ -1,4 +1,4 @@
-"""The stored ``effective_lr`` by optimizer family (issue 13, item 3; THEORY §4,
+"""The stored ``effective_lr`` by optimizer family (issue 13, item 3; docs/theory.md §4,
 ``noether_dyn.quantities.effective_rate``): under Adam a scale-invariant weight 4x larger has a
 4x lower effective rate (eta / r), under SGD 16x lower (eta / ((1 - beta) r^2)).
 

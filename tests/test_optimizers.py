@@ -1,5 +1,5 @@
 """The kinetic term T = (m/2) q'^T G q' of every supported optimizer, against an independent
-computation from parameter snapshots and the optimizer's state (THEORY.md §2).
+computation from parameter snapshots and the optimizer's state (docs/theory.md §2).
 
 float64 throughout: the monitor and the reference differ only in summation order, so the
 relative difference is a few ulps times the number of terms; 1e-12 leaves three orders of margin.

@@ -118,7 +118,7 @@ def test_predictor_without_start_raises() -> None:
 
 
 def test_two_step_form_equals_state_form() -> None:
-    """THEORY §3.2b's recurrence, Q_{n+1} = (1+rho-2c)Q_n - rho Q_{n-1} + D_n + rho D_{n-1},
+    """docs/theory.md §3.2b's recurrence, Q_{n+1} = (1+rho-2c)Q_n - rho Q_{n-1} + D_n + rho D_{n-1},
     is the predictor's state form with R eliminated: same numbers on arbitrary inputs (rounding
     of a 40-step linear recurrence with |coefficients| < 2: 1e-12 relative)."""
     gen = torch.Generator().manual_seed(0)

@@ -161,7 +161,8 @@ def test_markdown_report_writes_figures_beside_it(runs, tmp_path):
 
 
 def test_normalization_table_follows_theory(runs):
-    """THEORY §4: rho_eff = 1 - 4 eta lambda/(1-beta), angle* = sqrt(2 eta lambda/(1+beta))."""
+    """docs/theory.md §4: rho_eff = 1 - 4 eta lambda/(1-beta), angle* = sqrt(2 eta
+    lambda/(1+beta))."""
     run = nd.load_run(runs["sgd"])
     table = scale_table(run)
     assert len(table) == (run.symmetries["kind"] == "scale").sum() >= 1
@@ -349,7 +350,7 @@ def test_unwritable_output_fails_before_rendering(runs, tmp_path):
 
 def test_adamw_run_with_every_uses_the_re_theory(tmp_path):
     """AdamW: angle* = sqrt(2 eta lambda (1-beta1)/(1+beta1)) (Kosson et al. 2024 RE), no
-    rho_eff (THEORY §4 derives it for SGD(M) only); every=3 draws per-step terms."""
+    rho_eff (docs/theory.md §4 derives it for SGD(M) only); every=3 draws per-step terms."""
     run_dir = train_small(tmp_path / "adamw", steps=24, optimizer="adamw", every=3)
     run = nd.load_run(run_dir)
     row = scale_table(run).iloc[0]

@@ -2,7 +2,7 @@
 writes its table, figure and markdown, and its numbers pass checks that a wrong toolkit or a
 wrong study would fail.
 
-Identities and tolerances (THEORY.md §3-4):
+Identities and tolerances (docs/theory.md §3-4):
 
 * charges_sgd, regime "sgd": ``predicted`` is exact given the symmetry (§3.2), so in float64
   ``|charge - predicted|`` is bounded by the accumulated symmetry defect (``defect_bound``) plus

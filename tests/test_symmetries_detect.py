@@ -2,7 +2,8 @@
 
 Each :class:`Case` lists ``expected``: every symmetry find_symmetries must report, no more and no
 fewer (precision and recall 100%), reasoned out in the comments from the symmetry table of Kunin et
-al., "Neural Mechanics", ICLR 2021 (THEORY.md §3); and ``broken``: plausible candidates that are not
+al., "Neural Mechanics", ICLR 2021 (docs/theory.md §3); and ``broken``: plausible candidates that
+are not
 symmetries. The invariance of each expected symmetry is checked here independently of the code under
 test: the directional derivative of the loss along xi (torch.func.jvp) and the finite change of the
 loss under psi_s (scale e^s q, rescale (e^s q1, e^-s q2), translation q + s), in float64.

@@ -1,7 +1,7 @@
 """Symmetry detection on tiny Hugging Face models built from configs with random weights.
 
 For each architecture the symmetries are derived by hand below (the table of Kunin et al.,
-"Neural Mechanics", ICLR 2021, THEORY.md §3, applied to the model's forward code), and
+"Neural Mechanics", ICLR 2021, docs/theory.md §3, applied to the model's forward code), and
 :func:`detect` must report exactly them (recall and precision against the truth), each with the
 right exactness. Independently of the code under test, every reported symmetry is checked on a
 float64 copy of the model by the finite change of the model's own loss under psi_s (scale e^s q,

@@ -1,4 +1,4 @@
-"""verify(): the symmetry defect |<g_A, xi_A>| / (|g_A| |xi_A|) (THEORY.md §3), its tolerances,
+"""verify(): the symmetry defect |<g_A, xi_A>| / (|g_A| |xi_A|) (docs/theory.md §3), its tolerances,
 the approximate (normalization eps) case, and bad input."""
 
 from __future__ import annotations

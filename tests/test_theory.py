@@ -1,4 +1,4 @@
-"""The momentum prediction of THEORY §3.3 against closed-form solutions.
+"""The momentum prediction of docs/theory.md §3.3 against closed-form solutions.
 
 With constant forcing F the solution of Q'' + 2 gamma Q' + omega^2 Q = F, Q(0) = Q0, Q'(0) = 0 is
 Q(t) = F/omega^2 + (Q0 - F/omega^2) h(t), h the homogeneous solution with h(0) = 1, h'(0) = 0:
@@ -107,7 +107,7 @@ def test_state_round_trip():
 
 
 def test_normalization_theory_is_keyed_by_the_adapters_declared_rule():
-    """THEORY §4 through the field the adapter declares: SGD's coupled L2 decay and Adam's
+    """docs/theory.md §4 through the field the adapter declares: SGD's coupled L2 decay and Adam's
     decoupled decay, each only in its own form; exact in float64 (one rounding per operation)."""
     import math
 
@@ -131,4 +131,4 @@ def test_normalization_theory_is_keyed_by_the_adapters_declared_rule():
     ):
         assert math.isnan(sec4.equilibrium_angle(*args))
     assert sec4.regime(sgd, 0.0, False) == "Adagrad-like sum (no weight decay)"
-    assert sec4.regime(None, wd, False) == "not covered by THEORY §4"
+    assert sec4.regime(None, wd, False) == "not covered by docs/theory.md §4"

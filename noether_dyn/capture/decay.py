@@ -1,5 +1,5 @@
 """Opt-in exact weight-decay share of quadratic charges under SGD with heavy-ball momentum
-(``watch(..., exact_decay=True)``; THEORY.md §3.1, :mod:`noether_dyn.quantities.momentum`).
+(``watch(..., exact_decay=True)``; docs/theory.md §3.1, :mod:`noether_dyn.quantities.momentum`).
 
 Weight decay reaches the update through the buffer: ``A_n = beta A_{n-1} + (1 - d_n) lambda q_n``
 (``A_0 = lambda q_0``, torch's undamped first step) is decay's part of ``b_n``, and its share of

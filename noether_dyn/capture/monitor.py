@@ -1,6 +1,6 @@
 """The Monitor: optimizer step hooks that turn each step into Lagrangian and charge rows.
 
-Per step n (THEORY.md §1-3) the pre-hook plans the step (:mod:`.plan`) and reads or copies q_n
+Per step n (docs/theory.md §1-3) the pre-hook plans the step (:mod:`.plan`) and reads or copies q_n
 where the plan needs it; the post-hook reduces q, g, dq and the optimizer's metric G to per-tensor
 float64 statistics (:mod:`.eager` or :mod:`.compiled`), keeps the rows on the device
 (:mod:`.buffer`) and rolls the prediction (:mod:`.predict`). Nothing crosses to the host until a

@@ -1,4 +1,4 @@
-"""Depth dynamics: deep networks as integrators (THEORY.md §5).
+"""Depth dynamics: deep networks as integrators (docs/theory.md §5).
 
 Public API: :class:`SymplecticNet`, :class:`EulerResNet`, :class:`TanhMLP`, :func:`profile`, the
 training-stability diagnostic :func:`stability_profile` (with :class:`Residual` and

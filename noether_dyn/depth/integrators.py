@@ -1,6 +1,6 @@
 """Explicit symplectic partitioned Runge-Kutta steps for a separable Hamiltonian H = T(p) + V(q).
 
-THEORY.md §5. One step of size h is a sequence of stages, each either a *kick*
+docs/theory.md §5. One step of size h is a sequence of stages, each either a *kick*
 ``p <- p - (d_i h) grad V(q)`` or a *drift* ``q <- q + (c_i h) grad T(p)``. Every stage is the exact
 flow of a Hamiltonian (V or T alone), hence symplectic, so the composition is symplectic for any
 T and V and any h (Hairer, Lubich, Wanner, "Geometric Numerical Integration", 2nd ed., 2006,

@@ -1,4 +1,4 @@
-"""Deep networks read as integrators: symplectic nets and their two baselines (THEORY.md §5).
+"""Deep networks read as integrators: symplectic nets and their two baselines (docs/theory.md §5).
 
 All three map a state of shape (batch, dim) to (batch, dim) through ``depth`` layers held in
 ``self.layers``; ``trajectory(x)`` returns every intermediate state y_0 = x, ..., y_L.
@@ -136,7 +136,7 @@ class SymplecticNet(_LayeredNet):
     Every layer, hence the whole net, is a symplectic map for any weights: its Jacobian A
     satisfies A^T J A = J with J = [[0, I], [-I, 0]] (Hairer, Lubich, Wanner, "Geometric
     Numerical Integration", §VI.3; Forest & Ruth 1990; Yoshida 1990). Consequence
-    (THEORY.md §5): the backward sensitivity M_j = dy_L/dy_j has |M_j|_2 >= 1 at every depth.
+    (docs/theory.md §5): the backward sensitivity M_j = dy_L/dy_j has |M_j|_2 >= 1 at every depth.
 
     Args:
         dim: state size, even; first half q, second half p.

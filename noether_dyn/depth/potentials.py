@@ -3,7 +3,7 @@
 Each module exposes ``energy(x)`` (shape (..., n) -> (...)) and ``grad(x)`` (shape-preserving).
 A symplectic layer only ever calls ``grad``: an explicit closed form keeps the layer one cheap,
 explicit step, and any gradient field of a scalar potential keeps the step exactly symplectic
-(its Jacobian, the Hessian, is symmetric; THEORY.md §5).
+(its Jacobian, the Hessian, is symmetric; docs/theory.md §5).
 """
 
 from __future__ import annotations

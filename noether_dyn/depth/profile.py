@@ -1,4 +1,5 @@
-"""Per-layer diagnostics of a deep net read as an integrator, and the two invariants (THEORY.md §5).
+"""Per-layer diagnostics of a deep net read as an integrator, and the two invariants
+(docs/theory.md §5).
 
 Notation: y_0 = x, y_{j+1} = layer_j(y_j), L = depth, A_j = d layer_j / dy at y_j (per sample),
 M_j = dy_L/dy_j = A_{L-1} ... A_j (backward sensitivity), J = [[0, I], [-I, 0]].
@@ -93,7 +94,7 @@ def _stability(layer: nn.Module, y: torch.Tensor) -> float:
 
 
 def profile(model: nn.Module, x: torch.Tensor, loss_fn: Loss | None = None) -> pd.DataFrame:
-    """Per-layer sensitivity table of a layered net (THEORY.md §5).
+    """Per-layer sensitivity table of a layered net (docs/theory.md §5).
 
     Args:
         model: a net with ``layers`` (SymplecticNet, EulerResNet, TanhMLP, or any stack of

@@ -1,4 +1,4 @@
-"""Adagrad: G = diag(sqrt(sum g^2) + eps), no momentum (THEORY.md §2).
+"""Adagrad: G = diag(sqrt(sum g^2) + eps), no momentum (docs/theory.md §2).
 
 The rate of step k is ``lr / (1 + (k - 1) lr_decay)``, read from the optimizer's step counter.
 """

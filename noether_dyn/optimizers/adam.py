@@ -1,5 +1,5 @@
 """Adam and AdamW: G = diag(sqrt(v_hat) + eps) / (1 - beta1), v_hat = v / (1 - beta2^k)
-(THEORY.md §2; the metric convention of docs/conventions.md: Adam's first moment is a buffer
+(docs/theory.md §2; the metric convention of docs/conventions.md: Adam's first moment is a buffer
 dampened by d = beta1, and the dampening belongs in G = P / (1 - d) as for SGD).
 
 beta = beta1 is the momentum of the Lagrangian. With ``amsgrad`` the running maximum of v is the

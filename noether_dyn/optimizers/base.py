@@ -1,6 +1,6 @@
 """What every optimizer adapter provides: the Lagrangian's constants and the kinetic metric.
 
-THEORY.md §2 (Tanaka & Kunin, "Noether's Learning Dynamics", NeurIPS 2021): a learning rule
+docs/theory.md §2 (Tanaka & Kunin, "Noether's Learning Dynamics", NeurIPS 2021): a learning rule
 ``dq = -eta G^{-1} u`` with heavy-ball momentum beta follows ``L = e^{t/tau}(T - V)`` with kinetic
 ``T = (m/2) q'^T G q'``, mass ``m = eta (1 + beta) / 2`` and
 ``1/tau = 2 (1 - beta) / (eta (1 + beta))``.
@@ -79,13 +79,13 @@ class OptimizerAdapter:
     optimizers: ClassVar[tuple[type, ...]] = ()
     fallback: ClassVar[bool] = False
     family: ClassVar[str] = "sgd"
-    """The rule's family for THEORY §4's effective rate (a key of
+    """The rule's family for docs/theory.md §4's effective rate (a key of
     ``noether_dyn.quantities.effective_rate.FAMILIES``: ``"sgd"``, ``"adam"``, ``"rmsprop"``,
     ``"adagrad"``). The Euclidean fallback declares ``"sgd"``: an unknown optimizer is read as a
     plain gradient step with G = I and no momentum, so eta_eff = eta / r^2 there is an
     assumption, flagged by ``metric_fallback`` in the run's metadata."""
     normalization: ClassVar[str | None] = None
-    """How THEORY §4 reads a scale-invariant layer under this rule (a key of
+    """How docs/theory.md §4 reads a scale-invariant layer under this rule (a key of
     ``noether_dyn.quantities.normalization.RULES``: ``"l2"`` for coupled L2 decay with heavy-ball
     momentum, ``"decoupled"`` for decoupled decay), None when the theory does not cover it."""
 

@@ -1,4 +1,5 @@
-"""RMSprop, plain or centered, with or without momentum: G = diag(sqrt(v) + eps) (THEORY.md §2).
+"""RMSprop, plain or centered, with or without momentum: G = diag(sqrt(v) + eps) (docs/theory.md
+§2).
 
 Centered RMSprop preconditions with sqrt(v - gbar^2) + eps, gbar the running mean gradient.
 beta is the optional heavy-ball momentum applied to the preconditioned gradient.

@@ -1,4 +1,4 @@
-"""SGD with momentum, Nesterov, dampening and coupled weight decay: G = I (THEORY.md §2).
+"""SGD with momentum, Nesterov, dampening and coupled weight decay: G = I (docs/theory.md §2).
 
 Heavy ball ``b <- beta b + (1 - d)(g + lambda q)``, ``q <- q - eta b``. Dampening d scales the
 force by (1 - d), which is the isotropic metric G = I / (1 - d) (docs/conventions.md); torch's

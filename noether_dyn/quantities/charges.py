@@ -1,5 +1,6 @@
 """Charges of layer-level symmetries from per-tensor statistics, with the exact decomposition of
-their change (THEORY.md §3 and §3.1; Kunin et al., "Neural Mechanics", ICLR 2021; Tanaka & Kunin,
+their change (docs/theory.md §3 and §3.1; Kunin et al., "Neural Mechanics", ICLR 2021; Tanaka &
+Kunin,
 "Noether's Learning Dynamics", NeurIPS 2021).
 
 Every layer-level charge is a signed sum over the parameter tensors of the symmetry, so one
@@ -132,7 +133,8 @@ class ChargeMatrix:
             g_xi, xi_sq = cols.pop("g_xi"), cols.pop("xi_sq")
             cols["defect"] = g_xi.abs() / torch.sqrt((signs.abs() @ x["GG"]) * xi_sq)
             cols["grad_sq"] = signs @ x["GG"]
-            if kind.normalized:  # THEORY §4 by family: the direction's rate from r^2 = |q_A|^2
+            # docs/theory.md §4 by family: the direction's rate from r^2 = |q_A|^2
+            if kind.normalized:
                 cols["effective_lr"] = effective_rate(
                     self.family, eta[lead], signs.abs() @ x["QQ"], beta[lead]
                 )

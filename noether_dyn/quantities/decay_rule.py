@@ -1,5 +1,5 @@
 """Which rule fills a symmetry's stored ``decay`` column, and whether that is weight decay's
-whole share of the charge's change (THEORY.md §3.1; :mod:`noether_dyn.quantities.momentum`).
+whole share of the charge's change (docs/theory.md §3.1; :mod:`noether_dyn.quantities.momentum`).
 
 ``"exact"``
     the column is weight decay's true share: the instantaneous term where it is the whole share

@@ -1,5 +1,5 @@
 """Section-4 theory per optimizer family: how fast a scale-invariant direction moves, which
-accumulator the norm implies, and where the angular update settles (THEORY.md §4).
+accumulator the norm implies, and where the angular update settles (docs/theory.md §4).
 
 Setting: a weight group q (e.g. the weights feeding a BatchNorm channel) with f(c q) = f(q) for
 c > 0. Write q = r qhat, r = |q|. The gradient is orthogonal to q and scales as

@@ -1,4 +1,4 @@
-"""The Lagrangian of a learning rule, per param group (THEORY.md §2; Tanaka & Kunin 2021).
+"""The Lagrangian of a learning rule, per param group (docs/theory.md §2; Tanaka & Kunin 2021).
 
 ``L = e^{t/tau} (T - V)`` with ``T = (m/2) q'^T G q'``, ``q' = dq / eta``, ``m = eta (1 + beta)/2``,
 so ``T = ((1 + beta) / (4 eta)) dq^T G dq``; ``V = loss + sum (lambda/2) |q|^2`` over the groups

@@ -26,7 +26,7 @@ and, exactly for any update (dL, dR),
 
 Under gradient descent ``dL = -eta (G_L + lambda L)`` (same for R) the symmetry turns the first
 order term into ``-2 eta lambda C`` exactly, and the kinetic term into
-``eta^2 (G_L G_L^T - G_R G_R^T) + eta^2 lambda^2 C``, so (the matrix form of THEORY §3.2)
+``eta^2 (G_L G_L^T - G_R G_R^T) + eta^2 lambda^2 C``, so (the matrix form of docs/theory.md §3.2)
 
     C_{n+1} = (1 - eta lambda)^2 C_n + eta^2 (G_L G_L^T - G_R G_R^T).
 

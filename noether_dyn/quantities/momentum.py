@@ -1,6 +1,7 @@
 """Exact discrete theory of SGD with momentum, and weight decay's true share of a charge's change.
 
-Notation (THEORY.md §1, §3.1): q_n the parameters before step n, dq_n = q_{n+1} - q_n, g_n the loss
+Notation (docs/theory.md §1, §3.1): q_n the parameters before step n, dq_n = q_{n+1} - q_n, g_n the
+loss
 gradient at q_n, eta_n, beta_n, lambda_n, d_n the rate, momentum, weight decay and dampening of
 step n. A symmetry with signs s acts through ``<a, b>_S = sum_A s_A <a_A, b_A>``; its quadratic
 charge (scale, rescale) is ``Q = <q, q>_S`` and its linear charge (translation) is
@@ -22,7 +23,7 @@ Let ``R_n = <q_n, b_n>_S`` (quadratic) or ``R_n = <b_n, 1>_S`` (translation) and
 
 because ``<q_n, b_{n-1}>_S = <q_{n-1}, b_{n-1}>_S + <dq_{n-1}, b_{n-1}>_S`` and the gradient part
 of u_n drops out. The charge's exact change ``Q_{n+1} - Q_n = 2 <q_n, dq_n>_S + |dq_n|^2_S``
-(THEORY §3.1) then reads
+(docs/theory.md §3.1) then reads
 
     heavy ball:  Q_{n+1} = Q_n - 2 eta_n R_n + D_n,                     D_n = |dq_n|^2_S
     Nesterov:    Q_{n+1} = Q_n - 2 eta_n (lambda_n Q_n + beta_n R_n) + D_n
@@ -31,13 +32,13 @@ and for translation (no quadratic term, factor 1 instead of 2, ``X = 0`` since
 ``<b_n, 1>_S`` is itself the state): ``x_{n+1} = x_n - eta_n R_n`` (heavy ball) or
 ``x_n - eta_n (lambda_n x_n + beta_n R_n)`` (Nesterov). For the heavy ball ``X_n = -D_n / eta_n``
 (dq is a multiple of b), so the measured D is all the recurrence needs. Eliminating R gives the
-two-step form of THEORY §3.2b, with ``rho_n = beta_n eta_n / eta_{n-1}`` (a changing rate
+two-step form of docs/theory.md §3.2b, with ``rho_n = beta_n eta_n / eta_{n-1}`` (a changing rate
 rescales the carried step; rho_0 = 0) and ``c_n = (1 - d_n) eta_n lambda_n``:
 
     Q_{n+1} = (1 + rho_n - 2 c_n) Q_n - rho_n Q_{n-1} + D_n + rho_n D_{n-1}
     x_{n+1} = (1 + rho_n - c_n) x_n - rho_n x_{n-1}
 
-(For constant eta, beta, lambda and d = 0 this is THEORY §3.2b's recurrence.) With Nesterov
+(For constant eta, beta, lambda and d = 0 this is docs/theory.md §3.2b's recurrence.) With Nesterov
 dq is not a multiple of b, so X_n = <dq_n, b_n>_S is one extra measured per-tensor statistic
 (no extra memory); translation needs none.
 
@@ -47,7 +48,7 @@ the measured one only by the accumulated symmetry defect (BatchNorm's eps, softm
 float rounding. Before the first step the buffer must be empty (``start(charge)``);
 resuming with a filled buffer needs the measured ``<q_0, b_{-1}>_S`` (``start(..., carried=...)``).
 
-Weight decay's true share (THEORY §3.1)
+Weight decay's true share (docs/theory.md §3.1)
 ---------------------------------------
 The update is linear in the buffer, and the buffer is linear in its inputs, so dq_n splits
 exactly into a gradient part and a decay part ``E_n``. The decay part of ``2 <q_n, dq_n>_S`` is
@@ -206,7 +207,8 @@ def two_step_prediction(
     lam: float,
     translation: bool = False,
 ) -> list[float]:
-    """THEORY §3.2b's two-step recurrence (heavy ball, d = 0), rolled from the measured Q_0 with
+    """docs/theory.md §3.2b's two-step recurrence (heavy ball, d = 0), rolled from the measured Q_0
+    with
     the measured D_n: ``Q_{n+1} = (1 + rho_n - 2 c_n) Q_n - rho_n Q_{n-1} + D_n + rho_n D_{n-1}``
     (translation: ``(1 + rho_n - c_n) x_n - rho_n x_{n-1}``), rho_0 = 0. A host-side reference
     for tests and studies; returns [Q_0, ..., Q_N] for N = len(update_sq) steps."""

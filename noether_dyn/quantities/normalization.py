@@ -1,4 +1,5 @@
-"""Normalization as implicit adaptive optimization: the theory of THEORY §4 per learning rule
+"""Normalization as implicit adaptive optimization: the theory of docs/theory.md §4 per learning
+rule
 (Tanaka & Kunin 2021 NLD §4, Wan et al. 2021 SMD, Kosson et al. 2024 RE).
 
 For a scale-invariant group write q = r qhat with r^2 = |q_A|^2 (the stored ``charge``). Which
@@ -30,7 +31,7 @@ def _sqrt(x: float) -> float:
 
 
 def covered(rule: str | None, decoupled: bool) -> bool:
-    """Whether THEORY §4 covers a group under ``rule`` with this form of weight decay."""
+    """Whether docs/theory.md §4 covers a group under ``rule`` with this form of weight decay."""
     return (rule == "l2" and not decoupled) or (rule == "decoupled" and decoupled)
 
 
@@ -86,9 +87,9 @@ def equilibrium_r2(
 
 
 def regime(rule: str | None, wd: float, decoupled: bool) -> str:
-    """Which regime of THEORY §4 a group is in, in words."""
+    """Which regime of docs/theory.md §4 a group is in, in words."""
     if rule == "l2" and not decoupled:
         return "RMSprop-like EMA" if wd > 0 else "Adagrad-like sum (no weight decay)"
     if decoupled and wd > 0:
         return "decoupled decay (RE)"
-    return "not covered by THEORY §4"
+    return "not covered by docs/theory.md §4"

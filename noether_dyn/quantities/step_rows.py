@@ -3,7 +3,7 @@
 One function of the (n_tensors, len(STATS)) statistics and a (n_groups, len(HYPER_COLUMNS))
 matrix of the step's constants, so that it can run eagerly or inside the compiled statistics
 program (:mod:`noether_dyn.quantities.fused`) without a host round trip. The Lagrangian terms
-follow THEORY.md §2 (see :mod:`noether_dyn.quantities.lagrangian`), the charge rows §3
+follow docs/theory.md §2 (see :mod:`noether_dyn.quantities.lagrangian`), the charge rows §3
 (:meth:`ChargeMatrix.rows`).
 """
 

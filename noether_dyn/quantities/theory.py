@@ -1,8 +1,8 @@
-"""The theory's charge Q_n, rolled forward every step on the device (THEORY.md §3.2, §3.3).
+"""The theory's charge Q_n, rolled forward every step on the device (docs/theory.md §3.2, §3.3).
 
 Three regimes, chosen per run from the learning rule:
 
-``"sgd"`` (SGD without momentum, exact given the symmetry; THEORY §3.2)
+``"sgd"`` (SGD without momentum, exact given the symmetry; docs/theory.md §3.2)
     scale, rescale: ``Q_{n+1} = (1 - eta lambda)^2 Q_n + sum_A s_A eta_A^2 |g_A|^2``;
     translation: ``Q_{n+1} = (1 - eta lambda) Q_n``. The residual against the measured charge
     is the accumulated symmetry defect (BatchNorm's eps, rounding).

@@ -2,7 +2,7 @@
 
 Public: :func:`report` (one run, HTML or Markdown), :func:`plot_charges` (a matplotlib Figure)
 and :func:`compare` (two runs, e.g. a normalized network under SGD against its un-normalized
-twin under RMSprop: THEORY §4).
+twin under RMSprop: docs/theory.md §4).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Comparing two runs, built for normalization (SGD + momentum + weight decay on a normalized
-network) against a real adaptive optimizer (RMSprop or Adam on its un-normalized twin): THEORY §4,
+network) against a real adaptive optimizer (RMSprop or Adam on its un-normalized twin):
+docs/theory.md §4,
 Tanaka & Kunin 2021 NLD §4.
 
 Per layer, the normalized run gives η_eff = η/((1 − β) r²), the implied RMSprop state
@@ -376,7 +377,8 @@ def verdict_blocks(a: Run, b: Run, la: str, lb: str) -> list:
     if why:
         blocks.append(
             Paragraph(
-                "Why, in the theory's terms (THEORY §4; Tanaka & Kunin 2021 NLD): a normalized "
+                "Why, in the theory's terms (docs/theory.md §4; Tanaka & Kunin 2021 NLD): a "
+                "normalized "
                 "layer under SGD(M) is an adaptive optimizer with one accumulator per layer, "
                 "whose rate is"
             )
@@ -460,7 +462,8 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
     blocks: list = [
         Paragraph(
             [
-                "THEORY §4 (Tanaka & Kunin 2021 NLD §4): a normalized layer trained with SGD(M) "
+                "docs/theory.md §4 (Tanaka & Kunin 2021 NLD §4): a normalized layer trained with "
+                "SGD(M) "
                 "and L2 weight decay behaves like an adaptive optimizer with one accumulator per "
                 "layer: its direction moves at ",
                 F.EFFECTIVE_RATE,
@@ -524,7 +527,7 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
 
 
 def compare(run_a: RunLike, run_b: RunLike, path: str | Path, format: str | None = None) -> Path:
-    """Write the comparison report of two runs (normalization vs RMSprop/Adam: THEORY §4).
+    """Write the comparison report of two runs (normalization vs RMSprop/Adam: docs/theory.md §4).
 
     Args:
         run_a, run_b: runs or their paths; the one with scale symmetries is read as the

@@ -288,7 +288,8 @@ def charge_label(kind: str) -> str:
 
 def charges_figure(run: Run, names: Sequence[str], regime: str = "") -> Figure:
     """Measured charge Q_n beside the theory's prediction (left) and their signed relative
-    residual (Q - P)/max(|P|, |Q_0|) (right), one row per symmetry (THEORY §3.2-3.3; Kunin et al.
+    residual (Q - P)/max(|P|, |Q_0|) (right), one row per symmetry (docs/theory.md §3.2-3.3; Kunin
+    et al.
     2021 NM, Tanaka & Kunin 2021 NLD)."""
     cube = charge_cube(run)
     pred_label = "predicted (gradient flow)" if regime == "flow" else "predicted"
@@ -374,7 +375,8 @@ def accumulate(terms: np.ndarray) -> np.ndarray:
 
 
 def ksb_figure(run: Run, names: Sequence[str]) -> Figure:
-    """The exact split of each charge's change (THEORY §3.1): weight decay, learning rule and
+    """The exact split of each charge's change (docs/theory.md §3.1): weight decay, learning rule
+    and
     kinetic symmetry breaking, accumulated over the run beside the measured change Q_n - Q_0.
 
     With ``every > 1`` the stored rows are single steps, so the per-step terms are drawn instead.
@@ -417,7 +419,7 @@ def ksb_figure(run: Run, names: Sequence[str]) -> Figure:
 
 def lagrangian_figure(run: Run) -> Figure:
     """Kinetic energy T, potential V (loss + L2 term) and the log-prefactor t/tau of
-    L = e^{t/tau}(T - V) over steps (THEORY §2; Tanaka & Kunin 2021 NLD)."""
+    L = e^{t/tau}(T - V) over steps (docs/theory.md §2; Tanaka & Kunin 2021 NLD)."""
     s = run.steps
     if s.empty:
         raise MissingData("the run holds no step rows yet")
@@ -465,7 +467,7 @@ def lagrangian_figure(run: Run) -> Figure:
 def normalization_figure(run: Run, table: pd.DataFrame) -> Figure:
     """Per normalized (scale) layer: effective learning rate eta/((1-beta)|q|^2), angular update
     per step against its equilibrium value, and r^2 = |q|^2, the implied sqrt(v) of RMSprop
-    (THEORY §4; Tanaka & Kunin 2021 NLD §4, Wan et al. 2021 SMD, Kosson et al. 2024 RE)."""
+    (docs/theory.md §4; Tanaka & Kunin 2021 NLD §4, Wan et al. 2021 SMD, Kosson et al. 2024 RE)."""
     if table.empty:
         raise MissingData("the run tracks no scale symmetry (no normalized layer)")
     cube = charge_cube(run)
@@ -500,7 +502,7 @@ def normalization_figure(run: Run, table: pd.DataFrame) -> Figure:
 
 
 def depth_figure(run: Run) -> Figure:
-    """Per-layer depth diagnostics (THEORY §5): sigma_max and sigma_min of the backward
+    """Per-layer depth diagnostics (docs/theory.md §5): sigma_max and sigma_min of the backward
     sensitivity, gradient transmission, symplecticity defect and (when recorded) the
     forward-Euler stability factor; one line per recorded step (at most five)."""
     d = run.depth_profile

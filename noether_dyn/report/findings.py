@@ -432,7 +432,8 @@ FLOW_EFFECT = {
 
 
 def closure_check(run: Run) -> tuple[str, float]:
-    """The exact identity Q_{n+1} - Q_n = decay + rule + ksb (THEORY §3.1) checked on consecutive
+    """The exact identity Q_{n+1} - Q_n = decay + rule + ksb (docs/theory.md §3.1) checked on
+    consecutive
     logged steps: a sentence and the worst relative error (NaN when it cannot be checked)."""
     cube = charge_cube(run)
     if len(cube.steps) < 2:

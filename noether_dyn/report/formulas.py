@@ -12,7 +12,7 @@ ETA_EFF = sub("η", "eff")
 RHO_EFF = sub("ρ", "eff")
 
 SPLIT = m(Q_NEXT, " − ", Q_N, " = ", words("decay + rule + ksb"))
-"""Exact per-step split of a charge's change (THEORY §3.1; NLD)."""
+"""Exact per-step split of a charge's change (docs/theory.md §3.1; NLD)."""
 
 DECAY_TERM = m(words("decay"), " = −2 η λ ", Q_N)
 KSB_TERM = m(words("ksb"), " = ", sup(m("|", sub("dq", "n"), "|"), "2"))
@@ -28,10 +28,10 @@ SGD_RECURSION = m(
     " ",
     sup(m("|", sub("g", "A"), "|"), "2"),
 )
-"""Exact recursion of a scale charge under SGD without momentum (THEORY §3.2)."""
+"""Exact recursion of a scale charge under SGD without momentum (docs/theory.md §3.2)."""
 
 MOMENTUM_ODE = m("Q″ + 2 γ Q′ + ", sup("ω", "2"), " Q = 2 ", sup(m("|", sub("q′", "A"), "|"), "2"))
-"""Damped-oscillator prediction with momentum (THEORY §3.3; NM)."""
+"""Damped-oscillator prediction with momentum (docs/theory.md §3.3; NM)."""
 
 MOMENTUM_RECURSION = m(
     Q_NEXT,
@@ -44,11 +44,11 @@ MOMENTUM_RECURSION = m(
     " + ρ ",
     sup(m("|", sub("dq", "n−1"), "|"), "2"),
 )
-"""Exact two-step recurrence of a scale charge under SGD with momentum (THEORY §3.2b):
+"""Exact two-step recurrence of a scale charge under SGD with momentum (docs/theory.md §3.2b):
 rho = beta eta_n / eta_{n-1}, c = (1 - d) eta lambda."""
 
 FLOW = m("Q(t) = ", sup("e", "−2 λ t"), " Q(0)")
-"""What gradient flow conserves, up to weight decay (THEORY §3; NM)."""
+"""What gradient flow conserves, up to weight decay (docs/theory.md §3; NM)."""
 
 RELATIVE_RESIDUAL = m(
     words("relative residual"),
@@ -71,15 +71,15 @@ LAGRANGIAN = m(
     ",  τ = ",
     frac("m", "1 − β"),
 )
-"""The Lagrangian of a learning rule (THEORY §2; NLD)."""
+"""The Lagrangian of a learning rule (docs/theory.md §2; NLD)."""
 
 POTENTIAL = m("V = ", words("loss"), " + ", frac("λ", "2"), " ", sup("|q|", "2"))
 
 EFFECTIVE_RATE = m(ETA_EFF, " = ", frac("η", m(paren("1 − β"), " ", sup("r", "2"))))
-"""Effective rate of a normalized layer's direction under SGD(M) (THEORY §4; NLD §4)."""
+"""Effective rate of a normalized layer's direction under SGD(M) (docs/theory.md §4; NLD §4)."""
 
 IMPLIED_DECAY = m(RHO_EFF, " = 1 − ", frac("4 η λ", "1 − β"))
-"""Per-step decay of the implied r⁴ accumulator (THEORY §4; NLD §4)."""
+"""Per-step decay of the implied r⁴ accumulator (docs/theory.md §4; NLD §4)."""
 
 ANGLE_SGD = m("θ* = ", sqrt(frac("2 η λ", "1 + β")))
 """Equilibrium angular update per step, SGD(M) with L2 decay (Wan et al. 2021 SMD)."""

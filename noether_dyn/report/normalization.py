@@ -1,4 +1,5 @@
-"""The per-layer table of THEORY §4 (normalization as implicit adaptive optimization) from a saved
+"""The per-layer table of docs/theory.md §4 (normalization as implicit adaptive optimization) from
+a saved
 run: one row per scale symmetry, its measured r^2 = |q_A|^2, effective rate and angular update
 beside the theory's values. The theory lives in :mod:`noether_dyn.quantities.normalization`,
 chosen by the field ``normalization`` that the run's optimizer adapter declares."""

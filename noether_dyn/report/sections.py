@@ -47,25 +47,28 @@ from noether_dyn.store import Run
 PREDICTION_TEXT = {
     "sgd": (
         F.SGD_RECURSION,
-        "SGD without momentum: the exact recursion above (THEORY §3.2), rolled from the first "
+        "SGD without momentum: the exact recursion above (docs/theory.md §3.2), rolled from the "
+        "first "
         "step with the measured gradients. It is exact when the symmetry is, so the residual is "
         "the symmetry defect alone.",
     ),
     "momentum": (
         F.MOMENTUM_RECURSION,
-        "SGD with momentum: the exact discrete recurrence above (THEORY §3.2b; ρ = β η_n/η_(n−1), "
+        "SGD with momentum: the exact discrete recurrence above (docs/theory.md §3.2b; ρ = β "
+        "η_n/η_(n−1), "
         "c = (1 − d) η λ; torch's undamped first step, dampening and Nesterov included), rolled "
         "from the first step with the measured updates. It is exact when the symmetry is, so the "
         "residual is the symmetry defect alone. The continuous damped oscillator of Neural "
-        "Mechanics (Kunin et al. 2021; THEORY §3.3) is stored beside it as predicted_ode; its "
+        "Mechanics (Kunin et al. 2021; docs/theory.md §3.3) is stored beside it as predicted_ode; "
+        "its "
         "residual is a finite-step error, first order in η.",
     ),
     "flow": (
         F.FLOW,
         "a preconditioned or unknown rule: the prediction is what gradient flow conserves, the "
-        "charge decaying by weight decay alone (THEORY §3). The residual is then the whole "
+        "charge decaying by weight decay alone (docs/theory.md §3). The residual is then the whole "
         "breaking by the optimizer's metric and finite step, which the decomposition below "
-        "splits into its learning-rule and KSB terms (THEORY §3.1).",
+        "splits into its learning-rule and KSB terms (docs/theory.md §3.1).",
     ),
 }
 """Per prediction regime: the formula and what its residual means."""
@@ -198,7 +201,8 @@ def symmetry_section(run: Run) -> Section:
         )
     blocks = [
         Paragraph(
-            "Symmetries of the loss whose Noether charges are tracked (THEORY §3; Kunin et al. "
+            "Symmetries of the loss whose Noether charges are tracked (docs/theory.md §3; Kunin "
+            "et al. "
             "2021 NM). size: parameters in the group; verified: checked numerically before "
             "training; defect |⟨g, ξ⟩|/(|g| |ξ|): 0 for an exact symmetry, measured every "
             f"logged step from the step's own gradient. {note.rstrip('.')}."
@@ -301,7 +305,7 @@ def _decay_rule_note(run: Run) -> list:
     return [
         Note(
             f"decay of {', '.join(partial)} is the {rules.get('instantaneous', 'instantaneous')}"
-            " (THEORY §3.1). The other rows hold weight decay's true share."
+            " (docs/theory.md §3.1). The other rows hold weight decay's true share."
         )
     ]
 
@@ -311,7 +315,8 @@ def ksb_section(run: Run) -> Section:
     title = "Kinetic symmetry breaking: decay, rule, KSB"
     intro: list = [
         Paragraph(
-            "Each step's change of a charge splits exactly (THEORY §3.1; Tanaka & Kunin 2021 "
+            "Each step's change of a charge splits exactly (docs/theory.md §3.1; Tanaka & Kunin "
+            "2021 "
             "NLD) into what weight decay removes, what the learning rule adds (zero for plain "
             "SGD; nonzero for momentum and preconditioned rules) and the kinetic symmetry "
             "breaking of the finite step:"
@@ -376,7 +381,8 @@ def lagrangian_section(run: Run) -> Section:
     s = run.steps
     blocks: list = [
         Paragraph(
-            "A learning rule with momentum β is a mechanical system (THEORY §2; Tanaka & Kunin "
+            "A learning rule with momentum β is a mechanical system (docs/theory.md §2; Tanaka & "
+            "Kunin "
             "2021 NLD) with mass m, the optimizer's metric G and friction 1 − β:"
         ),
         Formula(F.LAGRANGIAN),
@@ -435,13 +441,13 @@ def _rate_rule(run: Run) -> str:
 
 
 def normalization_section(run: Run) -> Section:
-    """Normalization as adaptive optimization, per normalized layer (THEORY §4)."""
+    """Normalization as adaptive optimization, per normalized layer (docs/theory.md §4)."""
     title = "Normalization as adaptive optimization"
     intro: list = [
         Paragraph(
             "A layer followed by a normalization is scale-invariant: only its direction q/|q| "
             "matters. Write q = r q̂. Under SGD(M) the direction moves with the effective rate "
-            "(Tanaka & Kunin 2021 NLD §4; THEORY §4)"
+            "(Tanaka & Kunin 2021 NLD §4; docs/theory.md §4)"
         ),
         Formula(F.EFFECTIVE_RATE),
         Paragraph(
@@ -510,7 +516,7 @@ def normalization_section(run: Run) -> Section:
 
 
 def depth_section(run: Run) -> Section | None:
-    """Depth dynamics, only when the run holds a depth profile (THEORY §5)."""
+    """Depth dynamics, only when the run holds a depth profile (docs/theory.md §5)."""
     d = run.depth_profile
     if d.empty:
         return None
@@ -519,7 +525,8 @@ def depth_section(run: Run) -> Section | None:
         last = last.drop(columns=["stability"])
     blocks = [
         Paragraph(
-            "The network read as an integrator (THEORY §5): per layer j, sigma_max and sigma_min "
+            "The network read as an integrator (docs/theory.md §5): per layer j, sigma_max and "
+            "sigma_min "
             "of the backward sensitivity M_j = dy_L/dy_j, the symplecticity defect "
             "|M^T J M - J|_F/|J|_F, the gradient transmission |dL/dy_j|/|dL/dy_L| and, when "
             "recorded, the forward-Euler stability factor max|1 + h lambda(J_j)| (Haber & "
@@ -582,7 +589,7 @@ def diagnostics_section(run: Run) -> Section:
         [
             Paragraph(
                 f"Exact split check {status}: {text}. This identity holds by construction "
-                "(THEORY §3.1); it checks the store and the toolkit, not the training."
+                "(docs/theory.md §3.1); it checks the store and the toolkit, not the training."
             )
         ],
     )

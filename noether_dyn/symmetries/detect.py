@@ -1,7 +1,8 @@
 """Automatic detection of the continuous symmetries of a model's loss.
 
 The symmetry table is that of Kunin et al., "Neural Mechanics: Symmetry and Broken Conservation
-Laws in Deep Learning Dynamics", ICLR 2021 (THEORY.md §3), at layer level: one symmetry per layer,
+Laws in Deep Learning Dynamics", ICLR 2021 (docs/theory.md §3), at layer level: one symmetry per
+layer,
 the union of its per-channel groups.
 
 - ``scale``: the weights and bias of a layer whose output, through positively homogeneous ops only,

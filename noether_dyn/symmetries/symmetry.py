@@ -1,7 +1,7 @@
 """The :class:`Symmetry` record: one continuous symmetry of the loss on named parameters.
 
 A symmetry is a one-parameter family psi_s(q) with f(psi_s(q)) = f(q); its generator is
-xi(q) = d psi_s / ds at s = 0 (THEORY.md §3; Kunin et al., "Neural Mechanics", ICLR 2021).
+xi(q) = d psi_s / ds at s = 0 (docs/theory.md §3; Kunin et al., "Neural Mechanics", ICLR 2021).
 noether-dyn handles the three families of that table, at layer level (the union of the
 per-channel groups of one layer):
 
@@ -132,7 +132,7 @@ class Symmetry:
 
     def charge(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The gradient-flow charge Q: <q, xi(q)> for scale and rescale, <q, xi> = signed sum
-        of entries for translation (THEORY.md §3 table). A 0-dim tensor."""
+        of entries for translation (docs/theory.md §3 table). A 0-dim tensor."""
         xi = self.generator(params)
         return sum((params[n] * xi[n]).sum() for n in self.params)
 

@@ -1,4 +1,4 @@
-"""Numerical verification of symmetries: the defect |<g, xi>| / (|g_A| |xi|) (THEORY.md §3).
+"""Numerical verification of symmetries: the defect |<g, xi>| / (|g_A| |xi|) (docs/theory.md §3).
 
 A symmetry psi_s of the loss f has f(psi_s(q)) = f(q) for all s, so its generator xi(q) is
 orthogonal to the gradient at every q: <g, xi> = 0 (Kunin et al., "Neural Mechanics", ICLR 2021;

@@ -43,7 +43,7 @@ def kind_names() -> tuple[str, ...]:
 
 
 def normalized_kinds() -> tuple[str, ...]:
-    """The names of the kinds of normalized (scale-invariant) layers (THEORY §4)."""
+    """The names of the kinds of normalized (scale-invariant) layers (docs/theory.md §4)."""
     return tuple(name for name, kind in _REGISTRY.items() if kind.normalized)
 
 

@@ -1,5 +1,5 @@
 """What a symmetry kind is: its generator, the statistics it reads, its charge and the exact split
-of the charge's change, and how the theory predicts it (THEORY.md §3, §3.1-3.3).
+of the charge's change, and how the theory predicts it (docs/theory.md §3, §3.1-3.3).
 
 A kind acts on signed tensors: the generator on a tensor q_A with sign s_A is ``xi_A(q_A)``, and
 every charge is a signed sum over the symmetry's tensors, so that the charge of every symmetry of
@@ -26,9 +26,9 @@ class Kind:
         name: the ``Symmetry.kind`` string.
         linear: the charge is linear in q (``Q = <q, xi>`` with xi constant): it decays at first
             order in eta lambda, has no kinetic breaking and no forcing in the prediction
-            (THEORY §3.2-3.3); else it is quadratic (``Q = <q, xi(q)>``, xi linear in q).
+            (docs/theory.md §3.2-3.3); else it is quadratic (``Q = <q, xi(q)>``, xi linear in q).
         stats: the per-tensor statistics its columns read beyond QQ, GG, DD and GDD.
-        normalized: the layer's output is normalized (scale invariance): THEORY §4 reads its
+        normalized: the layer's output is normalized (scale invariance): docs/theory.md §4 reads its
             charge r^2 = |q_A|^2 as the accumulator of an adaptive rule.
     """
 
