@@ -36,7 +36,6 @@ from typing import Any, NoReturn
 
 PROG = "noether-dyn"
 PLOT_KINDS = ("charges", "ksb", "lagrangian", "normalization", "depth")
-SYMMETRY_KINDS = ("scale", "rescale", "translation")
 EXPORT_FORMATS = ("csv", "parquet", "tensorboard")
 STORE_FILENAME = "run.sqlite"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -176,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--symmetry",
         metavar="S",
-        help="for charges and ksb: a symmetry name (see 'inspect') or a kind "
-        f"({', '.join(SYMMETRY_KINDS)})",
+        help="for charges and ksb: a symmetry name (see 'inspect') or a symmetry kind the run "
+        "holds (scale, rescale, translation, or a registered plug-in kind)",
     )
     p.add_argument(
         "-o", "--output", metavar="FIG.png", help="output image (default: RUN/<kind>.png)"
@@ -283,7 +282,8 @@ def _plot(args: argparse.Namespace) -> int:
             "monitor.log_depth_profile(noether_dyn.depth.profile(model, x))"
         )
     symmetry = kind = None
-    if args.symmetry in SYMMETRY_KINDS and args.symmetry not in set(run.symmetries["symmetry"]):
+    kinds_held = set(run.symmetries["kind"])  # any registered kind, plug-ins included
+    if args.symmetry in kinds_held and args.symmetry not in set(run.symmetries["symmetry"]):
         kind = args.symmetry
     else:
         symmetry = args.symmetry

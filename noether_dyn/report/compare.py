@@ -42,6 +42,7 @@ from noether_dyn.report.findings import finding_items, findings
 from noether_dyn.report.normalization import scale_table
 from noether_dyn.report.render import check_writable, output_format, write_document
 from noether_dyn.store import Run
+from noether_dyn.symmetries.kinds import normalized_kinds
 
 RATE_NOTE = (
     "The direction rate |dq|/(r²|g|) of each layer (r² = |q|², norms over the layer's tensors) "
@@ -165,7 +166,7 @@ def layer_table(normalized: Run, adaptive: Run) -> pd.DataFrame:
     b_scale = {
         tuple(s["params"]): s["symmetry"]
         for _, s in adaptive.symmetries.iterrows()
-        if s["kind"] == "scale"
+        if s["kind"] in normalized_kinds()
     }
     b_params = {p.get("name") for p in adaptive.meta.get("parameters", []) or []}
     cube_b = charge_cube(adaptive)
@@ -264,7 +265,7 @@ def _summary(a: Run, b: Run, la: str, lb: str) -> Table:
             "final loss (mean of last 10%)": stats["final"],
             "minimum loss": stats["min"],
             "symmetries": len(run.symmetries),
-            "scale (normalized) layers": int((run.symmetries["kind"] == "scale").sum()),
+            "scale (normalized) layers": int(run.symmetries["kind"].isin(normalized_kinds()).sum()),
         }
 
     fa, fb = facts(a), facts(b)
@@ -404,7 +405,7 @@ def _rates_series(
     series = []
     if cube is not None:
         for j, (name, kind) in enumerate(zip(cube.names, cube.kinds)):
-            if kind == "scale" and len(series) < 8:
+            if kind in normalized_kinds() and len(series) < 8:
                 series.append((f"η_eff {name}", cube.steps, cube["effective_lr"][:, j]))
     for params in layers[:8]:
         steps, rate = layer_rate(run, params)
@@ -454,8 +455,8 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
         )
     )
 
-    has_a = (run_a.symmetries["kind"] == "scale").any()
-    has_b = (run_b.symmetries["kind"] == "scale").any()
+    has_a = run_a.symmetries["kind"].isin(normalized_kinds()).any()
+    has_b = run_b.symmetries["kind"].isin(normalized_kinds()).any()
     norm, adapt, ln, ladapt = (
         (run_a, run_b, la, lb) if has_a or not has_b else (run_b, run_a, lb, la)
     )
@@ -486,7 +487,9 @@ def compare_document(run_a: Run, run_b: Run) -> Document:
     else:
         blocks.append(Table(layer_table(norm, adapt)))
         scale_params = [
-            tuple(s["params"]) for _, s in norm.symmetries.iterrows() if s["kind"] == "scale"
+            tuple(s["params"])
+            for _, s in norm.symmetries.iterrows()
+            if s["kind"] in normalized_kinds()
         ]
         blocks.append(
             plot_or_note(
