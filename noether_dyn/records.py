@@ -187,7 +187,8 @@ class StepPlan:
     positions ``gq_index`` (symmetry tensors holding a gradient). After the step: ``loss_logged``
     whether a loss was logged, ``grad_sq``/``update_sq`` the reduced per-tensor |g|^2 and |dq|^2
     of a logged step (for the prediction), ``advanced`` whether the compiled program already
-    rolled the prediction.
+    rolled the prediction. ``next_logged``: the next step stores a row whatever happens (its
+    statistics will hold sum(q_{n+1}), so nothing needs to read it after this step).
     """
 
     hypers: list[GroupHyper]
@@ -202,6 +203,7 @@ class StepPlan:
     grad_sq: torch.Tensor | None = None
     update_sq: torch.Tensor | None = None
     advanced: bool = False
+    next_logged: bool = False
 
 
 @dataclass

@@ -86,7 +86,8 @@ class Planner:
             and all(rebuild)
             and (closure or all(p.grad is not None for p in self.t.params))
         )
-        plan = StepPlan(hypers=hypers, logged=logged, rebuild=rebuild, fused=fused)
+        next_logged = (step + 1) % self.every == 0
+        plan = StepPlan(hypers, logged, rebuild, fused, next_logged=next_logged)
         with torch.no_grad():
             if (logged or need_dq) and not all(rebuild):
                 self.eager.take_snapshot(rebuild)

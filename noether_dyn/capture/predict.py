@@ -191,6 +191,9 @@ class Prediction:
         if not self._share_done and self._x_next is not None and share.carry is not None:
             self._share_step(plan, self._x_next)
         self._share_done = False
+        if plan.next_logged:  # that step's statistics carry x_{n+1}: no read here
+            self._x_next = None
+            return
         t = self.t
         qs = self._reduce(t.subset(sums, self.matrix.sum_tensors, t.params))
         self._x_next = self.matrix.charges(torch.zeros_like(qs), qs)
