@@ -94,15 +94,12 @@ def lightning_worker(rank: int, out_dir: str, port: int) -> None:
     _leave()
 
 
-def hf_worker(rank: int, out_dir: str, port: int) -> None:
-    """One rank of an HF Trainer run under DDP (gloo on the CPU)."""
-    _torchrun_env(rank, port)
+def tiny_bert(g: torch.Generator, n_samples: int, divided: bool):
+    """A 1-layer BERT sequence classifier from a config (random weights) and ``n_samples``
+    random examples; with ``divided`` (``accepts_loss_kwargs = False``) the Trainer divides
+    output.loss by gradient_accumulation_steps before backward (factor 1/k)."""
     import transformers
 
-    from noether_dyn.integrations.hf import NoetherTrainerCallback
-
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
     config = transformers.BertConfig(
         num_hidden_layers=1,
         num_attention_heads=2,
@@ -113,11 +110,25 @@ def hf_worker(rank: int, out_dir: str, port: int) -> None:
         num_labels=3,
     )
     model = transformers.BertForSequenceClassification(config)
-    model.accepts_loss_kwargs = False  # the Trainer divides by gradient_accumulation_steps
+    if divided:
+        model.accepts_loss_kwargs = False
     data = [
         {"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": torch.randint(0, 3, ())}
-        for _ in range(64)
+        for _ in range(n_samples)
     ]
+    return model, data
+
+
+def hf_worker(rank: int, out_dir: str, port: int) -> None:
+    """One rank of an HF Trainer run under DDP (gloo on the CPU)."""
+    _torchrun_env(rank, port)
+    import transformers
+
+    from noether_dyn.integrations.hf import NoetherTrainerCallback
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model, data = tiny_bert(g, n_samples=64, divided=True)
     args = transformers.TrainingArguments(
         output_dir=f"{out_dir}/out",
         report_to=[],

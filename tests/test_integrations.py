@@ -280,23 +280,9 @@ def _gpt2(g: torch.Generator):
 def _bert(g: torch.Generator, divided: bool):
     """Sequence classifier; with ``accepts_loss_kwargs = False`` the Trainer divides output.loss
     by gradient_accumulation_steps before backward (factor 1/k)."""
-    config = transformers.BertConfig(
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        hidden_size=16,
-        intermediate_size=32,
-        vocab_size=50,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    model = transformers.BertForSequenceClassification(config)
-    if divided:
-        model.accepts_loss_kwargs = False
-    data = [
-        {"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": torch.randint(0, 3, ())}
-        for _ in range(32)
-    ]
-    return model, data
+    from _ddp_workers import tiny_bert
+
+    return tiny_bert(g, n_samples=32, divided=divided)
 
 
 head_translation = nd.Symmetry("translation:classifier", "translation", ("classifier.bias",))
