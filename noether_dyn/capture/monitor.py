@@ -88,7 +88,7 @@ class Monitor:
         # rank reduces its shards and rank 0 writes the all-reduced statistics.
         self._active = self.writes or self.sharded
         self._store, self._writer, self._lock = None, None, contextlib.nullcontext()
-        if self.writes:  # storage errors: StoreError naming the path (storage.StoreHandle)
+        if self.writes:  # storage errors: the store's StoreError, naming the path
             meta = None if resume else run_meta(model, optimizer, t, self.adapter, hypers,
                                                 self._predictor.regime, every, symmetry_note,
                                                 self._checkpoint(), exact_decay)  # fmt: skip
@@ -96,9 +96,8 @@ class Monitor:
                                       overwrite else "new", meta, None if resume else
                                       t.symmetries)  # fmt: skip
             self._writer, self._lock = self._store.writer, self._store.lock
-            with self._store.errors("initialize"):
-                if resume and (state := checks.stored_state(self._writer, t.symmetries)):
-                    self.load_state_dict(state)
+            if resume and (state := checks.stored_state(self._writer, t.symmetries)):
+                self.load_state_dict(state)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -160,8 +159,7 @@ class Monitor:
             self._prediction.predictor.load_state_dict(state["predictor"], self.device)
             if self._store is not None:  # one transaction: no window without the resume event
                 meta, event = {"monitor_state": self._checkpoint()}, f"resumed at step {self.step}"
-                with self._store.errors("truncate"):
-                    self._writer.truncate(self.step, meta=meta, event=(self.step, "resume", event))
+                self._writer.truncate(self.step, meta=meta, event=(self.step, "resume", event))
 
     def close(self) -> None:
         """Flush, detach the hooks and close the store. Idempotent; never raises (a failed

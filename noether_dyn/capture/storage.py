@@ -1,20 +1,16 @@
-"""The monitor's side of its run store: opened with every storage error turned into a
-:class:`~noether_dyn.store.StoreError` naming the path, written under one lock (a flush from
-another thread, such as ``state_dict()`` in a checkpointing thread, never interleaves with the
-training thread's), and closed without raising."""
+"""The monitor's side of its run store: the writer (which raises a
+:class:`~noether_dyn.store.StoreError` naming the path for every storage failure), the lock
+every flush holds (a flush from another thread, such as ``state_dict()`` in a checkpointing
+thread, never interleaves with the training thread's), and a close that never raises."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from noether_dyn.capture.buffer import HostRows
-from noether_dyn.store.errors import StoreError
 from noether_dyn.store.schema import STORE_FILENAME
 from noether_dyn.store.writer import RunWriter
 
@@ -40,30 +36,17 @@ class StoreHandle:
     ) -> None:
         self.path = Path(run_dir) / STORE_FILENAME
         self.lock = threading.RLock()
-        with self.errors("open"):  # a new store is created with its meta and symmetries at once
-            self.writer = RunWriter(run_dir, mode, meta=meta, symmetries=symmetries)
-
-    @contextmanager
-    def errors(self, doing: str) -> Iterator[None]:
-        """Re-raise an SQLite or OS error of the block as a StoreError naming the path."""
-        try:
-            yield
-        except StoreError:
-            raise
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(
-                f"Cannot {doing} the run store '{self.path}': {type(exc).__name__}: {exc}. "
-                "Check that run_dir is on writable storage with free space."
-            ) from exc
+        # a new store is created with its meta and symmetries at once; the writer turns every
+        # storage failure into a StoreError naming the path
+        self.writer = RunWriter(run_dir, mode, meta=meta, symmetries=symmetries)
 
     def write(self, rows: HostRows | None, meta: dict[str, Any]) -> None:
         """One flush: ``rows`` (or only ``meta`` when None) in one transaction."""
-        with self.errors("write"):
-            if rows is None:
-                self.writer.set_meta(meta)
-            else:
-                self.writer.append(rows.steps, rows.groups, rows.charge_steps, rows.charges,
-                                   rows.events, meta, tensors=rows.tensors)  # fmt: skip
+        if rows is None:
+            self.writer.set_meta(meta)
+        else:
+            self.writer.append(rows.steps, rows.groups, rows.charge_steps, rows.charges,
+                               rows.events, meta, tensors=rows.tensors)  # fmt: skip
 
     def event(self, step: int, kind: str, message: str) -> None:
         """Record an event if the store still takes writes; never raises."""
