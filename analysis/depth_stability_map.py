@@ -117,83 +117,127 @@ def euler_theory(rho_t: float, band: float) -> int:
     return lo
 
 
-def probe_tangents(s: torch.Tensor, gen: torch.Generator, extra: int = 3) -> torch.Tensor:
-    """Initial tangents (1 + extra, 2n) with unit energy norm and dq = 0: dp = the stiffest
-    eigenvector of S, then ``extra`` random mixtures of S's eigenvectors with eigenvalue > 0."""
-    lam, vec = torch.linalg.eigh(s)
-    pos = vec[:, lam > 0]
-    mix = torch.randn(pos.shape[1], extra, generator=gen, dtype=s.dtype)
-    dp = torch.cat([vec[:, -1:], pos @ mix], 1).T
-    dp = dp / dp.norm(dim=-1, keepdim=True)
-    return torch.cat([torch.zeros_like(dp), dp], -1)
+def modal_probes(lam: torch.Tensor, gen: torch.Generator, extra: int = 3) -> torch.Tensor:
+    """Initial probe tangents in the eigenbasis of S, as momenta in energy coordinates.
 
+    Args:
+        lam: eigenvalues of S, ascending, (B, n).
+        gen: the generator that draws the random probes.
+        extra: random probes besides the stiffest mode.
 
-def energy_norm(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """|dy|_E = sqrt(dq^T S dq + |dp|^2), y of shape (..., 2n), s (..., n, n) -> (...)."""
-    n = s.shape[-1]
-    q, p = y[..., :n], y[..., n:]
-    return torch.sqrt(((q @ s) * q).sum(-1) + (p * p).sum(-1))
+    Returns:
+        (B, 1 + extra, n): per system, the coefficients of dp on S's eigenvectors (dq = 0), each
+        of unit energy norm: first the stiffest mode, then ``extra`` Gaussian mixtures of the modes
+        with lambda > 0. A dense probe V z / |V z| (V the eigenvectors, z Gaussian on the positive
+        modes) has exactly these coefficients, z / |z|, so no eigenvector is needed.
+    """
+    top = torch.zeros_like(lam)[:, None, :].expand(-1, 1, -1).clone()
+    top[:, 0, -1] = 1.0
+    mix = torch.randn(lam.shape[0], extra, lam.shape[1], generator=gen, dtype=lam.dtype)
+    v = torch.cat([top, mix * (lam > 0)[:, None, :]], 1)
+    return v / v.norm(dim=-1, keepdim=True)
 
 
 def stable(
     method: str,
-    s: torch.Tensor,
-    y0: torch.Tensor,
+    omega: torch.Tensor,
+    v0: torch.Tensor,
     horizon: float,
     depths: torch.Tensor,
     band: float,
 ) -> torch.Tensor:
-    """Whether ``depths[b]`` layers of ``method`` with h = horizon / depths[b] keep every tangent
-    of system b in the band at every layer; a batch of B systems at once.
+    """Whether ``depths[b]`` layers of ``method`` with h = horizon / depths[b] keep every probe
+    tangent of system b in the band at every layer; a batch of B systems at once.
+
+    The layers are stepped in S's eigenbasis: with S = V diag(omega^2) V^T, the linearized
+    layers act on each mode (q_i, p_i) alone, and in energy coordinates u_i = omega_i q_i they are
+    the same integrator with grad T(p) = omega p, grad V(u) = omega u (kick p -= c h omega^2 q,
+    drift u += c h omega p), while |dy|_E^2 = sum_i u_i^2 + p_i^2. O(n) per layer instead of the
+    dense O(n^2); tests/test_depth_studies.py checks the verdicts against dense stepping.
 
     Args:
-        s: Hessians (B, n, n). y0: tangents (B, k, 2n). depths: (B,) int64.
+        omega: mode frequencies sqrt(max(lambda_i, 0)), (B, n); 1/time.
+        v0: probe momenta from :func:`modal_probes`, (B, k, n), unit energy.
+        depths: (B,) int64, >= 1.
 
     Returns:
         (B,) bool.
     """
-    n = s.shape[-1]
-    step, h = METHODS[method], (horizon / depths.to(DT))[:, None, None]
-    q, p = y0[..., :n], y0[..., n:]
-    e0 = energy_norm(y0, s)
+    a = (horizon / depths.to(omega.dtype))[:, None, None] * omega[:, None, :]  # h omega
+    step = METHODS[method]
+
+    def grad(x: torch.Tensor) -> torch.Tensor:
+        return a * x
+
+    u, v = torch.zeros_like(v0), v0
     bad = torch.zeros_like(depths, dtype=torch.bool)
-    lo, hi = 1.0 / band, band
+    lo, hi = band**-2, band**2
     for j in range(int(depths.max())):
-        q, p = step(q, p, lambda v: v, lambda v: v @ s, h)
-        ratio = energy_norm(torch.cat([q, p], -1), s) / e0
-        out = ((ratio > hi) | (ratio < lo) | ~torch.isfinite(ratio)).any(-1)
-        bad |= out & (j < depths)
+        u, v = step(u, v, grad, grad, 1.0)
+        energy = (u * u + v * v).sum(-1)  # |dy_j|_E^2 / |dy_0|_E^2, (B, k)
+        inside = ((energy >= lo) & (energy <= hi)).all(-1)  # NaN counts as outside
+        bad |= ~inside & (j < depths)
         if bool((bad | (j + 1 >= depths)).all()):
             break
     return ~bad
 
 
 def smallest_stable_depths(
-    method: str, s: torch.Tensor, y0: torch.Tensor, horizon: float, band: float, guess: torch.Tensor
-) -> torch.Tensor:
-    """Per system, the smallest depth L* that is stable, with L* - 1 unstable (bisection over
-    integers; ``guess`` (B,), the theory's L*, only places the first probes). Returns (B,) int64."""
-    hi = torch.clamp((1.25 * guess).ceil().long(), min=1)
-    while not bool((ok := stable(method, s, y0, horizon, hi, band)).all()):
-        hi = torch.where(ok, hi, 2 * hi)
-        if int(hi.max()) > 1 << 20:
-            raise RuntimeError(f"{method}: no stable depth below {int(hi.max())}; reduce --horizon")
-    lo = torch.ones_like(hi)
-    mid = torch.minimum(torch.clamp((0.9 * guess).floor().long(), min=1), hi)
-    while bool((lo < hi).any()):
-        ok = stable(method, s, y0, horizon, mid, band)
-        hi = torch.where(ok & (lo < hi), mid, hi)
-        lo = torch.where(~ok & (lo < hi), mid + 1, lo)
-        mid = (lo + hi) // 2
-    return hi
+    method: str,
+    omega: torch.Tensor,
+    v0: torch.Tensor,
+    horizon: float,
+    band: float,
+    guess: torch.Tensor,
+) -> tuple[torch.Tensor, int]:
+    """Per system, the smallest depth L* that is stable, with L* - 1 unstable (L* = 1 needs no
+    second probe).
+
+    Galloping search from ``guess`` (B,), the one-mode theory's L*: probe the guess, then step
+    away from it by 1, 2, 4, ... until the verdict flips, then bisect the bracket. The guess only
+    places the probes; every L* is confirmed by its two verdicts. With the exact forward-Euler
+    theory as guess this takes two evaluations (L* and L* - 1).
+
+    Returns:
+        (L* (B,) int64, number of batched evaluations of :func:`stable`).
+    """
+    never = 1 << 40
+    probe = torch.clamp(guess.round().long(), min=1)
+    ok = stable(method, omega, v0, horizon, probe, band)
+    good = torch.where(ok, probe, never)  # smallest depth known stable
+    bad = torch.where(ok, probe.new_zeros(()), probe)  # largest depth known unstable (0: none)
+    known_bad = ~ok | (good == 1)
+    stride, evaluations = torch.ones_like(probe), 1
+    while bool((good > bad + 1).any()):
+        todo = good > bad + 1
+        probe = torch.where(
+            good == never,
+            bad + stride,
+            torch.where(known_bad, (good + bad) // 2, torch.clamp(good - stride, min=1)),
+        )
+        probe = torch.where(todo, probe, 1)
+        ok = stable(method, omega, v0, horizon, probe, band)
+        evaluations += 1
+        if int(probe.max()) > 1 << 22:
+            raise RuntimeError(f"{method}: no stable depth below {int(probe.max())}")
+        good = torch.where(todo & ok, torch.minimum(good, probe), good)
+        bad = torch.where(todo & ~ok, torch.maximum(bad, probe), bad)
+        known_bad |= todo & (~ok | (good == 1))
+        stride = torch.where(todo, 2 * stride, stride)
+    return good, evaluations
 
 
-def random_hessian(width: int, gen: torch.Generator) -> torch.Tensor:
-    """S = K^T K for K (n, n) with entries N(0, 1): the Hessian at q = 0 of
-    V = sum log cosh(K q) (a = 1, b = 0)."""
+def stiffness_spectra(width: int, seeds: int) -> torch.Tensor:
+    """Eigenvalues (ascending) of S = K^T K for K (n, n), n = width/2, entries N(0, 1): the
+    Hessian at q = 0 of V = sum log cosh(K q). Seed s of a width draws K from its own generator,
+    so a run with more seeds or widths repeats the smaller one. Returns (seeds, n), float64."""
     n = width // 2
-    k = torch.randn(n, n, generator=gen, dtype=DT)
-    return k.T @ k
+    out = []
+    for seed in range(seeds):
+        gen = torch.Generator().manual_seed(1_000_003 * width + seed)
+        k = torch.randn(n, n, generator=gen, dtype=DT)
+        out.append(torch.linalg.eigvalsh(k.T @ k))
+    return torch.stack(out)
 
 
 def chain_force(q: torch.Tensor) -> torch.Tensor:
@@ -234,17 +278,20 @@ def theory_depth(method: str, rho_t: float, band: float) -> float:
 
 
 def measure(
-    s: torch.Tensor, horizons: list[float], band: float, gen: torch.Generator
+    lam: torch.Tensor, horizons: list[float], band: float, gen: torch.Generator
 ) -> list[dict]:
-    """Every method and horizon on a batch of Hessians s (B, n, n); one row per system."""
-    rho = torch.linalg.eigvalsh(s)[:, -1].sqrt()
-    y0 = torch.stack([probe_tangents(si, gen) for si in s])
+    """Every method and horizon on a batch of spectra lam (B, n) of S; one row per system."""
+    omega = lam.clamp(min=0).sqrt()
+    rho = omega[:, -1]
+    v0 = modal_probes(lam, gen)
     rows = []
     for horizon in horizons:
         for method in METHODS:
             guess = torch.tensor([theory_depth(method, float(r) * horizon, band) for r in rho])
-            depths = smallest_stable_depths(method, s, y0, horizon, band, guess)
-            for b in range(len(s)):
+            start = time.perf_counter()
+            depths, evaluations = smallest_stable_depths(method, omega, v0, horizon, band, guess)
+            seconds = time.perf_counter() - start
+            for b in range(len(lam)):
                 rho_t = float(rho[b]) * horizon
                 theory = float(guess[b])
                 rows.append(
@@ -262,19 +309,24 @@ def measure(
                             else rho_t / 2
                         ),
                         "ratio": int(depths[b]) / theory,
+                        "evaluations": evaluations,
+                        "search_seconds": seconds,
                     }
                 )
     return rows
 
 
-def run_random(args: argparse.Namespace) -> pd.DataFrame:
-    """All widths; the seeds of one width form one batch (seed = system index)."""
+def run_random(args: argparse.Namespace, spectra: dict[int, torch.Tensor]) -> pd.DataFrame:
+    """All CFL widths; the seeds of one width form one batch (seed = system index). ``spectra``
+    holds each width's eigenvalues (from the stiffness study; the first ``args.seeds`` are
+    used)."""
     rows = []
     for width in args.widths:
         gen = torch.Generator().manual_seed(1_000 + width)
-        s = torch.stack([random_hessian(width, gen) for _ in range(args.seeds)])
-        for row in measure(s, [args.horizon], args.band, gen):
+        lam = spectra[width][: args.seeds]
+        for row in measure(lam, [args.horizon], args.band, gen):
             rows.append({"weights": "random", "width": width, "seed": row.pop("system"), **row})
+        print(f"width {width}: done", flush=True)
     return pd.DataFrame(rows)
 
 
@@ -285,10 +337,9 @@ def run_trained(args: argparse.Namespace) -> pd.DataFrame:
         fits = [
             trained_hessian(width, seed, args.train_steps) for seed in range(args.trained_seeds)
         ]
-        s = torch.stack([f[0] for f in fits])
-        lam_min = torch.linalg.eigvalsh(s)[:, 0]
+        lam = torch.linalg.eigvalsh(torch.stack([f[0] for f in fits]))
         gen = torch.Generator().manual_seed(7_919 + width)
-        for row in measure(s, args.trained_horizons, args.band, gen):
+        for row in measure(lam, args.trained_horizons, args.band, gen):
             seed = row.pop("system")
             rows.append(
                 {
@@ -296,44 +347,118 @@ def run_trained(args: argparse.Namespace) -> pd.DataFrame:
                     "width": width,
                     "seed": seed,
                     "force_rel_error": fits[seed][1],
-                    "lambda_min_S": float(lam_min[seed]),
+                    "lambda_min_S": float(lam[seed, 0]),
                     **row,
                 }
             )
     return pd.DataFrame(rows)
 
 
+TW1_MEAN = -1.2065335745820
+"""Mean of the Tracy-Widom GOE law TW1 (Tracy & Widom, Commun. Math. Phys. 177 (1996) 727)."""
+
+
+def johnstone_top(n: int) -> float:
+    """E lambda_max(K^T K) for K (n, n) with entries N(0, 1), to leading order in n^{-2/3}:
+    mu + sigma E[TW1] with mu = (sqrt(n - 1) + sqrt(n))^2, sigma = (sqrt(n - 1) + sqrt(n))
+    (1/sqrt(n - 1) + 1/sqrt(n))^{1/3} (Johnstone, Ann. Statist. 29 (2001) 295, Thm 1.1).
+    -> 4n, with a relative deficit ~ 0.76 n^{-2/3} that sets the finite-width bias."""
+    root = math.sqrt(n - 1) + math.sqrt(n)
+    return root**2 + TW1_MEAN * root * (1 / math.sqrt(n - 1) + 1 / math.sqrt(n)) ** (1 / 3)
+
+
+def stiffness_table(spectra: dict[int, torch.Tensor]) -> pd.DataFrame:
+    """Per width: rho^2 / (2 w) = lambda_max(S) / (4n) (-> 1 as n grows), mean over seeds with
+    its 95% interval, Johnstone's prediction, and the local width exponent of rho^2 from the
+    previous width (per seed pair log(rho_w^2 / rho_prev^2) / log(w / prev), mean and 95%
+    interval; the matrices of different widths are independent) beside Johnstone's."""
+    rows, prev = [], None
+    for width in sorted(spectra):
+        n, top = width // 2, spectra[width][:, -1].numpy()
+        mean, lo, hi = mean_ci(top / (4 * n))
+        row = {
+            "width": width,
+            "seeds": len(top),
+            "rho2_over_2w": mean,
+            "ci95_low": lo,
+            "ci95_high": hi,
+            "johnstone": johnstone_top(n) / (4 * n),
+            "local_exponent": float("nan"),
+            "local_ci95_low": float("nan"),
+            "local_ci95_high": float("nan"),
+            "johnstone_exponent": float("nan"),
+        }
+        if prev is not None:
+            m = min(len(top), len(prev[1]))
+            local = np.log(top[:m] / prev[1][:m]) / math.log(width / prev[0])
+            row["local_exponent"], row["local_ci95_low"], row["local_ci95_high"] = mean_ci(local)
+            row["johnstone_exponent"] = math.log(
+                johnstone_top(n) / johnstone_top(prev[0] // 2)
+            ) / math.log(width / prev[0])
+        rows.append(row)
+        prev = (width, top)
+    return pd.DataFrame(rows)
+
+
 def _slopes(raw: pd.DataFrame, x: str, group: list[str]) -> pd.DataFrame:
-    """Per group, the log-log slopes of the measured L* and of the exact one-mode theory."""
+    """Per group, the log-log slopes of the measured L*, of the exact one-mode theory and of
+    rho^2 (the stiffness itself, the same systems)."""
     out = []
     for key, sub in raw.groupby(group):
         logx = np.log(sub[x].to_numpy(float))
         slope = np.polyfit(logx, np.log(sub["smallest_stable_depth"].to_numpy(float)), 1)[0]
         theory = np.polyfit(logx, np.log(sub["theory"].to_numpy(float)), 1)[0]
-        out.append({**dict(zip(group, key)), "slope": slope, "theory_slope": theory})
+        rho2 = np.polyfit(logx, 2 * np.log(sub["rho"].to_numpy(float)), 1)[0]
+        out.append(
+            {**dict(zip(group, key)), "slope": slope, "theory_slope": theory, "rho2_slope": rho2}
+        )
     return pd.DataFrame(out)
 
 
+def width_ranges(widths: list[int], large_width: int) -> list[tuple[int, int]]:
+    """The width fits: all widths, last round's 64-512, and widths >= ``large_width`` (where
+    the finite-width bias of rho^2 is small; see :func:`johnstone_top`), each only if it holds
+    at least two of ``widths``."""
+    top = max(widths)
+    ranges = [(min(widths), top), (64, 512), (large_width, top)]
+    out = []
+    for lo, hi in ranges:
+        if (lo, hi) not in out and sum(lo <= w <= hi for w in widths) >= 2:
+            out.append((lo, hi))
+    return out
+
+
 def fit_table(random: pd.DataFrame, trained: pd.DataFrame, large_width: int) -> pd.DataFrame:
-    """Exponents with 95% intervals: random weights in width (all widths, and widths >=
-    ``large_width``, where sigma_max(K)^2 is closer to its asymptote 4n) and in rho T, trained
-    weights in rho T; plus the stiffness itself, rho^2 against width (asymptotically 1)."""
-    rows = []
-    big = random[random["width"] >= large_width] if not random.empty else random
-    for weights, raw, x, expected, label in (
-        ("random", random, "width", EXPECTED_WIDTH, "width"),
-        ("random", big, "width", EXPECTED_WIDTH, f"width >= {large_width}"),
+    """Exponents with 95% intervals: random weights in width (over each of
+    :func:`width_ranges`) and in rho T, trained weights in rho T. Each row also gives, over the
+    same systems, the exponent of rho^2 (``rho2_exponent``; width fits only): forward Euler's L*
+    should track it, the symplectic L* half of it. One more row per width range fits rho^2
+    itself (asymptotically 1) with its interval."""
+    fits: list[tuple[str, pd.DataFrame, str, dict[str, float], str]] = []
+    if not random.empty:
+        for lo, hi in width_ranges(sorted(random["width"].unique()), large_width):
+            sub = random[random["width"].between(lo, hi)]
+            fits.append(("random", sub, "width", EXPECTED_WIDTH, f"width {lo}-{hi}"))
+    fits += [
         ("random", random, "rho_T", EXPECTED_RHO_T, "rho_T"),
         ("trained", trained, "rho_T", EXPECTED_RHO_T, "rho_T"),
-    ):
+    ]
+    rows = []
+    for weights, raw, x, expected, label in fits:
         if raw.empty or raw[x].nunique() < 2:
             continue
         # Per seed (random) or per trained potential (trained), one slope across the sweep.
         group = ["method", "seed"] if weights == "random" else ["method", "seed", "width"]
         slopes = _slopes(raw, x, group)
-        for method in METHODS:
-            mine = slopes[slopes["method"] == method]
-            mean, lo, hi = mean_ci(mine["slope"].to_numpy())
+        entries = [
+            (method, slopes[slopes["method"] == method], "slope", expected[method])
+            for method in METHODS
+        ]
+        if x == "width":
+            one = slopes[slopes["method"] == "forward_euler"]
+            entries.append(("stiffness rho^2", one, "rho2_slope", 1.0))
+        for method, mine, column, want in entries:
+            mean, lo, hi = mean_ci(mine[column].to_numpy())
             rows.append(
                 {
                     "weights": weights,
@@ -342,31 +467,15 @@ def fit_table(random: pd.DataFrame, trained: pd.DataFrame, large_width: int) -> 
                     "exponent": mean,
                     "ci95_low": lo,
                     "ci95_high": hi,
-                    "expected": expected[method],
-                    "expected_in_ci": bool(lo <= expected[method] <= hi),
-                    "theory_exponent": float(mine["theory_slope"].mean()),
+                    "expected": want,
+                    "expected_in_ci": bool(lo <= want <= hi),
+                    "theory_exponent": (
+                        float(mine["theory_slope"].mean()) if column == "slope" else float("nan")
+                    ),
+                    "rho2_exponent": (
+                        float(mine["rho2_slope"].mean()) if x == "width" else float("nan")
+                    ),
                     "fits": len(mine),
-                }
-            )
-        if weights == "random" and x == "width":
-            one = raw[raw["method"] == "forward_euler"]
-            stiff = [
-                np.polyfit(np.log(sub["width"]), 2 * np.log(sub["rho"]), 1)[0]
-                for _, sub in one.groupby("seed")
-            ]
-            mean, lo, hi = mean_ci(np.array(stiff))
-            rows.append(
-                {
-                    "weights": weights,
-                    "against": label,
-                    "method": "stiffness rho^2",
-                    "exponent": mean,
-                    "ci95_low": lo,
-                    "ci95_high": hi,
-                    "expected": 1.0,
-                    "expected_in_ci": bool(lo <= 1.0 <= hi),
-                    "theory_exponent": float("nan"),
-                    "fits": len(stiff),
                 }
             )
     return pd.DataFrame(rows)
@@ -387,11 +496,18 @@ def summary(random: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def plot(random: pd.DataFrame, trained: pd.DataFrame, band: float, path: Path) -> None:
-    """Left: L* against rho T for random weights (points: seeds and widths), theory lines.
-    Middle: L* against width. Right: trained weights against rho T."""
+def plot(
+    random: pd.DataFrame,
+    trained: pd.DataFrame,
+    stiffness: pd.DataFrame,
+    band: float,
+    path: Path,
+) -> None:
+    """Panels: L* against rho T for random weights (points: seeds and widths), theory lines;
+    L* against width; trained weights against rho T; rho^2 / (2 w) against width with
+    Johnstone's finite-n prediction (the source of the finite-width bias)."""
     sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
     colors = dict(zip(METHODS, sns.color_palette("deep", len(METHODS)), strict=True))
     markers = {"forward_euler": "o", "symplectic_euler": "s", "stormer_verlet": "^"}
 
@@ -453,6 +569,24 @@ def plot(random: pd.DataFrame, trained: pd.DataFrame, band: float, path: Path) -
     axes[1].set_ylabel("L* (median, range over seeds)")
     axes[1].set_title("random weights; dotted: w^1 and w^1/2", loc="left")
     axes[1].legend(fontsize=7)
+    ax = axes[3]
+    w = stiffness["width"].to_numpy(float)
+    mean = stiffness["rho2_over_2w"].to_numpy(float)
+    ax.errorbar(
+        w,
+        mean,
+        yerr=[mean - stiffness["ci95_low"], stiffness["ci95_high"] - mean],
+        fmt="o-",
+        capsize=3,
+        label="measured (mean, 95% CI)",
+    )
+    ax.plot(w, stiffness["johnstone"], "--", label="Johnstone 2001, mu + sigma E[TW1]")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width w")
+    ax.set_ylabel("rho^2 / (2 w) = sigma_max(K)^2 / (4 n)")
+    ax.set_title("stiffness: finite-width deficit", loc="left")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -464,23 +598,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("analysis/results/depth_stability_map"))
     parser.add_argument("--horizon", type=float, default=4.0, help="T = h L, random weights")
     parser.add_argument("--band", type=float, default=10.0, help="stability band factor c")
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--widths", type=int, nargs="+", default=None)
+    parser.add_argument("--seeds", type=int, default=None, help="CFL seeds per width")
+    parser.add_argument("--widths", type=int, nargs="+", default=None, help="CFL widths")
+    parser.add_argument("--stiffness-seeds", type=int, default=None)
+    parser.add_argument("--stiffness-widths", type=int, nargs="+", default=None)
     parser.add_argument("--trained-widths", type=int, nargs="+", default=None)
     parser.add_argument("--trained-seeds", type=int, default=None)
     parser.add_argument("--trained-horizons", type=float, nargs="+", default=None)
     parser.add_argument("--train-steps", type=int, default=None)
     parser.add_argument(
-        "--large-width", type=int, default=64, help="second width fit uses widths >= this"
+        "--large-width",
+        type=int,
+        default=1024,
+        help="asymptotic width fit uses widths >= this (Johnstone: rho^2 local exponent < 1.01)",
     )
     parser.add_argument(
-        "--refit", action="store_true", help="redo tables and figure from --out/seeds.csv"
+        "--refit", action="store_true", help="redo tables and figure from --out/*.csv"
     )
     args = parser.parse_args(argv)
     if args.quick:
         defaults = {
             "seeds": 3,
             "widths": [16, 32, 64],
+            "stiffness_seeds": 4,
+            "stiffness_widths": [16, 32, 64, 128],
             "trained_widths": [16],
             "trained_seeds": 2,
             "trained_horizons": [4.0, 8.0],
@@ -489,7 +630,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     else:
         defaults = {
             "seeds": 8,
-            "widths": [16, 32, 64, 128, 256, 512],
+            "widths": [16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
+            "stiffness_seeds": 16,
+            "stiffness_widths": [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
             "trained_widths": [16, 64, 256],
             "trained_seeds": 3,
             "trained_horizons": [4.0, 8.0, 16.0, 32.0],
@@ -498,7 +641,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if any(w % 2 for w in [*args.widths, *args.trained_widths]):
+    if any(w % 2 for w in [*args.widths, *args.trained_widths, *args.stiffness_widths]):
         parser.error("widths must be even (state = (q, p) halves)")
     return args
 
@@ -506,7 +649,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Run the study, write figure + CSVs + markdown under --out; returns the fit table."""
     args = parse(argv)
-    # Tiny sequential ops: one thread is fastest and avoids oversubscribing shared cores.
+    # Elementwise ops on small batches and one eigvalsh per matrix: one thread is fastest per
+    # core and does not oversubscribe shared machines.
     torch.set_num_threads(1)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -514,15 +658,29 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         seeds = pd.read_csv(args.out / "seeds.csv")
         random = seeds[seeds["weights"] == "random"].dropna(axis=1, how="all")
         trained = seeds[seeds["weights"] == "trained"]
+        stiffness = pd.read_csv(args.out / "stiffness.csv")
     else:
-        random = run_random(args)
+        # One eigendecomposition per matrix, shared by the stiffness study and the CFL runs
+        # (which use the first --seeds spectra of each width).
+        spectra = {
+            w: stiffness_spectra(
+                w, max(args.stiffness_seeds, args.seeds if w in args.widths else 0)
+            )
+            for w in sorted({*args.stiffness_widths, *args.widths})
+        }
+        print(f"spectra: {time.perf_counter() - start:.1f} s", flush=True)
+        stiffness = stiffness_table(
+            {w: spectra[w][: args.stiffness_seeds] for w in args.stiffness_widths}
+        )
+        stiffness.to_csv(args.out / "stiffness.csv", index=False)
+        random = run_random(args, spectra)
         trained = run_trained(args)
         pd.concat([random, trained]).to_csv(args.out / "seeds.csv", index=False)
     fits = fit_table(random, trained, args.large_width)
     table = summary(random)
     table.to_csv(args.out / "table.csv", index=False)
     fits.to_csv(args.out / "fit.csv", index=False)
-    plot(random, trained, args.band, args.out / "stability_map.png")
+    plot(random, trained, stiffness, args.band, args.out / "stability_map.png")
     trained_summary = (
         trained.groupby(["width", "seed"])
         .agg(
@@ -534,6 +692,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if not trained.empty
         else pd.DataFrame()
     )
+    seconds = time.perf_counter() - start
     text = "\n\n".join(
         [
             f"## smallest stable depth at fixed horizon (T={args.horizon:g}, band c={args.band:g}, "
@@ -541,13 +700,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             markdown_table(table),
             "### fitted exponents (mean over seeds, 95% t-interval)",
             markdown_table(fits),
+            "### stiffness rho^2 / (2 w) against width (eigenvalues only)",
+            markdown_table(stiffness),
             "### trained potentials",
             markdown_table(trained_summary),
         ]
     )
     (args.out / "table.md").write_text(text + "\n")
     print(text)
-    print(f"\nwrote {args.out} in {time.perf_counter() - start:.1f} s")
+    print(f"\nwrote {args.out} in {seconds:.1f} s")
     return fits
 
 
