@@ -23,8 +23,20 @@ rho = sqrt(lambda_max(S)) = sigma_max(K), the largest frequency (~ 2 sqrt(n) = s
 Gaussian K). A net is *stable* when every layer's tangent stays in the band
 |dy_j|_E / |dy_0|_E in [1/c, c] (default c = 10), for a batch of tangents: the stiffest mode and
 three random unit-energy tangents in S's positive eigenspace. The *smallest stable depth* L* is
-found by bisection over integer depths (stable at L*, unstable at L* - 1; stability is monotone
-in L for these methods on a linear field).
+found by a galloping search over integer depths from the one-mode theory's L* (stable at L*,
+unstable at L* - 1; stability is monotone in L for these methods on a linear field).
+
+How it is computed. S is symmetric, S = V diag(omega^2) V^T, so the linearized layers act on
+each eigenmode alone; in energy coordinates (omega_i dq_i, dp_i) they are the same integrator
+steps with frequency omega_i, and |dy|_E^2 is the plain sum of squares. The study therefore needs
+only the eigenvalues of S (one eigvalsh per matrix, shared with the stiffness study below) and
+steps the modes: O(n) per layer instead of O(n^2), vectorized over seeds and probes. A random
+probe V z / |V z| has modal coefficients z / |z|, so the probes are drawn in the eigenbasis.
+tests/test_depth_studies.py confirms each L* (stable) and L* - 1 (unstable) by dense stepping.
+Arithmetic is float64 throughout, and float32 would not do: forward Euler's squared energy at
+layer L* differs from that at L* - 1 (same probe, h = T/L) by a relative ~ 2 ln c / L* (1.6e-4
+at width 4096, L* ~ 28000), while float32 rounding accumulated over L* steps reaches up to
+L* 2^-24 ~ 1.7e-3, enough to flip the verdict; float64's L* 2^-53 ~ 3e-12 cannot.
 
 Theory (one mode of frequency omega = rho). Forward Euler multiplies the energy norm by
 sqrt(1 + h^2 rho^2) per layer, so the band holds iff (L/2) ln(1 + (rho T/L)^2) <= ln c,
@@ -38,14 +50,25 @@ match the force of a chain of coupled pendulums, V*(q) = sum (1 - cos q_i) + (k/
 (q_{i+1} - q_i)^2, k = 4; rho is measured on the trained S and the horizon is swept, so rho T
 varies through T. Exponents fitted against rho T.
 
-Exponents: per seed, the least-squares slope of log L* against log w (random weights; over all
-widths and over widths >= --large-width) or log rho T (both panels); the table gives the mean
-over seeds with a 95% Student-t interval, the slope of the exact one-mode theory at the measured
-rho (``theory_exponent``), and the slope of rho^2 itself against w. sigma_max(K)^2 / (4n) rises
-towards 1 only as n grows (the finite-size edge of the Marchenko-Pastur law), so at finite
-widths the width exponents carry that bias; the rho T exponents do not.
+Stiffness study (eigenvalues only, more seeds and widths than the CFL runs): rho^2 / (2 w) =
+lambda_max(K^T K) / (4n) against width, beside Johnstone's (2001) finite-n prediction
+mu + sigma E[TW1]. The edge of the Marchenko-Pastur law is reached only as n grows, with a
+relative deficit ~ 0.76 n^{-2/3}, so rho^2 grows faster than w at finite width. By Johnstone's
+formula the exponent of rho^2 over one doubling of w is 1.097 (32 -> 64), 1.019 (256 -> 512),
+1.012 (512 -> 1024), 1.007 (1024 -> 2048) and 1.004 (2048 -> 4096): below 1.01 from w = 1024
+on, which sets --large-width = 1024 (chosen from the formula, before the CFL runs at large width).
 
-Run: ``python analysis/depth_stability_map.py [--quick] [--out DIR]``.
+Exponents: per seed, the least-squares slope of log L* against log w (random weights; over all
+widths, over last round's widths 64-512 and over widths >= --large-width) or log rho T (both
+panels); the table gives the mean over seeds with a 95% Student-t interval, the slope of the
+exact one-mode theory at the measured rho (``theory_exponent``), and the slope of rho^2 over the
+same systems (``rho2_exponent``, plus its own row with an interval): forward Euler's L* tracks
+rho^2, the symplectic L* half of it, so the width exponents carry rho^2's finite-width bias;
+the rho T exponents do not.
+
+Run: ``python analysis/depth_stability_map.py [--quick] [--out DIR]`` (full run: CFL widths
+16-4096 x 8 seeds, stiffness widths 16-8192 x 16 seeds, trained panel; see docs/depth.md for
+the time it takes). ``--refit`` redoes tables and figure from the CSVs.
 """
 
 from __future__ import annotations
