@@ -452,20 +452,20 @@ def width_ranges(widths: list[int], large_width: int) -> list[tuple[int, int]]:
 
 
 def fit_table(random: pd.DataFrame, trained: pd.DataFrame, large_width: int) -> pd.DataFrame:
-    """Exponents with 95% intervals: random weights in width (over each of
-    :func:`width_ranges`) and in rho T, trained weights in rho T. Each row also gives, over the
-    same systems, the exponent of rho^2 (``rho2_exponent``; width fits only): forward Euler's L*
-    should track it, the symplectic L* half of it. One more row per width range fits rho^2
-    itself (asymptotically 1) with its interval."""
+    """Exponents with 95% intervals: random weights in width and in rho T (over each of
+    :func:`width_ranges`; at fixed T, the rho T fit is the fit against rho, so forward Euler's 2
+    and the symplectic 1 say that L* tracks rho^2 and rho), trained weights in rho T. Each
+    width row also gives, over the same systems, the exponent of rho^2 (``rho2_exponent``):
+    forward Euler's L* should track it, the symplectic L* half of it. One more row per width
+    range fits rho^2 itself (asymptotically 1) with its interval."""
     fits: list[tuple[str, pd.DataFrame, str, dict[str, float], str]] = []
-    if not random.empty:
-        for lo, hi in width_ranges(sorted(random["width"].unique()), large_width):
+    ranges = width_ranges(sorted(random["width"].unique()), large_width) if len(random) else []
+    for x, expected in (("width", EXPECTED_WIDTH), ("rho_T", EXPECTED_RHO_T)):
+        for lo, hi in ranges:
             sub = random[random["width"].between(lo, hi)]
-            fits.append(("random", sub, "width", EXPECTED_WIDTH, f"width {lo}-{hi}"))
-    fits += [
-        ("random", random, "rho_T", EXPECTED_RHO_T, "rho_T"),
-        ("trained", trained, "rho_T", EXPECTED_RHO_T, "rho_T"),
-    ]
+            label = f"width {lo}-{hi}" if x == "width" else f"rho_T, width {lo}-{hi}"
+            fits.append(("random", sub, x, expected, label))
+    fits.append(("trained", trained, "rho_T", EXPECTED_RHO_T, "rho_T"))
     rows = []
     for weights, raw, x, expected, label in fits:
         if raw.empty or raw[x].nunique() < 2:
