@@ -80,6 +80,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 
@@ -564,6 +565,7 @@ def plot(
             )
         theory_lines(ax, frame)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yscale("log")
         ax.set_xlabel("rho T (stiffness x horizon)")
         ax.set_ylabel("smallest stable depth L*")
