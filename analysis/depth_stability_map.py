@@ -36,7 +36,8 @@ tests/test_depth_studies.py confirms each L* (stable) and L* - 1 (unstable) by d
 Arithmetic is float64 throughout, and float32 would not do: forward Euler's squared energy at
 layer L* differs from that at L* - 1 (same probe, h = T/L) by a relative ~ 2 ln c / L* (1.6e-4
 at width 4096, L* ~ 28000), while float32 rounding accumulated over L* steps reaches up to
-L* 2^-24 ~ 1.7e-3, enough to flip the verdict; float64's L* 2^-53 ~ 3e-12 cannot.
+L* 2^-24 ~ 1.7e-3, enough to flip the verdict (it does: in float32, one of the 8 width-4096
+systems is unstable at its float64 L*); float64's L* 2^-53 ~ 3e-12 cannot.
 
 Theory (one mode of frequency omega = rho). Forward Euler multiplies the energy norm by
 sqrt(1 + h^2 rho^2) per layer, so the band holds iff (L/2) ln(1 + (rho T/L)^2) <= ln c,
