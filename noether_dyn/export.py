@@ -21,6 +21,7 @@ from noether_dyn.store import Run, load_run
 FORMATS = ("csv", "parquet", "tensorboard")
 TABLES = (
     "steps", "groups", "charges", "tensors", "symmetries", "dropped", "events", "depth_profile",
+    "matrix_charges",
 )  # fmt: skip
 
 

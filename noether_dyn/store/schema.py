@@ -45,6 +45,15 @@ max_real)``
     ``max_real`` (max Re lambda, 1/time) are ``noether_dyn.depth.stability``'s (version 2;
     NaN when not given).
 
+``matrix_charges(step, symmetry, i, j, charge, first_order, kinetic, decay)``
+    optional, created by the first flush of a run watched with ``matrix_charges=`` (absent
+    otherwise; a store without it reads as before, with no schema version change): per logged
+    step n, GL record (named as in ``meta["matrix_symmetries"]``) and upper-triangle entry
+    i <= j, the entry of ``C_n = L_n L_n^T - R_n R_n^T`` and of the exact split
+    ``C_{n+1} - C_n = first_order + kinetic``; ``decay`` is weight decay's part of
+    ``first_order`` (``-2 eta lambda C_n``; NaN where the rule has none, see
+    ``meta["matrix_decay"]`` and ``noether_dyn.capture.matrix``).
+
 Version-1 stores are read as version 2 with the new columns empty (NaN / ``""``) and no
 dropped candidates; a resumed version-1 store is migrated in place (:data:`MIGRATION_V2`).
 """
@@ -78,6 +87,17 @@ SYMMETRY_COLUMNS = (
     "symmetry", "kind", "params", "signs", "verified", "defect", "note", "exactness",
 )  # fmt: skip
 DROPPED_COLUMNS = ("symmetry", "kind", "params", "signs", "defect", "rule")
+MATRIX_CHARGE_COLUMNS = (
+    "step", "symmetry", "i", "j", "charge", "first_order", "kinetic", "decay",
+)  # fmt: skip
+MATRIX_CHARGE_DDL = """
+CREATE TABLE IF NOT EXISTS matrix_charges (
+    step INTEGER NOT NULL, symmetry TEXT NOT NULL, i INTEGER NOT NULL, j INTEGER NOT NULL,
+    charge REAL, first_order REAL, kinetic REAL, decay REAL,
+    PRIMARY KEY (step, symmetry, i, j)
+)
+"""
+"""The optional table of matrix-valued charges: created by its first write, not by :data:`DDL`."""
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

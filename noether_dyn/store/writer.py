@@ -40,6 +40,7 @@ from noether_dyn.store.schema import (
     DEPTH_COLUMNS,
     GENERATION_KEY,
     GROUP_COLUMNS,
+    MATRIX_CHARGE_DDL,
     MIGRATION_V2,
     SCHEMA_VERSION,
     STEP_COLUMNS,
@@ -258,6 +259,8 @@ class RunWriter:
         with self._transaction("Truncating") as con:
             for table in ("steps", "groups", "events", "depth_profile"):
                 con.execute(f"DELETE FROM {table} WHERE step >= ?", (first_dropped,))
+            if con.execute("PRAGMA table_info(matrix_charges)").fetchall():
+                con.execute("DELETE FROM matrix_charges WHERE step >= ?", (first_dropped,))
             for table in BLOCK_TABLES:
                 self._truncate_blocks(table, first_dropped)
             self._bump_generation()
@@ -300,6 +303,19 @@ class RunWriter:
                 self._insert_block("tensor_blocks", steps[:, 0].astype(np.int64), tensors)
             con.executemany("INSERT INTO events VALUES (?, ?, ?)", event_rows)
             con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta_values)
+
+    def write_matrix_charges(self, rows: np.ndarray, names: Sequence[str]) -> None:
+        """Append matrix-charge rows (one transaction; the optional table is created by the
+        first): ``rows`` float64 (k, 8) in the order step, symmetry index (into ``names``), i, j,
+        charge, first_order, kinetic, decay (``noether_dyn.capture.matrix.MATRIX_ROW``)."""
+        values = [
+            (int(r[0]), names[int(r[1])], int(r[2]), int(r[3]), *r[4:]) for r in rows.tolist()
+        ]
+        with self._transaction("Writing matrix charges") as con:
+            con.execute(MATRIX_CHARGE_DDL)
+            con.executemany(
+                "INSERT OR REPLACE INTO matrix_charges VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values
+            )
 
     def _truncate_blocks(self, table: str, first_dropped: int) -> None:
         rows = self.con.execute(
