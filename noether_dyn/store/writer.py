@@ -308,9 +308,12 @@ class RunWriter:
         """Append matrix-charge rows (one transaction; the optional table is created by the
         first): ``rows`` float64 (k, 8) in the order step, symmetry index (into ``names``), i, j,
         charge, first_order, kinetic, decay (``noether_dyn.capture.matrix.MATRIX_ROW``)."""
-        values = [
-            (int(r[0]), names[int(r[1])], int(r[2]), int(r[3]), *r[4:]) for r in rows.tolist()
-        ]
+        ints = rows[:, :4].astype(np.int64)
+        symbols = np.asarray(names, dtype=object)[ints[:, 1]]
+        values = list(
+            zip(ints[:, 0].tolist(), symbols.tolist(), ints[:, 2].tolist(), ints[:, 3].tolist(),
+                *(rows[:, k].tolist() for k in range(4, 8)))
+        )  # fmt: skip
         with self._transaction("Writing matrix charges") as con:
             con.execute(MATRIX_CHARGE_DDL)
             con.executemany(
