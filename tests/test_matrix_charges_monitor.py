@@ -273,3 +273,14 @@ def test_declared_records_and_errors(tmp_path) -> None:
         nd.watch(model, opt, tmp_path / "b", symmetries=[], matrix_charges=[bad])
     rec = find_matrix_symmetries(model, x, rescales=None, targets=data()[1], loss_fn=nn.MSELoss())
     assert MatrixSymmetry.from_dict(rec[0].to_dict()) == rec[0]
+
+
+def test_truncate_drops_matrix_rows_from_the_resumed_step(tmp_path) -> None:
+    from noether_dyn.store.writer import RunWriter
+
+    run, _ = run_linear(tmp_path, lambda p: torch.optim.SGD(p, lr=1e-3), steps=5)
+    with RunWriter(tmp_path / "run", "resume") as writer:
+        writer.truncate(3)
+    after = load_run(tmp_path / "run")
+    assert sorted(set(after.matrix_charges["step"])) == [0, 1, 2]
+    assert np.array_equal(after.matrix_charge(NAME), run.matrix_charge(NAME)[:3])
