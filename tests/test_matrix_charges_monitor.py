@@ -251,7 +251,8 @@ def test_store_without_matrix_charges_and_export(tmp_path) -> None:
     written = export_run(run, tmp_path / "out")
     table = [p for p in written if p.name == "matrix_charges.csv"]
     assert table and len(table[0].read_text().splitlines()) == 1 + 3 * 15
-    export_run(plain, tmp_path / "out_plain")  # an empty table exports too
+    plain_files = {p.name for p in export_run(plain, tmp_path / "out_plain")}
+    assert "matrix_charges.csv" not in plain_files and "charges.csv" in plain_files
 
 
 def test_declared_records_and_errors(tmp_path) -> None:
