@@ -20,6 +20,12 @@ Tolerances (float64 throughout unless said):
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -285,3 +291,60 @@ def test_truncate_drops_matrix_rows_from_the_resumed_step(tmp_path) -> None:
     after = load_run(tmp_path / "run")
     assert sorted(set(after.matrix_charges["step"])) == [0, 1, 2]
     assert np.array_equal(after.matrix_charge(NAME), run.matrix_charge(NAME)[:3])
+
+
+# --- crash safety: a flush's matrix rows land with its steps or not at all -------------------
+
+
+def test_a_failed_flush_stores_neither_its_steps_nor_its_matrix_rows(tmp_path, monkeypatch) -> None:
+    """The matrix rows are written last in the flush's transaction; a failure there (injected:
+    the third flush's matrix insert raises) rolls back the flush's steps and charges too."""
+    from noether_dyn.capture.storage import MonitorFailure
+    from noether_dyn.store.writer import RunWriter
+
+    calls = []
+    insert = RunWriter._insert_matrix
+
+    def failing(self, values):
+        calls.append(len(values))
+        if len(calls) == 3:
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        insert(self, values)
+
+    monkeypatch.setattr(RunWriter, "_insert_matrix", failing)
+    model = linear_net()
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    sym = nd.Symmetry("r", "rescale", ("0.weight", "0.bias", "1.weight"), (1.0, 1.0, -1.0))
+    gl = find_matrix_symmetries(model, x, y, nn.MSELoss(), rescales=[sym])
+    with pytest.warns(MonitorFailure):
+        mon = nd.watch(model, opt, tmp_path / "run", symmetries=[sym], matrix_charges=gl,
+                       flush_every=2)  # fmt: skip
+        for _ in range(8):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        mon.close()
+    assert calls == [30, 30, 30]  # 2 steps x 15 entries per flush; monitoring stopped at the 3rd
+    run = load_run(tmp_path / "run")
+    charge_steps, _ = run.charge_array()
+    assert run.steps["step"].tolist() == [0, 1, 2, 3]
+    assert charge_steps.tolist() == [0, 1, 2, 3]
+    assert sorted(set(run.matrix_charges["step"])) == [0, 1, 2, 3]
+
+
+def test_a_kill_anywhere_inside_a_flush_keeps_steps_and_matrix_rows_together(tmp_path) -> None:
+    """SIGKILL at ~40 points of one flush (noether_dyn lines and SQLite VM steps,
+    tests/_matrix_kill_worker.py): every store holds the same steps in ``steps``, the charge
+    block and ``matrix_charges``, either without the flush (0-3) or with it (0-5)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests._matrix_kill_worker", str(tmp_path), "40"],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)["results"]
+    killed = [r for r in results if r["killed"]]
+    assert len(killed) >= 40
+    for r in results:
+        assert r["charge_steps"] == r["steps"] == r["matrix_steps"], r
+    assert {tuple(r["steps"]) for r in killed} == {(0, 1, 2, 3), (0, 1, 2, 3, 4, 5)}

@@ -165,9 +165,8 @@ class MatrixCharges:
         rows, self.pending = torch.cat(self.pending).cpu().numpy(), []
         return rows
 
-    def write(self, writer: Any) -> None:
-        """Send the pending rows to the store (``RunWriter.write_matrix_charges``)."""
+    def take_for_store(self) -> tuple[np.ndarray, list[str]] | None:
+        """The pending rows and the record names, as ``RunWriter.append(matrix=)`` takes them
+        (written in the flush's own transaction), or None."""
         rows = self.take()
-        if rows is not None and writer is not None:
-            names = [r.name for r in self.records]
-            writer.write_matrix_charges(rows, names)
+        return None if rows is None else (rows, [r.name for r in self.records])

@@ -149,9 +149,9 @@ class Monitor:
             if self._store is not None and not self._failed:
                 try:
                     host = self._buffer.to_host(rows) if rows else None
-                    self._store.write(host, {"monitor_state": self._checkpoint()})
-                    if self._gl is not None:
-                        self._gl.write(self._writer)
+                    matrix = None if self._gl is None else self._gl.take_for_store()
+                    # one transaction: the steps and their matrix rows land together or not at all
+                    self._store.write(host, {"monitor_state": self._checkpoint()}, matrix)
                 except Exception as exc:
                     self._fail("flush", exc)
             self._buffer.flushed()
@@ -168,6 +168,8 @@ class Monitor:
         mstate.check_checkpoint(state, [s.name for s in self.symmetries])
         with self._lock:
             self._buffer.take()
+            if self._gl is not None:  # unflushed matrix rows belong to the dropped steps too
+                self._gl.pending.clear()
             self._state.load_state_dict(state)
             self._t0 = time.monotonic() - self._state.wall_time  # wall_time goes on from there
             self._prediction.predictor.load_state_dict(state["predictor"], self.device)
