@@ -20,6 +20,7 @@ Tolerances (float64 throughout unless said):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import subprocess
@@ -35,7 +36,12 @@ import noether_dyn as nd
 from noether_dyn.export import export_run
 from noether_dyn.quantities.matrix_charges import composed_pair, gd_prediction
 from noether_dyn.store import load_run
-from noether_dyn.symmetries.matrix import MatrixSymmetry, find_matrix_symmetries
+from noether_dyn.symmetries.matrix import (
+    Block,
+    MatrixSymmetry,
+    check_matrix_symmetries,
+    find_matrix_symmetries,
+)
 
 NAME = "gl:0>1"
 
@@ -215,6 +221,92 @@ def test_gpt2_heads_give_qk_and_vo_records(tmp_path) -> None:
     assert len(run.matrix_charges) == 3 * 16 * 36
     c = run.matrix_charge("gl:transformer.h.1.attn.qk[2]")
     assert c.shape == (3, 8, 8) and np.isfinite(c).all()
+
+
+def _bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=32, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ids = torch.randint(1, 64, (8, 8), generator=torch.Generator().manual_seed(1))
+    ids[:, -2:] = config.pad_token_id
+    labels = torch.tensor([0, 2, 1, 0, 1, 2, 2, 0])
+    return BertForSequenceClassification(config), {"input_ids": ids, "labels": labels}
+
+
+def test_bert_vo_takes_its_output_projection_from_the_parent(tmp_path) -> None:
+    """BERT's W_O (``attention.output.dense``) sits outside ``BertSelfAttention``: it is traced
+    as the linear layer reading the module's output; every head's qk and vo pass the float64
+    check (train mode: dropout 0.1, one mask per point) and a wrong pairing fails it."""
+    pytest.importorskip("transformers")
+    model, batch = _bert()
+    found = find_matrix_symmetries(model, batch, keep_failed=True)
+    attn = "bert.encoder.layer.{}.attention"
+    expect = {f"gl:{attn.format(i)}.self.{k}[{h}]" for i in range(2) for k in ("qk", "vo")
+              for h in range(4)}  # fmt: skip
+    assert {s.name for s in found} == expect
+    assert all(s.verified and s.n == 8 and s.defect < 1e-12 for s in found)
+    vo = {s.name: s for s in found}[f"gl:{attn.format(1)}.self.vo[2]"]
+    assert [b.as_list() for b in vo.right] == [[f"{attn.format(1)}.output.dense.weight", 1, 16, 24]]
+    # negative control: head 2's values against head 3's columns of W_O
+    wrong = dataclasses.replace(
+        vo, name="gl:wrong", right=(Block(vo.right[0].param, 1, 24, 32),), verified=None
+    )
+    (checked,) = check_matrix_symmetries(model, [wrong], batch)
+    assert checked.verified is False and checked.defect > 1e-3
+    # monitored: float32 model, two logged steps, 16 records x 36 entries each
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with nd.watch(model, opt, tmp_path / "bert", symmetries=[], matrix_charges=found) as mon:
+        for _ in range(2):
+            opt.zero_grad()
+            model(**batch).loss.backward()
+            opt.step()
+        assert mon.matrix_snapshot_bytes > 0
+    run = load_run(tmp_path / "bert")
+    assert len(run.matrix_charges) == 2 * 16 * 36
+
+
+class _Heads(nn.Module):
+    """Two-head self-attention with ``query``/``key``/``value`` and no output projection."""
+
+    def __init__(self, width: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.num_attention_heads = heads
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        b, t, w = x.shape
+        q, k, v = (f(x).view(b, t, self.num_attention_heads, -1).transpose(1, 2)
+                   for f in (self.query, self.key, self.value))  # fmt: skip
+        a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+        return a.transpose(1, 2).reshape(b, t, w), None
+
+
+class _Block(nn.Module):
+    def __init__(self, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.attn, self.mix, self.act = _Heads(), nn.Linear(8, 8), act or nn.Identity()
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, _ = self.attn(x)
+        return self.head(x + self.mix(self.act(a))).squeeze(-1)
+
+
+def test_output_projection_is_found_by_dataflow_not_by_name() -> None:
+    """The reader of the attention output is whatever linear layer takes it (here ``mix``); a
+    ReLU in between leaves no reader, hence no vo candidate (qk stays)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    y = torch.randn(3, 5, dtype=torch.float64)
+    found = find_matrix_symmetries(_Block().double(), x, y, nn.MSELoss(), rescales=())
+    assert {s.name for s in found} == {f"gl:attn.{k}[{h}]" for k in ("qk", "vo") for h in (0, 1)}
+    assert {b.param for s in found if s.kind == "vo" for b in s.right} == {"mix.weight"}
+    relu = find_matrix_symmetries(_Block(nn.ReLU()).double(), x, y, nn.MSELoss(), rescales=())
+    assert {s.name for s in relu} == {"gl:attn.qk[0]", "gl:attn.qk[1]"}
 
 
 def test_llama_rope_breaks_qk_but_not_vo() -> None:

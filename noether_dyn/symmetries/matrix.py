@@ -18,8 +18,13 @@ Candidates (:func:`matrix_candidates`):
 * ``qk`` and ``vo`` per head of the attention modules it recognizes by structure: Hugging Face
   GPT-2 (fused ``c_attn``/``c_proj``, Conv1D layout), separate ``q_proj``/``k_proj``/``v_proj``/
   ``o_proj`` (LLaMA, Mistral, ...; grouped-query heads share one record per key/value head) and
-  ``nn.MultiheadAttention``. ``qk``: ``L = [W_Q, b_Q]``, ``R = [W_K, b_K]`` on the head's rows (the
-  scores are ``[x, 1] L^T R [y, 1]^T``); ``vo``: ``L = [W_V, b_V]``, ``R = W_O[:, head]^T``.
+  ``nn.MultiheadAttention``. A module with separate query/key/value projections but no output
+  projection of its own (BERT's ``BertSelfAttention``, whose ``W_O`` is ``BertSelfOutput.dense``
+  in the parent) gets as ``W_O`` the linear layer that reads the module's output in a traced
+  forward pass on the sample batch (:func:`output_readers`), whatever it is named (none: no
+  ``vo`` candidate, e.g. with a nonlinearity in between). ``qk``: ``L = [W_Q, b_Q]``,
+  ``R = [W_K, b_K]`` on the head's rows (the scores are ``[x, 1] L^T R [y, 1]^T``); ``vo``:
+  ``L = [W_V, b_V]``, ``R = W_O[:, head]^T``.
   Rotary position embeddings (LLaMA) rotate q and k per position: only matrices commuting with
   every rotation survive, so the ``qk`` candidates of a RoPE model fail the check (measured).
 
@@ -184,11 +189,24 @@ def _with_bias(params: Mapping[str, Any], path: str, block: Block) -> tuple[Bloc
     return (block,) if bias not in params else (block, _rows(bias, block.start, block.stop))
 
 
-def attention_candidates(model: nn.Module) -> list[MatrixSymmetry]:
+QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+"""Child names of the query, key and value projections of an attention module."""
+
+
+def attention_candidates(model: nn.Module, inputs: Inputs | None = None) -> list[MatrixSymmetry]:
     """Per-head ``qk`` and ``vo`` candidates of the attention modules recognized by structure
-    (module docstring)."""
+    (module docstring). ``inputs``: a batch to trace the output projection of a module that
+    does not hold one (:func:`output_readers`); without it such modules give no candidate."""
     params = dict(model.named_parameters())
     out: list[MatrixSymmetry] = []
+    readers = None
+    if inputs is not None:
+        bare = [
+            p for p, m in model.named_modules()
+            if any(set(t) <= {n for n, _ in m.named_children()} for t in QKV_NAMES)
+            and not any(n == "o_proj" for n, _ in m.named_children())
+        ]  # fmt: skip
+        readers = output_readers(model, inputs, bare) if bare else {}
     for path, m in model.named_modules():
         pre = f"{path}." if path else ""
         if isinstance(m, nn.MultiheadAttention):
@@ -230,38 +248,87 @@ def attention_candidates(model: nn.Module) -> list[MatrixSymmetry]:
                     MatrixSymmetry(f"gl:{pre}vo[{h}]", "vo", vb, (_rows(o, h * d, (h + 1) * d),), d)
                 )
             continue
-        if {"q_proj", "k_proj", "v_proj", "o_proj"} <= names:
-            heads = _attr(m, "num_heads", "num_attention_heads")
-            kv = _attr(m, "num_key_value_heads", "num_kv_heads") or heads
-            wq = f"{pre}q_proj.weight"
-            if heads is None or wq not in params or heads % kv:
+        qkv = next((t for t in QKV_NAMES if set(t) <= names), None)
+        if qkv is None:
+            continue
+        # the output projection: the module's own o_proj, else the linear layer that reads
+        # the module's output in the traced forward pass (BERT's BertSelfOutput.dense)
+        o_path = f"{pre}o_proj" if "o_proj" in names else (readers or {}).get(path)
+        heads = _attr(m, "num_heads", "num_attention_heads")
+        kv = _attr(m, "num_key_value_heads", "num_kv_heads") or heads
+        wq, wk, wv = (f"{pre}{x}.weight" for x in qkv)
+        if heads is None or wq not in params or heads % kv:
+            continue
+        d = _attr(m, "head_dim", "attention_head_size") or params[wq].shape[0] // heads
+        wo = None if o_path is None else f"{o_path}.weight"
+        if wo not in params or params[wo].dim() != 2 or params[wo].shape[1] != heads * d:
+            wo = None  # no output projection found: qk candidates only
+        q_mod, k_mod, v_mod = (f"{pre}{x}" for x in qkv)
+        group = heads // kv
+        for j in range(kv):
+            qs = tuple(
+                x for h in range(j * group, (j + 1) * group)
+                for x in _with_bias(params, q_mod, _rows(wq, h * d, (h + 1) * d))
+            )  # fmt: skip
+            kb = _with_bias(params, k_mod, _rows(wk, j * d, (j + 1) * d))
+            out.append(MatrixSymmetry(f"gl:{pre}qk[{j}]", "qk", qs, kb, d))
+            if wo is None:
                 continue
-            d = _attr(m, "head_dim") or params[wq].shape[0] // heads
-            group = heads // kv
-            for j in range(kv):
-                qs = tuple(
-                    x for h in range(j * group, (j + 1) * group)
-                    for x in _with_bias(params, f"{pre}q_proj", _rows(wq, h * d, (h + 1) * d))
-                )  # fmt: skip
-                kb = _with_bias(
-                    params, f"{pre}k_proj", _rows(f"{pre}k_proj.weight", j * d, (j + 1) * d)
-                )
-                vb = _with_bias(
-                    params, f"{pre}v_proj", _rows(f"{pre}v_proj.weight", j * d, (j + 1) * d)
-                )
-                os_ = tuple(
-                    _cols(f"{pre}o_proj.weight", h * d, (h + 1) * d)
-                    for h in range(j * group, (j + 1) * group)
-                )
-                out.append(MatrixSymmetry(f"gl:{pre}qk[{j}]", "qk", qs, kb, d))
-                out.append(MatrixSymmetry(f"gl:{pre}vo[{j}]", "vo", vb, os_, d))
+            vb = _with_bias(params, v_mod, _rows(wv, j * d, (j + 1) * d))
+            os_ = tuple(_cols(wo, h * d, (h + 1) * d) for h in range(j * group, (j + 1) * group))
+            out.append(MatrixSymmetry(f"gl:{pre}vo[{j}]", "vo", vb, os_, d))
     return out
 
 
-def matrix_candidates(model: nn.Module, rescales: Sequence[Any] = ()) -> list[MatrixSymmetry]:
+def output_readers(model: nn.Module, inputs: Inputs, paths: Sequence[str]) -> dict[str, str]:
+    """For each module path in ``paths``, the ``nn.Linear`` (its path) that reads the module's
+    output in one traced forward pass on ``inputs``: the linear layer called with the very
+    tensor the module returned (its first element when it returns a tuple) as its input.
+    Modules read by no linear layer, or by more than one, are left out. The model, its buffers
+    and the global RNG state are left as they were."""
+    modules = dict(model.named_modules())
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (module, tensor kept alive)
+    readers: dict[str, set[str]] = {}
+
+    def on_output(path: str) -> Callable:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            first = output[0] if isinstance(output, tuple | list) and output else output
+            if isinstance(first, torch.Tensor):
+                produced[id(first)] = (path, first)
+
+        return hook
+
+    def on_input(path: str) -> Callable:
+        def hook(_module: nn.Module, args: Any) -> None:
+            hit = produced.get(id(args[0])) if args else None
+            if hit is not None and hit[1] is args[0]:
+                readers.setdefault(hit[0], set()).add(path)
+
+        return hook
+
+    handles = [modules[p].register_forward_hook(on_output(p)) for p in paths]
+    handles += [
+        m.register_forward_pre_hook(on_input(p))
+        for p, m in modules.items()
+        if isinstance(m, nn.Linear)
+    ]
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            call_model(model, params, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {p: next(iter(r)) for p, r in readers.items() if len(r) == 1}
+
+
+def matrix_candidates(
+    model: nn.Module, rescales: Sequence[Any] = (), inputs: Inputs | None = None
+) -> list[MatrixSymmetry]:
     """Every candidate, unchecked: composed pairs from ``rescales`` and per-head attention pairs
-    (a composed pair inside an attention module it already covers is left out)."""
-    attention = attention_candidates(model)
+    (a composed pair inside an attention module it already covers is left out); ``inputs`` as
+    :func:`attention_candidates`."""
+    attention = attention_candidates(model, inputs)
     covered = {p for s in attention for p in s.params}
     composed = [s for s in composed_candidates(model, rescales) if not set(s.params) <= covered]
     return composed + attention
@@ -407,6 +474,6 @@ def find_matrix_symmetries(
 
         rescales = find_symmetries(model, inputs, targets=targets, loss_fn=loss_fn)
     checked = check_matrix_symmetries(
-        model, matrix_candidates(model, rescales), inputs, targets, loss_fn, **check
+        model, matrix_candidates(model, rescales, inputs), inputs, targets, loss_fn, **check
     )
     return [s for s in checked if keep_failed or s.verified]
