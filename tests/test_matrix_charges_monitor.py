@@ -131,6 +131,37 @@ def test_stored_split_closes_to_rounding(tmp_path, make_opt) -> None:
     assert np.abs(split[:-1]).max() > 1e4 * err  # the change itself is far above rounding
 
 
+@pytest.mark.parametrize("exact_decay", [False, True])
+def test_decay_column_is_instantaneous_under_momentum_and_nan_under_adam_l2(
+    tmp_path, exact_decay
+) -> None:
+    """SGD with momentum: ``decay`` is -2 eta lambda C_n whatever ``exact_decay`` (which acts on
+    the scalar charges only); Adam with coupled L2: NaN, and ``meta["matrix_decay"]`` says so."""
+    eta, lam = 1e-2, 1e-2
+    model = linear_net()
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=eta, momentum=0.9, weight_decay=lam)
+    sym = nd.Symmetry("r", "rescale", ("0.weight", "0.bias", "1.weight"), (1.0, 1.0, -1.0))
+    gl = find_matrix_symmetries(model, x, y, nn.MSELoss(), rescales=[sym])
+    with nd.watch(model, opt, tmp_path / "m", symmetries=[sym], matrix_charges=gl,
+                  exact_decay=exact_decay):  # fmt: skip
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    run = load_run(tmp_path / "m")
+    assert run.meta["matrix_decay"] == ["instantaneous"]
+    c, decay = run.matrix_charge(NAME), run.matrix_charge(NAME, "decay")
+    # one float64 product (-2 eta lambda) * C_n: equal to 1 ulp
+    assert np.allclose(decay, -2 * eta * lam * c, rtol=2.3e-16, atol=0)
+    run_adam, _ = run_linear(
+        tmp_path, lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=lam), steps=3, name="adam"
+    )
+    assert run_adam.meta["matrix_decay"] == ["nan"]
+    m = run_adam.matrix_charges
+    assert m["decay"].isna().all() and m["rule"].isna().all() and m["first_order"].notna().all()
+
+
 def test_weight_decay_follows_the_exact_matrix_recurrence(tmp_path) -> None:
     eta, lam = 1e-2, 1e-2
     grads = []

@@ -9,14 +9,16 @@ batched_split`) in float64, on the device, batched over the records of one shape
 a model at once). ``dL = L_{n+1} - L_n`` is formed in float64, where the difference of two
 float32 (or 16-bit) values is exact: the split closes to float64 rounding whatever the optimizer.
 
-``decay`` is weight decay's part of ``first_order``: ``-2 eta lambda C_n``. It is the exact share
-for plain SGD with coupled L2 (momentum 0) and for decoupled decay (AdamW), where the update holds
-``-eta lambda q`` itself; under SGD with momentum it is the instantaneous term only (the rest
-goes through the buffer, as the charge table's ``decay`` without ``exact_decay``); under a
-preconditioned rule with coupled L2 (Adam, RMSprop, Adagrad with weight_decay) it is NaN (the
-preconditioner mixes it with the gradient); 0 without decay. ``meta["matrix_decay"]`` names the
-rule per param group. Rows stay on the device until a flush (no host sync per step): one row per
-record, step and upper-triangle entry (i <= j), n(n+1)/2 per record.
+``decay`` is ``-2 eta lambda C_n``. That is weight decay's whole share of ``first_order`` for
+plain SGD with coupled L2 (momentum 0) and for decoupled decay (AdamW), where the update holds
+``-eta lambda q`` itself. Under SGD with momentum it is the instantaneous term only: the decay
+that reaches C later through the momentum buffer is not in it (``watch(exact_decay=True)`` does
+not change this column). Under a preconditioned rule with coupled L2 (Adam, RMSprop, Adagrad
+with weight_decay) it is NaN (not formed). 0 without decay. ``meta["matrix_decay"]`` names which
+of these holds per param group: ``"none"``, ``"exact"``, ``"instantaneous"`` or ``"nan"``.
+Rows stay on the device until a flush (no host sync per step) and are written in that flush's
+transaction, with its steps: one row per record, step and upper-triangle entry (i <= j),
+n(n+1)/2 per record.
 """
 
 from __future__ import annotations
@@ -37,15 +39,17 @@ MATRIX_ROW = ("step", "symmetry", "i", "j", "charge", "first_order", "kinetic", 
 
 
 def decay_rule(adapter_name: str, weight_decay: float, beta: float, decoupled: bool) -> str:
-    """``"none"`` (no decay), ``"exact"`` (-2 eta lambda C is decay's whole first-order share),
-    ``"instantaneous"`` (SGD with momentum: only the current term) or ``"unknown"`` (NaN)."""
+    """What the ``decay`` column (-2 eta lambda C_n) is for one param group: ``"none"`` (no
+    decay: 0), ``"exact"`` (decay's whole first-order share), ``"instantaneous"`` (SGD with
+    momentum: the instantaneous term only, not the share through the buffer) or ``"nan"``
+    (a preconditioner with coupled L2: NaN)."""
     if weight_decay == 0.0:
         return "none"
     if decoupled:
         return "exact"
     if adapter_name == "sgd":
         return "exact" if beta == 0.0 else "instantaneous"
-    return "unknown"
+    return "nan"
 
 
 class MatrixCharges:
@@ -101,7 +105,7 @@ class MatrixCharges:
 
     def before(self, plan: StepPlan) -> None:
         """Pre-hook of a logged step: copy q_n of the records' parameters; fix the decay factor
-        ``-2 eta lambda`` (NaN where unknown) of each record from the step's constants."""
+        ``-2 eta lambda`` (NaN under rule ``"nan"``) of each record from the step's constants."""
         with torch.no_grad():
             for p, t in self.live.items():
                 if p not in self.snap:
@@ -115,7 +119,7 @@ class MatrixCharges:
                 h = plan.hypers[g]
                 rule = decay_rule(self.adapter_name, h.weight_decay, h.beta, h.decoupled)
                 values.add(
-                    0.0 if rule == "none" else np.nan if rule == "unknown"
+                    0.0 if rule == "none" else np.nan if rule == "nan"
                     else -2.0 * h.lr * h.weight_decay
                 )  # fmt: skip
             coef.append(values.pop() if len(values) == 1 else np.nan)

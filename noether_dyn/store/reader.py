@@ -72,7 +72,9 @@ class Run:
             (empty unless ``Monitor.log_depth_profile`` was called).
         matrix_charges: long format, one row per logged step, GL record and upper-triangle
             entry (i <= j): ``step, symmetry, i, j, charge, first_order, kinetic, decay, rule``
-            (``rule = first_order - decay``); empty unless the run was watched with
+            (``rule = first_order - decay``; ``decay`` is -2 eta lambda C_n, under SGD with
+            momentum its instantaneous term only and NaN under Adam-type coupled L2, as
+            ``meta["matrix_decay"]`` says per group); empty unless the run was watched with
             ``matrix_charges=`` (the records: ``meta["matrix_symmetries"]``). See
             :meth:`matrix_charge` for one record as (steps, n, n) arrays.
     """

@@ -50,9 +50,10 @@ max_real)``
     otherwise; a store without it reads as before, with no schema version change): per logged
     step n, GL record (named as in ``meta["matrix_symmetries"]``) and upper-triangle entry
     i <= j, the entry of ``C_n = L_n L_n^T - R_n R_n^T`` and of the exact split
-    ``C_{n+1} - C_n = first_order + kinetic``; ``decay`` is weight decay's part of
-    ``first_order`` (``-2 eta lambda C_n``; NaN where the rule has none, see
-    ``meta["matrix_decay"]`` and ``noether_dyn.capture.matrix``).
+    ``C_{n+1} - C_n = first_order + kinetic``; ``decay`` is ``-2 eta lambda C_n``: weight
+    decay's whole part of ``first_order`` for SGD without momentum and for decoupled decay,
+    the instantaneous term only under SGD with momentum, NaN under a preconditioner with
+    coupled L2 (per param group in ``meta["matrix_decay"]``; ``noether_dyn.capture.matrix``).
 
 Version-1 stores are read as version 2 with the new columns empty (NaN / ``""``) and no
 dropped candidates; a resumed version-1 store is migrated in place (:data:`MIGRATION_V2`).
