@@ -18,6 +18,11 @@ change (Frobenius norms relative to |C_0|_F) and the closure error of the exact 
 breaks at first order (-2 eta lambda C), momentum through its buffer (old gradients are not
 orthogonal to the new L, R), Adam through its preconditioner.
 
+Every number is read back from a monitored run: ``nd.watch(..., matrix_charges=[record])`` with
+the record that ``find_matrix_symmetries`` promotes, the table ``matrix_charges`` of the run store
+(``run.matrix_charge``). The drift is ``C_N - C_0`` with ``C_N`` the last stored row's charge plus
+its stored change.
+
 Run: ``python analysis/matrix_charges.py [--quick] [--out DIR]``.
 """
 
@@ -25,9 +30,11 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -35,13 +42,11 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import noether_dyn as nd  # noqa: E402
 from analysis._physics import parser, write_table  # noqa: E402
-from noether_dyn.quantities.matrix_charges import (  # noqa: E402
-    composed_pair,
-    gd_prediction,
-    gl_charge,
-    gl_split,
-)
+from noether_dyn.quantities.matrix_charges import gd_prediction  # noqa: E402
+from noether_dyn.store import load_run  # noqa: E402
+from noether_dyn.symmetries.matrix import MatrixSymmetry, find_matrix_symmetries  # noqa: E402
 
 
 def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,48 +63,56 @@ def net(seed: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).double()
 
 
-def pair(model: nn.Sequential, grads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    first, second = model[0], model[1]
-    """(L, R) of the values (copies: the optimizer updates the parameters in place) or grads."""
-    if grads:
-        return composed_pair(first.weight.grad, second.weight.grad.clone(), first.bias.grad)
-    return composed_pair(first.weight.detach(), second.weight.detach().clone(), first.bias.detach())
+def record() -> MatrixSymmetry:
+    """The net's one GL record ("gl:0>1", n = 5), found and checked by
+    ``find_matrix_symmetries`` (float64 defect at rounding)."""
+    x, y = data()
+    (found,) = find_matrix_symmetries(net(), x, y, nn.MSELoss())
+    return found
 
 
 def train(make_opt, steps: int, predict: tuple[float, float] | None = None) -> dict:
-    """Run full-batch training; return drift, split sums, closure and prediction residual."""
+    """Full-batch training watched by ``nd.watch(..., matrix_charges=[record])``; the table is
+    read back from the run store (``run.matrix_charge``): drift, summed split, closure of the
+    stored split and the residual of the exact GD prediction rolled from C_0 (the loss gradients
+    for it are read in the loop, before each step)."""
     model = net()
     x, y = data()
     opt = make_opt(model.parameters())
-    c0 = gl_charge(*pair(model))
-    scale = float(c0.norm())
-    first_sum = torch.zeros_like(c0)
-    ksb_sum = torch.zeros_like(c0)
-    closure = 0.0
-    pred, pred_res = c0.clone(), 0.0
-    for _ in range(steps):
-        left, right = pair(model)
-        c = gl_charge(left, right)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        gl_, gr_ = pair(model, grads=True)
-        opt.step()
-        left1, right1 = pair(model)
-        c1 = gl_charge(left1, right1)
-        first, ksb = gl_split(left, right, left1 - left, right1 - right)
-        closure = max(closure, float((c1 - c - first - ksb).norm()) / scale)
-        first_sum += first
-        ksb_sum += ksb
-        if predict is not None:
-            pred = gd_prediction(pred, gl_, gr_, *predict)
-            pred_res = max(pred_res, float((pred - c1).norm()) / scale)
-    c_end = gl_charge(*pair(model))
+    rec = record()
+    grads = []
+    with tempfile.TemporaryDirectory() as tmp:
+        mon = nd.watch(model, opt, Path(tmp) / "run", symmetries=[], matrix_charges=[rec])
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            mon.log_loss(loss)
+            if predict is not None:
+                grads.append(tuple(m.clone() for m in rec.matrices(
+                    {n: p.grad for n, p in model.named_parameters()})))  # fmt: skip
+            opt.step()
+        mon.close()
+        run = load_run(Path(tmp) / "run")
+        c = run.matrix_charge(rec.name)
+        first = run.matrix_charge(rec.name, "first_order")
+        ksb = run.matrix_charge(rec.name, "kinetic")
+    scale = float(np.linalg.norm(c[0]))
+    c_end = c[-1] + first[-1] + ksb[-1]  # C_N: the last stored row's C plus its change
+    closure = float(np.abs(c[1:] - c[:-1] - first[:-1] - ksb[:-1]).max(initial=0.0)) / scale
+    pred_res = float("nan")
+    if predict is not None:
+        after = np.concatenate([c[1:], c_end[None]])
+        pred, pred_res = torch.from_numpy(c[0]), 0.0
+        for k in range(steps):
+            pred = gd_prediction(pred, *grads[k], *predict)
+            pred_res = max(pred_res, float(np.linalg.norm(pred.numpy() - after[k])) / scale)
     return {
-        "rel_drift": float((c_end - c0).norm()) / scale,
-        "first_order": float(first_sum.norm()) / scale,
-        "kinetic": float(ksb_sum.norm()) / scale,
+        "rel_drift": float(np.linalg.norm(c_end - c[0])) / scale,
+        "first_order": float(np.linalg.norm(first.sum(0))) / scale,
+        "kinetic": float(np.linalg.norm(ksb.sum(0))) / scale,
         "closure": closure,
-        "pred_residual": pred_res if predict is not None else float("nan"),
+        "pred_residual": pred_res,
     }
 
 

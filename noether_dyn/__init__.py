@@ -36,6 +36,8 @@ _LAZY = {
     "Symmetry": "noether_dyn.symmetries",
     "find_symmetries": "noether_dyn.symmetries",
     "verify": "noether_dyn.symmetries",
+    "find_matrix_symmetries": "noether_dyn.symmetries.matrix",
+    "MatrixSymmetry": "noether_dyn.symmetries.matrix",
 }
 
 __all__ = [
@@ -52,6 +54,8 @@ __all__ = [
     "__version__",
     "compare",
     "find_symmetries",
+    "find_matrix_symmetries",
+    "MatrixSymmetry",
     "load_run",
     "plot_charges",
     "report",
@@ -72,6 +76,7 @@ if TYPE_CHECKING:
         load_run,
     )
     from noether_dyn.symmetries import Detection, Symmetry, detect, find_symmetries, verify
+    from noether_dyn.symmetries.matrix import MatrixSymmetry, find_matrix_symmetries
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,6 @@
 """Export a saved run as long-format tables (CSV or Parquet) for pandas, R, DuckDB or a
-spreadsheet: one file per table, one row per (step[, symmetry | param group | tensor | layer]).
+spreadsheet: one file per table, one row per (step[, symmetry | param group | tensor | layer]);
+``matrix_charges`` (one row per step, GL record and entry) only for a run that stored it.
 
 The schema is documented in ``docs/guide.md`` ("Export"). Charges and per-tensor statistics,
 stored as binary blocks, come out as ordinary numeric columns. ``format="tensorboard"`` replays
@@ -21,6 +22,7 @@ from noether_dyn.store import Run, load_run
 FORMATS = ("csv", "parquet", "tensorboard")
 TABLES = (
     "steps", "groups", "charges", "tensors", "symmetries", "dropped", "events", "depth_profile",
+    "matrix_charges",
 )  # fmt: skip
 
 
@@ -36,6 +38,8 @@ def _frames(run: Run) -> dict:
     for column in ("params", "signs"):
         dropped[column] = dropped[column].map(lambda v: json.dumps(list(v)))
     frames["dropped"] = dropped
+    if frames["matrix_charges"].empty:  # optional: only runs watched with matrix_charges=
+        del frames["matrix_charges"]
     return frames
 
 

@@ -50,18 +50,25 @@ def test_split_is_exact() -> None:
     assert torch.allclose(ksb, ksb.T, rtol=0, atol=1e-14 * float(ksb.norm()))
 
 
+def pair(model: nn.Sequential, grads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) of the study's net: copies of the values, or the gradients."""
+    t = [model[0].weight, model[1].weight, model[0].bias]
+    t = [x.grad if grads else x.detach() for x in t]
+    return composed_pair(t[0], t[1].clone(), t[2])
+
+
 def test_linear_net_symmetry_and_prediction() -> None:
     model = study.net()
     x, y = study.data()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=0.1)
-    left, right = study.pair(model)
+    left, right = pair(model)
     c = gl_charge(left, right)
     nn.functional.mse_loss(model(x), y).backward()
-    gl_, gr_ = study.pair(model, grads=True)
+    gl_, gr_ = pair(model, grads=True)
     ident = gl_ @ left.T - right @ gr_.T
     assert float(ident.norm()) <= 1e-13 * float(gl_.norm() * left.norm())
     opt.step()
-    measured = gl_charge(*study.pair(model))
+    measured = gl_charge(*pair(model))
     predicted = gd_prediction(c, gl_, gr_, 0.05, 0.1)
     assert float((measured - predicted).norm()) <= 1e-13 * float(c.norm())
 

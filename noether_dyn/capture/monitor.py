@@ -25,6 +25,7 @@ from noether_dyn.capture import checks
 from noether_dyn.capture import state as mstate
 from noether_dyn.capture.buffer import record
 from noether_dyn.capture.closure import has_closure, wrap_closure
+from noether_dyn.capture.matrix import MatrixCharges, decay_rule
 from noether_dyn.capture.meta import run_meta
 from noether_dyn.capture.parts import assemble
 from noether_dyn.capture.plan import FUSED_MIN_NUMEL
@@ -33,6 +34,7 @@ from noether_dyn.capture.storage import MonitorFailure, StoreHandle
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import adapter_for
 from noether_dyn.records import StepPlan
+from noether_dyn.symmetries.matrix import MatrixSymmetry
 from noether_dyn.symmetries.symmetry import Symmetry
 
 _ATTR = "_noether_dyn_monitor"
@@ -68,6 +70,7 @@ class Monitor:
         fused: bool | None = None,
         sinks: Sequence[Any] | None = (),
         exact_decay: bool = False,
+        matrix_charges: Sequence[MatrixSymmetry] = (),
     ) -> None:
         checks.check_arguments(model, optimizer, every, (flush_every, flush_seconds), resume,
                                overwrite, fused, getattr(optimizer, _ATTR, None), snapshot,
@@ -80,6 +83,7 @@ class Monitor:
         self.names, self.params, self.group_of = t.names, t.params, t.group_of
         self._options = (every, snapshot, fused, flush_every, flush_seconds, sinks, exact_decay)
         self._plan, hypers = None, self._track(t.symmetries)
+        self._gl = MatrixCharges(matrix_charges, t, self.adapter.name) if matrix_charges else None
         self._state = mstate.monitor_states(t.n_groups)
         self._sample = zero_config(model, t, detect_first)
         self._nan, self._t0 = t.to_device(float("nan"), torch.float64), time.monotonic()
@@ -96,6 +100,10 @@ class Monitor:
                                       overwrite else "new", meta, None if resume else
                                       t.symmetries)  # fmt: skip
             self._writer, self._lock = self._store.writer, self._store.lock
+            if self._gl is not None:  # GL records and each group's decay rule (capture.matrix)
+                rules = [decay_rule(self.adapter.name, h.weight_decay, h.beta, h.decoupled)
+                         for h in hypers]  # fmt: skip
+                self._writer.set_meta({**self._gl.meta(), "matrix_decay": rules})
             if resume and (state := checks.stored_state(self._writer, t.symmetries)):
                 self.load_state_dict(state)
         self._handles = [
@@ -113,6 +121,10 @@ class Monitor:
     flush_every = property(lambda self: self._buffer.flush_every, doc="Rows per flush.")
     flush_seconds = property(lambda self: self._buffer.flush_seconds, doc="Seconds per flush.")
     snapshot_bytes = property(lambda self: self._eager.snapshot_bytes, doc="Bytes in q copies.")
+    matrix_snapshot_bytes = property(
+        lambda self: 0 if self._gl is None else self._gl.snapshot_bytes,
+        doc="Bytes in the q_n copies of the GL records' parameters (watch(matrix_charges=)).",
+    )
 
     symmetries = property(lambda self: list(self.tracked.symmetries), doc="Tracked symmetries.")
 
@@ -137,7 +149,9 @@ class Monitor:
             if self._store is not None and not self._failed:
                 try:
                     host = self._buffer.to_host(rows) if rows else None
-                    self._store.write(host, {"monitor_state": self._checkpoint()})
+                    matrix = None if self._gl is None else self._gl.take_for_store()
+                    # one transaction: the steps and their matrix rows land together or not at all
+                    self._store.write(host, {"monitor_state": self._checkpoint()}, matrix)
                 except Exception as exc:
                     self._fail("flush", exc)
             self._buffer.flushed()
@@ -154,6 +168,8 @@ class Monitor:
         mstate.check_checkpoint(state, [s.name for s in self.symmetries])
         with self._lock:
             self._buffer.take()
+            if self._gl is not None:  # unflushed matrix rows belong to the dropped steps too
+                self._gl.pending.clear()
             self._state.load_state_dict(state)
             self._t0 = time.monotonic() - self._state.wall_time  # wall_time goes on from there
             self._prediction.predictor.load_state_dict(state["predictor"], self.device)
@@ -209,6 +225,8 @@ class Monitor:
             self._plan = self._planner.plan(optimizer, self.step, pred.waiting,
                                             pred.predictor.needs_update_sq, closure)  # fmt: skip
             self._state.closure_loss, self._loss_at_pre = None, self._state.loss
+            if self._gl is not None and self._plan.logged:
+                self._gl.before(self._plan)
             return wrap_closure(args, kwargs, lambda v: setattr(self._state, "closure_loss", v))
         except Exception as exc:  # never let the monitor stop the training
             self._fail("pre-step", exc)
@@ -230,6 +248,8 @@ class Monitor:
                 with torch.no_grad():
                     if plan.logged:
                         self._log_step(optimizer, plan, loss)
+                        if self._gl is not None:
+                            self._gl.after(s.step)
                     self._prediction.advance(optimizer, plan)
                 s.step += 1
                 s.time += plan.hypers[0].lr if plan.hypers else 0.0
@@ -245,6 +265,8 @@ class Monitor:
         self._active, self._failed, self._depth, self._plan = False, True, 0, None
         message = f"monitoring stopped at step {self.step} ({where}): {type(exc).__name__}: {exc}"
         self._buffer.take()
+        if self._gl is not None:
+            self._gl.pending.clear()
         if self._store is not None:
             self._store.event(self.step, "monitor_error", message)
         warnings.warn(

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from noether_dyn.capture.buffer import HostRows
+from noether_dyn.records import GROUP_COLUMNS, STEP_COLUMNS
 from noether_dyn.store.schema import STORE_FILENAME
 from noether_dyn.store.writer import RunWriter
 
@@ -40,13 +44,23 @@ class StoreHandle:
         # storage failure into a StoreError naming the path
         self.writer = RunWriter(run_dir, mode, meta=meta, symmetries=symmetries)
 
-    def write(self, rows: HostRows | None, meta: dict[str, Any]) -> None:
-        """One flush: ``rows`` (or only ``meta`` when None) in one transaction."""
-        if rows is None:
+    def write(
+        self,
+        rows: HostRows | None,
+        meta: dict[str, Any],
+        matrix: tuple[np.ndarray, Sequence[str]] | None = None,
+    ) -> None:
+        """One flush: ``rows`` (or only ``meta`` when None) and the flush's matrix-charge rows
+        ``matrix = (rows, names)`` (``noether_dyn.capture.matrix``), in one transaction."""
+        if rows is None and matrix is None:
             self.writer.set_meta(meta)
+        elif rows is None:
+            self.writer.append(np.zeros((0, len(STEP_COLUMNS))), np.zeros((0, len(GROUP_COLUMNS))),
+                               np.zeros(0, dtype=np.int64), np.zeros((0, 0, 0)), (), meta,
+                               matrix=matrix)  # fmt: skip
         else:
             self.writer.append(rows.steps, rows.groups, rows.charge_steps, rows.charges,
-                               rows.events, meta, tensors=rows.tensors)  # fmt: skip
+                               rows.events, meta, tensors=rows.tensors, matrix=matrix)  # fmt: skip
 
     def event(self, step: int, kind: str, message: str) -> None:
         """Record an event if the store still takes writes; never raises."""

@@ -34,6 +34,7 @@ def watch(
     fused: bool | None = None,
     sinks: Sequence[Any] | None = None,
     exact_decay: bool = False,
+    matrix_charges: bool | Sequence[Any] = False,
 ) -> Monitor:
     """Watch ``optimizer`` training ``model``; returns the :class:`Monitor` (a context manager).
 
@@ -89,6 +90,13 @@ def watch(
             benchmarks/decay_share.py). Off: ``decay`` is the instantaneous -2 eta lambda Q_n,
             only part of the share (``run.meta["decay"]`` says which rule each row uses).
             Translation's true share is stored either way (no memory).
+        matrix_charges: also store the matrix-valued charges of GL(n) symmetries (opt-in:
+            n(n+1)/2 rows per record and logged step, in the table ``matrix_charges``; read
+            with ``run.matrix_charges`` / ``run.matrix_charge(name)``). True: find them with
+            ``find_matrix_symmetries`` on ``inputs`` (and ``targets``, ``loss_fn``; needs
+            ``inputs``); a list: these :class:`~noether_dyn.symmetries.matrix.MatrixSymmetry`
+            records. Holds a copy of the parameters they read during each logged step
+            (``monitor.matrix_snapshot_bytes``); see :mod:`noether_dyn.capture.matrix`.
     """
     optimizer = unwrap_optimizer(optimizer)
     if run_dir is None:
@@ -124,6 +132,19 @@ def watch(
 
             symmetries = verify(model, symmetries, inputs, targets, loss_fn)
             note += " and verified numerically"
+    gl_records: list[Any] = []
+    if matrix_charges is True:
+        if inputs is None:
+            raise ValueError(
+                "watch: matrix_charges=True finds the GL symmetries on a sample batch; pass "
+                "inputs= (and targets=, loss_fn=), or a list of MatrixSymmetry records."
+            )
+        from noether_dyn.symmetries.matrix import find_matrix_symmetries
+
+        rescales = symmetries if symmetries else None  # detection's layer-level records
+        gl_records = find_matrix_symmetries(model, inputs, targets, loss_fn, rescales=rescales)
+    elif matrix_charges is not False:
+        gl_records = list(matrix_charges)
     return Monitor(
         model,
         optimizer,
@@ -140,4 +161,5 @@ def watch(
         fused=fused,
         sinks=sinks,
         exact_decay=exact_decay,
+        matrix_charges=gl_records,
     )

@@ -136,3 +136,19 @@ def upper_entries(charge: torch.Tensor) -> torch.Tensor:
     n = charge.shape[0]
     rows, cols = torch.triu_indices(n, n)
     return charge[rows, cols]
+
+
+def batched_split(
+    left: torch.Tensor, right: torch.Tensor, d_left: torch.Tensor, d_right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(C_n, first order, kinetic) of B pairs at once, each (B, n, n) float64: the batched
+    :func:`gl_charge` and :func:`gl_split` (one ``bmm`` per product).
+
+    Args:
+        left, d_left: (B, n, a) L_n and dL = L_{n+1} - L_n. right, d_right: (B, n, b).
+    """
+    L, R = left.to(torch.float64), right.to(torch.float64)
+    dL, dR = d_left.to(torch.float64), d_right.to(torch.float64)
+    charge = L @ L.mT - R @ R.mT
+    cross = L @ dL.mT - R @ dR.mT
+    return charge, cross + cross.mT, dL @ dL.mT - dR @ dR.mT

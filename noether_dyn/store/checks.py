@@ -49,13 +49,20 @@ COLUMN_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
     "tensor_blocks": {"first_step": _INT, "n_steps": _INT, "steps": ("blob",), "data": ("blob",)},
     "events": {"step": ("integer", "null"), "kind": _TEXT, "message": _TEXT},
     "depth_profile": {"step": _INT, "layer": _INT, **{c: _NUM for c in DEPTH_COLUMNS[2:]}},
+    "matrix_charges": {
+        "step": _INT,
+        "symmetry": _TEXT,
+        "i": _INT,
+        "j": _INT,
+        **{c: _NUM for c in ("charge", "first_order", "kinetic", "decay")},
+    },  # fmt: skip
 }
 # Added by schema version 2: a version-1 store lacks them (read as empty), nothing else may.
 OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
     "symmetries": frozenset({"exactness"}),
     "depth_profile": frozenset({"h_max", "max_real"}),
 }
-OPTIONAL_TABLES = frozenset({"dropped"})
+OPTIONAL_TABLES = frozenset({"dropped", "matrix_charges"})
 # JSON nesting deeper than this is refused before parsing (the store writes at most 4 levels).
 MAX_JSON_DEPTH = 32
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')

@@ -29,12 +29,13 @@ from noether_dyn.store.schema import (
     GENERATION_KEY,
     GROUP_COLUMNS,
     LEGACY_CHARGE_COLUMNS,
+    MATRIX_CHARGE_COLUMNS,
     STEP_COLUMNS,
     SYMMETRY_COLUMNS,
     TENSOR_COLUMNS,
 )
 
-_FRAME_TABLES = frozenset({"steps", "groups", "depth_profile"})
+_FRAME_TABLES = frozenset({"steps", "groups", "depth_profile", "matrix_charges"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,13 @@ class Run:
         events: ``step, kind, message``.
         depth_profile: ``step, layer, sigma_max, sigma_min, defect, transmission, stability``
             (empty unless ``Monitor.log_depth_profile`` was called).
+        matrix_charges: long format, one row per logged step, GL record and upper-triangle
+            entry (i <= j): ``step, symmetry, i, j, charge, first_order, kinetic, decay, rule``
+            (``rule = first_order - decay``; ``decay`` is -2 eta lambda C_n, under SGD with
+            momentum its instantaneous term only and NaN under Adam-type coupled L2, as
+            ``meta["matrix_decay"]`` says per group); empty unless the run was watched with
+            ``matrix_charges=`` (the records: ``meta["matrix_symmetries"]``). See
+            :meth:`matrix_charge` for one record as (steps, n, n) arrays.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -103,6 +111,7 @@ class Run:
         self.depth_profile = _frame(con, path, "depth_profile", DEPTH_COLUMNS, ("step", "layer"))
         self.symmetries = _symmetries(con, path)
         self.dropped = _dropped(con, path)
+        self.matrix_charges = _matrix_charges(con, path)
         self.events = pd.DataFrame(
             con.execute("SELECT step, kind, message FROM events ORDER BY step").fetchall(),
             columns=["step", "kind", "message"],
@@ -222,6 +231,33 @@ class Run:
         c = self.charges
         return c[c["symmetry"] == symmetry].set_index("step")
 
+    def matrix_charge(self, symmetry: str, column: str = "charge") -> np.ndarray:
+        """One GL record's ``column`` (``charge``, ``first_order``, ``kinetic``, ``decay`` or
+        ``rule``) as a float64 array (n_steps, n, n), symmetric, steps in the order of
+        ``self.matrix_charges`` (ascending; ``matrix_charge_steps`` gives them)."""
+        m = self.matrix_charges
+        rows = m[m["symmetry"] == symmetry]
+        if rows.empty:
+            known = sorted(set(m["symmetry"]))
+            raise KeyError(
+                f"No matrix charge {symmetry!r} in run '{self.path}'. Known: {known or 'none'}."
+            )
+        if column not in MATRIX_CHARGE_COLUMNS[4:] + ("rule",):
+            raise ValueError(f"column must be one of {MATRIX_CHARGE_COLUMNS[4:] + ('rule',)}.")
+        steps, at = np.unique(rows["step"].to_numpy(), return_inverse=True)
+        i, j = rows["i"].to_numpy(), rows["j"].to_numpy()
+        n = int(max(i.max(), j.max())) + 1
+        out = np.full((len(steps), n, n), np.nan)
+        values = rows[column].to_numpy(dtype=np.float64)
+        out[at, i, j] = values
+        out[at, j, i] = values
+        return out
+
+    def matrix_charge_steps(self, symmetry: str) -> np.ndarray:
+        """The logged steps of :meth:`matrix_charge` (int64, ascending)."""
+        m = self.matrix_charges
+        return np.unique(m.loc[m["symmetry"] == symmetry, "step"].to_numpy())
+
     def __repr__(self) -> str:
         return (
             f"Run('{self.path}', steps={len(self.steps)}, symmetries={len(self.symmetries)}, "
@@ -301,6 +337,29 @@ def _dropped(con: sqlite3.Connection, path: Path) -> pd.DataFrame:
                  np.nan if defect is None else float(defect), rule)
             )  # fmt: skip
     return pd.DataFrame(rows, columns=list(DROPPED_COLUMNS))
+
+
+def _matrix_charges(con: sqlite3.Connection, path: Path) -> pd.DataFrame:
+    """The optional matrix-charge table (empty frame when the run has none)."""
+    columns = [*MATRIX_CHARGE_COLUMNS, "rule"]
+    have = checks.present_columns(con, "matrix_charges")
+    if not have:
+        frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
+        return frame.astype({"step": "int64", "symmetry": "object", "i": "int64", "j": "int64"})
+    rows = con.execute(
+        f"SELECT {', '.join(MATRIX_CHARGE_COLUMNS)}, {checks.row_ok_sql('matrix_charges', have)} "
+        "FROM matrix_charges ORDER BY step, symmetry, i, j"
+    ).fetchall()
+    frame = pd.DataFrame(rows, columns=[*MATRIX_CHARGE_COLUMNS, "_ok"])
+    if not frame["_ok"].all():
+        checks.raise_bad_value(con, path, "matrix_charges")
+    frame = frame.drop(columns="_ok")
+    for c in ("step", "i", "j"):
+        frame[c] = frame[c].astype("int64")
+    for c in MATRIX_CHARGE_COLUMNS[4:]:
+        frame[c] = pd.to_numeric(frame[c]).astype("float64")
+    frame["rule"] = frame["first_order"] - frame["decay"]
+    return frame
 
 
 def _legacy_positions(width: int) -> list[int]:

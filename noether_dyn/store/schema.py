@@ -45,6 +45,16 @@ max_real)``
     ``max_real`` (max Re lambda, 1/time) are ``noether_dyn.depth.stability``'s (version 2;
     NaN when not given).
 
+``matrix_charges(step, symmetry, i, j, charge, first_order, kinetic, decay)``
+    optional, created by the first flush of a run watched with ``matrix_charges=`` (absent
+    otherwise; a store without it reads as before, with no schema version change): per logged
+    step n, GL record (named as in ``meta["matrix_symmetries"]``) and upper-triangle entry
+    i <= j, the entry of ``C_n = L_n L_n^T - R_n R_n^T`` and of the exact split
+    ``C_{n+1} - C_n = first_order + kinetic``; ``decay`` is ``-2 eta lambda C_n``: weight
+    decay's whole part of ``first_order`` for SGD without momentum and for decoupled decay,
+    the instantaneous term only under SGD with momentum, NaN under a preconditioner with
+    coupled L2 (per param group in ``meta["matrix_decay"]``; ``noether_dyn.capture.matrix``).
+
 Version-1 stores are read as version 2 with the new columns empty (NaN / ``""``) and no
 dropped candidates; a resumed version-1 store is migrated in place (:data:`MIGRATION_V2`).
 """
@@ -78,6 +88,19 @@ SYMMETRY_COLUMNS = (
     "symmetry", "kind", "params", "signs", "verified", "defect", "note", "exactness",
 )  # fmt: skip
 DROPPED_COLUMNS = ("symmetry", "kind", "params", "signs", "defect", "rule")
+MATRIX_CHARGE_COLUMNS = (
+    "step", "symmetry", "i", "j", "charge", "first_order", "kinetic", "decay",
+)  # fmt: skip
+MATRIX_CHARGE_DDL = """
+CREATE TABLE IF NOT EXISTS matrix_charges (
+    step INTEGER NOT NULL, symmetry TEXT NOT NULL, i INTEGER NOT NULL, j INTEGER NOT NULL,
+    charge REAL, first_order REAL, kinetic REAL, decay REAL,
+    PRIMARY KEY (step, symmetry, i, j)
+) WITHOUT ROWID
+"""
+"""The optional table of matrix-valued charges: created by its first write, not by :data:`DDL`
+(clustered on its key, ``WITHOUT ROWID``: a third smaller and 1.5x faster to fill, measured on
+169k rows of 32 records)."""
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

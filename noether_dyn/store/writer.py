@@ -40,6 +40,7 @@ from noether_dyn.store.schema import (
     DEPTH_COLUMNS,
     GENERATION_KEY,
     GROUP_COLUMNS,
+    MATRIX_CHARGE_DDL,
     MIGRATION_V2,
     SCHEMA_VERSION,
     STEP_COLUMNS,
@@ -258,6 +259,8 @@ class RunWriter:
         with self._transaction("Truncating") as con:
             for table in ("steps", "groups", "events", "depth_profile"):
                 con.execute(f"DELETE FROM {table} WHERE step >= ?", (first_dropped,))
+            if con.execute("PRAGMA table_info(matrix_charges)").fetchall():
+                con.execute("DELETE FROM matrix_charges WHERE step >= ?", (first_dropped,))
             for table in BLOCK_TABLES:
                 self._truncate_blocks(table, first_dropped)
             self._bump_generation()
@@ -281,15 +284,19 @@ class RunWriter:
         events: Iterable[tuple[int, str, str]],
         meta: dict[str, Any],
         tensors: np.ndarray | None = None,
+        matrix: tuple[np.ndarray, Sequence[str]] | None = None,
     ) -> None:
         """One flush, one transaction: rows of ``steps`` (n, len(STEP_COLUMNS)), ``groups``
         (k, len(GROUP_COLUMNS)), a charge block (``charges`` float64 of shape
         (len(charge_steps), n_symmetries, n_columns)), a tensor block (``tensors`` of shape
-        (n, n_tensors, len(TENSOR_COLUMNS)), one per step row), events and updated metadata."""
+        (n, n_tensors, len(TENSOR_COLUMNS)), one per step row), events, updated metadata and
+        the flush's matrix-charge rows (``matrix = (rows, names)`` as
+        :meth:`write_matrix_charges` takes them): a flush is stored whole or not at all."""
         step_rows = _rows(steps, int_cols=1)
         group_rows = _rows(groups, int_cols=2)
         event_rows = list(events)
         meta_values = meta_rows(meta)
+        matrix_rows = None if matrix is None else _matrix_rows(*matrix)
         with self._transaction("Writing a flush") as con:
             ph = ", ".join("?" * len(STEP_COLUMNS))
             con.executemany(f"INSERT OR REPLACE INTO steps VALUES ({ph})", step_rows)
@@ -300,6 +307,25 @@ class RunWriter:
                 self._insert_block("tensor_blocks", steps[:, 0].astype(np.int64), tensors)
             con.executemany("INSERT INTO events VALUES (?, ?, ?)", event_rows)
             con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta_values)
+            if matrix_rows is not None:
+                self._insert_matrix(matrix_rows)
+
+    def write_matrix_charges(self, rows: np.ndarray, names: Sequence[str]) -> None:
+        """Append matrix-charge rows alone, in their own transaction (a monitor's flush passes
+        them to :meth:`append` instead, so that they land with their steps): ``rows`` float64
+        (k, 8) in the order step, symmetry index (into ``names``), i, j, charge, first_order,
+        kinetic, decay (``noether_dyn.capture.matrix.MATRIX_ROW``)."""
+        values = _matrix_rows(rows, names)
+        with self._transaction("Writing matrix charges"):
+            self._insert_matrix(values)
+
+    def _insert_matrix(self, values: list[tuple]) -> None:
+        """Insert matrix-charge rows inside the caller's transaction (the optional table is
+        created by the first)."""
+        self.con.execute(MATRIX_CHARGE_DDL)
+        self.con.executemany(
+            "INSERT OR REPLACE INTO matrix_charges VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values
+        )
 
     def _truncate_blocks(self, table: str, first_dropped: int) -> None:
         rows = self.con.execute(
@@ -435,3 +461,13 @@ def _rows(array: np.ndarray, int_cols: int) -> list[tuple]:
     for row in array.tolist():
         out.append(tuple(int(v) for v in row[:int_cols]) + tuple(row[int_cols:]))
     return out
+
+
+def _matrix_rows(rows: np.ndarray, names: Sequence[str]) -> list[tuple]:
+    """Host matrix-charge rows (k, 8) float64 as the table's tuples (symmetry index -> name)."""
+    ints = rows[:, :4].astype(np.int64)
+    symbols = np.asarray(names, dtype=object)[ints[:, 1]]
+    return list(
+        zip(ints[:, 0].tolist(), symbols.tolist(), ints[:, 2].tolist(), ints[:, 3].tolist(),
+            *(rows[:, k].tolist() for k in range(4, 8)))
+    )  # fmt: skip
