@@ -53,7 +53,8 @@ class Planner:
                 tracked.device.type in ("cpu", "cuda")
                 and sum(p.numel() for p in tracked.params) >= FUSED_MIN_NUMEL
             )
-        self.fused = bool(fused) and not snapshot
+        # per-unit slices are reduced by the eager path only: units make every step eager
+        self.fused = bool(fused) and not snapshot and not eager.matrix.sliced
         self._hyper: tuple[list[GroupHyper], torch.Tensor] | None = None
 
     def hyper_matrix(self, hypers: list[GroupHyper]) -> torch.Tensor:

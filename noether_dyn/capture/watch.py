@@ -14,6 +14,7 @@ from noether_dyn.capture.monitor import Monitor
 from noether_dyn.capture.sample import stored_symmetries
 from noether_dyn.capture.wrappers import unwrap_optimizer
 from noether_dyn.symmetries.symmetry import Symmetry
+from noether_dyn.symmetries.units import check_granularity, choose_units, split_units
 
 
 def watch(
@@ -34,6 +35,7 @@ def watch(
     fused: bool | None = None,
     sinks: Sequence[Any] | None = None,
     exact_decay: bool = False,
+    granularity: str = "layer",
 ) -> Monitor:
     """Watch ``optimizer`` training ``model``; returns the :class:`Monitor` (a context manager).
 
@@ -89,8 +91,20 @@ def watch(
             benchmarks/decay_share.py). Off: ``decay`` is the instantaneous -2 eta lambda Q_n,
             only part of the share (``run.meta["decay"]`` says which rule each row uses).
             Translation's true share is stored either way (no memory).
+        granularity: ``"layer"`` (default) tracks one charge per layer-level symmetry;
+            ``"unit"`` also tracks one per hidden unit, channel or head input column (each
+            naming its ``parent``; ``find_symmetries(..., granularity="unit")``), with the
+            same columns and exact split as the layer rows. Declared ``symmetries`` are split
+            too (checked on the batch when one is given). Units make every logged step use
+            the eager statistics (the compiled program reduces whole tensors only).
     """
     optimizer = unwrap_optimizer(optimizer)
+    check_granularity(granularity)
+    if exact_decay and granularity == "unit":
+        raise ValueError(
+            "exact_decay=True does not support granularity='unit' yet (its accumulators are "
+            "reduced per tensor); pass exact_decay=False or granularity='layer'."
+        )
     if run_dir is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"noether-{stamp}"
@@ -112,7 +126,9 @@ def watch(
         else:
             from noether_dyn.symmetries.detect import find_symmetries
 
-            symmetries = find_symmetries(model, inputs, targets=targets, loss_fn=loss_fn)
+            symmetries = find_symmetries(
+                model, inputs, targets=targets, loss_fn=loss_fn, granularity=granularity
+            )
             note = f"{len(symmetries)} symmetries detected from the model's dataflow"
             if not symmetries:
                 note = "the model's loss has no symmetry that noether-dyn detects"
@@ -124,6 +140,14 @@ def watch(
 
             symmetries = verify(model, symmetries, inputs, targets, loss_fn)
             note += " and verified numerically"
+        if granularity == "unit":
+            symmetries = _units_of(model, symmetries, inputs, targets, loss_fn)
+            note += "; split into per-unit symmetries"
+    if exact_decay and any(s.is_unit for s in symmetries):
+        raise ValueError(
+            "exact_decay=True does not support per-unit symmetries yet (its accumulators are "
+            "reduced per tensor); pass exact_decay=False."
+        )
     return Monitor(
         model,
         optimizer,
@@ -140,4 +164,20 @@ def watch(
         fused=fused,
         sinks=sinks,
         exact_decay=exact_decay,
+        granularity=granularity,
     )
+
+
+def _units_of(
+    model: torch.nn.Module,
+    symmetries: list[Symmetry],
+    inputs: Any,
+    targets: Any,
+    loss_fn: Callable[..., torch.Tensor] | None,
+) -> list[Symmetry]:
+    """Declared layer-level symmetries followed by their units: checked on the batch when one is
+    given, else split by structure alone (unverified)."""
+    if inputs is not None:
+        return split_units(model, symmetries, inputs, targets, loss_fn)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return choose_units(symmetries, shapes, [])

@@ -456,3 +456,18 @@ def _float64(v: Any) -> Any:
     if isinstance(v, Mapping):
         return {k: _float64(x) for k, x in v.items()}
     return v
+
+
+def units_at_step(
+    symmetries: Sequence[Symmetry], names: Sequence[str], params: Sequence[torch.Tensor]
+) -> list[Symmetry]:
+    """:func:`choose_units` on one training step's real gradients (``p.grad`` of ``params``,
+    named ``names``), with the rounding tolerance of the parameters' dtype (zero-config
+    detection at the first optimizer step, ``watch(..., granularity="unit")``)."""
+    from noether_dyn.symmetries.verify import DEFAULT_TOL
+
+    named = dict(zip(names, params))
+    shapes = {n: tuple(p.shape) for n, p in named.items()}
+    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    sample = ({n: p.detach() for n, p in named.items()}, {n: p.grad for n, p in named.items()})
+    return choose_units(symmetries, shapes, [sample], tol=DEFAULT_TOL.get(dtype, 1e-4))
