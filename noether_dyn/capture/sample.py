@@ -310,6 +310,6 @@ def stored_symmetries(run_dir: str | Path) -> list[Symmetry] | None:
         Symmetry(r.symmetry, r.kind, tuple(r.params), tuple(r.signs),
                  verified=None if r.verified is None else bool(r.verified),
                  defect=None if r.defect != r.defect else float(r.defect), note=r.note,
-                 exactness=r.exactness)
+                 exactness=r.exactness, parent=r.parent, slices=r.slices)
         for r in run.symmetries.itertuples()
     ]  # fmt: skip
