@@ -251,28 +251,33 @@ def axis_choices(
       tensor is cut along dim 0 or dim 1, whichever has that size (both tried when both do: the
       outgoing weights of a square layer, attention's q/k pair cut along dim 0 on both sides).
     * scale: one unit per entry of dim 0 of every tensor (a BatchNorm channel).
-    * translation: one unit per column (dim 1) of each 2-D tensor, plus each 1-D tensor whole.
+    * translation: one unit per column (dim 1) of each 2-D tensor (a softmax head: adding c
+      to column j of its weight moves every logit by c x_j), else per row (dim 0: an embedding
+      whose rows feed a mean-centering norm), plus each 1-D tensor whole.
     """
     if sym.is_unit or sym.kind not in ("rescale", "scale", "translation"):
         return []
     if sym.kind == "translation":
-        units: list[Symmetry] = []
-        for name, sign in zip(sym.params, sym.signs):
-            shape = shapes[name]
-            if len(shape) == 2:
+        if any(len(shapes[n]) > 2 for n in sym.params):
+            return []
+        per_tensor = [(1, 0) if len(shapes[n]) == 2 else (None,) for n in sym.params]
+        out = []
+        for combo in itertools.islice(itertools.product(*per_tensor), MAX_AXIS_CHOICES):
+            units: list[Symmetry] = []
+            for name, sign, dim in zip(sym.params, sym.signs, combo):
+                if dim is None:
+                    units.append(Symmetry(f"translation:{name}", "translation", (name,),
+                                          (sign,), parent=sym.name))  # fmt: skip
+                    continue
+                label = "[:, {}]" if dim == 1 else "[{}]"
                 units += [
-                    Symmetry(f"translation:{name}[:, {j}]", "translation", (name,), (sign,),
-                             parent=sym.name, slices=((1, j),))
-                    for j in range(shape[1])
+                    Symmetry(f"translation:{name}{label.format(j)}", "translation", (name,),
+                             (sign,), parent=sym.name, slices=((dim, j),))
+                    for j in range(shapes[name][dim])
                 ]  # fmt: skip
-            elif len(shape) <= 1:
-                units.append(
-                    Symmetry(f"translation:{name}", "translation", (name,), (sign,),
-                             parent=sym.name)
-                )  # fmt: skip
-            else:
-                return []
-        return [units] if len(units) > 1 else []
+            if len(units) > 1:
+                out.append(units)
+        return out
     first = next((n for n, s in zip(sym.params, sym.signs) if s > 0), sym.params[0])
     if not shapes[first]:
         return []
