@@ -361,7 +361,8 @@ def choose_units(
 ) -> list[Symmetry]:
     """The layer-level ``symmetries`` followed, after each, by its per-unit symmetries: for each
     parent the first split of :func:`axis_choices` whose every unit has a defect within ``tol``
-    (``eps_tol`` for the units of an eps-approximate parent) at every sample; a parent no split
+    (``eps_tol`` for the units of an eps-approximate parent: so marked, or verified with a
+    defect above ``tol``) at every sample; a parent no split
     passes keeps no units (its note says so). Without samples (``[]``) the first split is taken
     unverified (``verified=None``).
 
@@ -381,7 +382,11 @@ def choose_units(
             out.append(sym)
             out += choices[0]
             continue
-        limit = eps_tol if sym.exactness == "approximate" else tol
+        # an eps-approximate parent (so marked, or verified with a defect above rounding)
+        approximate = sym.exactness == "approximate" or (
+            sym.verified and sym.defect is not None and sym.defect > tol
+        )
+        limit = eps_tol if approximate else tol
         for units in choices:
             values = torch.stack([unit_defects(units, q, g) for q, g in samples])
             seen = ~torch.isnan(values)
@@ -397,7 +402,8 @@ def choose_units(
                     )
                     out.append(dataclasses.replace(
                         u, verified=True if ok else None, defect=d if ok else None,
-                        exactness=sym.exactness if ok else "", note=note,
+                        exactness=("exact" if d <= tol else "approximate") if ok else "",
+                        note=note,
                     ))  # fmt: skip
                 break
         else:
