@@ -223,7 +223,7 @@ def test_batchnorm_cnn_has_per_channel_scale_units(tmp_path: Path) -> None:
     y = torch.randint(0, 3, (16,))
     found = find_symmetries(model, x, y, nn.functional.cross_entropy, granularity="unit")
     scale = [s for s in found if s.parent == "scale:conv"]
-    assert [s.name for s in scale] == [f"scale:conv.weight[{j}]" for j in range(5)]
+    assert [s.name for s in scale] == [f"scale:conv[{j}]" for j in range(5)]
     assert all(s.slices == ((0, j), (0, j)) for j, s in enumerate(scale))
     # each channel is scale invariant up to BN's eps: with eps shrunk 1e8-fold, to rounding
     exact = copy.deepcopy(model)
@@ -337,3 +337,35 @@ def test_old_store_without_unit_columns_reads(tmp_path: Path) -> None:
     assert (run.symmetries["parent"] == "").all()
     assert all(s == () for s in run.symmetries["slices"])
     assert len(run.charge(layer[0].name)) == 2
+
+
+def test_zero_config_watch_splits_on_the_first_step(tmp_path: Path) -> None:
+    """No inputs, no symmetries: detection at the first optimizer step, then the per-unit split
+    on that step's real gradients; a resumed run rebuilds the units (parent, slices) from the
+    store."""
+    model = mlp(2)
+    x, y = mixture(64, 6, 4, seed=2, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+
+    def steps(mon, n):
+        for _ in range(n):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            mon.log_loss(loss)
+            loss.backward()
+            opt.step()
+
+    with nd.watch(model, opt, tmp_path / "zc", granularity="unit") as mon:
+        steps(mon, 3)
+        tracked = mon.symmetries
+    units = [s for s in tracked if s.parent]
+    assert sum(u.kind == "rescale" for u in units) == 16
+    assert {u.parent for u in units} <= {s.name for s in tracked if not s.parent}
+    run = nd.load_run(tmp_path / "zc")
+    wide = run.charges.pivot(index="step", columns="symmetry", values="charge")
+    for p in {u.parent for u in units}:
+        kids = [u.name for u in units if u.parent == p]
+        assert np.allclose(wide[kids].sum(axis=1), wide[p], rtol=SUM_REL, atol=0)
+    with nd.watch(model, opt, tmp_path / "zc", resume=True, granularity="unit") as mon:
+        assert mon.symmetries == tracked
+        steps(mon, 1)

@@ -244,7 +244,9 @@ def axis_choices(
     sym: Symmetry, shapes: Mapping[str, tuple[int, ...]]
 ) -> list[list[Symmetry]]:
     """The candidate splits of a layer-level symmetry into per-unit :class:`Symmetry` records
-    (``slices`` set, ``parent`` = ``sym.name``), most plausible first; ``[]`` when it has no
+    (``slices`` set, ``parent`` = ``sym.name``, named ``"<parent>[j]"`` for unit j of a rescale
+    or scale, ``"<parent>:<param>[:, j]"``, ``"<parent>:<param>[j]"`` or ``"<parent>:<param>"``
+    for translation), most plausible first; ``[]`` when it has no
     finer split (a single unit, an unknown kind, or tensors without a common unit axis).
 
     * rescale: the units are the entries of dim 0 of the first +1 (incoming) tensor; every other
@@ -266,12 +268,12 @@ def axis_choices(
             units: list[Symmetry] = []
             for name, sign, dim in zip(sym.params, sym.signs, combo):
                 if dim is None:
-                    units.append(Symmetry(f"translation:{name}", "translation", (name,),
+                    units.append(Symmetry(f"{sym.name}:{name}", "translation", (name,),
                                           (sign,), parent=sym.name))  # fmt: skip
                     continue
                 label = "[:, {}]" if dim == 1 else "[{}]"
                 units += [
-                    Symmetry(f"translation:{name}{label.format(j)}", "translation", (name,),
+                    Symmetry(f"{sym.name}:{name}{label.format(j)}", "translation", (name,),
                              (sign,), parent=sym.name, slices=((dim, j),))
                     for j in range(shapes[name][dim])
                 ]  # fmt: skip
@@ -299,7 +301,7 @@ def axis_choices(
     for combo in itertools.islice(itertools.product(*axes), MAX_AXIS_CHOICES):
         out.append(
             [
-                Symmetry(f"{sym.kind}:{first}[{j}]", sym.kind, sym.params, sym.signs,
+                Symmetry(f"{sym.name}[{j}]", sym.kind, sym.params, sym.signs,
                          parent=sym.name, slices=tuple((d, j) for d in combo))
                 for j in range(n_units)
             ]
