@@ -38,7 +38,8 @@ SPLIT_REL = 1e-11
 def _mlp_units(seed: int = 1) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[Symmetry]]:
     model = mlp(seed)
     x, y = mixture(64, 6, 4, seed=seed, dtype=torch.float64)
-    return model, x, y, find_symmetries(model, x, y, nn.functional.cross_entropy, granularity="unit")
+    found = find_symmetries(model, x, y, nn.functional.cross_entropy, granularity="unit")
+    return model, x, y, found
 
 
 def _loss_fn(model: nn.Module, inputs, targets=None, loss_fn=None):
@@ -274,7 +275,8 @@ def test_bert_has_per_dim_query_key_units() -> None:
     and per dim of v / column of the output dense."""
     model, inputs = _hf(("bert",))
     found = find_symmetries(model, inputs, granularity="unit")
-    qk = [s for s in found if s.parent.endswith("self.query~bert.encoder.layer.0.attention.self.key")]
+    a = "bert.encoder.layer.0.attention.self"
+    qk = [s for s in found if s.parent.endswith(f"{a}.query~{a}.key")]
     assert len(qk) == 32 and all(all(w[0] == 0 for w in s.slices) for s in qk)
     vo = [s for s in found if "self.value>" in s.parent and "layer.0" in s.parent]
     assert len(vo) == 32 and [w[0] for w in vo[0].slices] == [0, 0, 1]

@@ -237,7 +237,9 @@ def slices_before(
             if g is None
             else _slice_reduce("dot", [g, q], dim)
         )
-        out.append(torch.stack([_slice_reduce("sq", [q], dim), _slice_reduce("sum", [q], dim), gq], 1))
+        out.append(
+            torch.stack([_slice_reduce("sq", [q], dim), _slice_reduce("sum", [q], dim), gq], 1)
+        )
     return torch.cat(out).to(torch.float64)
 
 
@@ -263,7 +265,7 @@ def slice_statistics(
     """
     blocks = []
     dev = iso.device
-    for a, (t, dim, first, size) in enumerate(matrix.axes):
+    for t, dim, first, size in matrix.axes:
         q1 = params[t]
         d = dq[t] if dq[t] is not None else torch.zeros_like(q1)
         g = grads[t] if grads[t] is not None else torch.zeros_like(q1)

@@ -240,9 +240,7 @@ class UnitCharges:
 # Per-unit symmetries as Symmetry records (slices), with the split decided numerically.
 
 
-def axis_choices(
-    sym: Symmetry, shapes: Mapping[str, tuple[int, ...]]
-) -> list[list[Symmetry]]:
+def axis_choices(sym: Symmetry, shapes: Mapping[str, tuple[int, ...]]) -> list[list[Symmetry]]:
     """The candidate splits of a layer-level symmetry into per-unit :class:`Symmetry` records
     (``slices`` set, ``parent`` = ``sym.name``, named ``"<parent>[j]"`` for unit j of a rescale
     or scale, ``"<parent>:<param>[:, j]"``, ``"<parent>:<param>[j]"`` or ``"<parent>:<param>"``
