@@ -18,8 +18,8 @@ Numerical count, at a random parameter point, float64:
 * ``J``: the (25 x P) Jacobian of the per-unit charges that
   ``noether_dyn.find_symmetries(..., granularity="unit")`` returns after its 3 layer-level
   records (each unit's split checked on the loss gradients). Each law is conserved (J G^T = 0
-  to rounding) and they are independent (rank J = 25), so #laws >= 25. Both bounds meet: exactly 25. With a mean
-  squared error head (no softmax) the same count gives 16.
+  to rounding) and they are independent (rank J = 25), so #laws >= 25. Both bounds meet:
+  exactly 25. With a mean squared error head (no softmax) the same count gives 16.
 
 Per-unit breaking under SGD (lr 0.1, no decay, no momentum, 200 steps): each unit's change is
 exactly its kinetic term ``|dq_unit|^2_S`` (docs/theory.md §3.1); the table compares
