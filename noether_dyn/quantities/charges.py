@@ -108,26 +108,32 @@ class ChargeMatrix:
         self.n_slots = n_slots
         slot_tensor = list(range(n_t)) + [t for t, _, _, size in self.axes for _ in range(size)]
         self.slot_tensor = torch.tensor(slot_tensor, dtype=torch.long).to(device)
-        signs = torch.zeros(len(self.symmetries), max(n_slots, 1), dtype=torch.float64)
+        entries: list[tuple[int, int, float]] = []  # (symmetry, slot, sign)
         self.lead: list[int] = []
         for i, sym in enumerate(self.symmetries):
             slices = sym.slices or (None,) * len(sym.params)
             for name, sign, where in zip(sym.params, sym.signs, slices):
                 at = index[name] if where is None else offset[(index[name], where[0])] + where[1]
-                signs[i, at] = sign
+                entries.append((i, at, sign))
             self.lead.append(index[sym.params[0]])
-        self.signs = signs[:, :n_slots].to(device)
+        if self.sliced:  # per-unit rows have a few nonzeros each: stored by rows, not densely
+            self.signs: torch.Tensor | SignRows = SignRows(
+                entries, len(self.symmetries), n_slots
+            ).to(device)
+        else:
+            signs = torch.zeros(len(self.symmetries), max(n_slots, 1), dtype=torch.float64)
+            for i, at, sign in entries:
+                signs[i, at] = sign
+            self.signs = signs[:, :n_slots].to(device)
         self.lead_index = torch.tensor(self.lead, dtype=torch.long).to(device)
         self.linear_flags = [k.linear for k in self.kinds]
         self.linear = torch.tensor(self.linear_flags, dtype=torch.bool, device=device)
-        to_tensor = torch.tensor(slot_tensor[:n_slots], dtype=torch.long)
 
-        def tensors_of(rows: list[int]) -> list[int]:
-            hit = signs[rows, :n_slots].abs().sum(0) > 0 if rows else torch.zeros(0, dtype=bool)
-            return sorted({int(to_tensor[j]) for j in torch.nonzero(hit).flatten()})
+        def tensors_of(rows: set[int]) -> list[int]:
+            return sorted({slot_tensor[at] for i, at, _ in entries if i in rows})
 
-        self.tensors = tensors_of(list(range(len(self.symmetries))))
-        self.sum_tensors = tensors_of([i for i, k in enumerate(self.kinds) if k.stats & _SUMS])
+        self.tensors = tensors_of(set(range(len(self.symmetries))))
+        self.sum_tensors = tensors_of({i for i, k in enumerate(self.kinds) if k.stats & _SUMS})
         self._blocks = []  # per kind: (kind, its rows, its rows of the sign matrix, its leads)
         for kind in dict.fromkeys(self.kinds):
             rows = [i for i, k in enumerate(self.kinds) if k is kind]
@@ -211,13 +217,62 @@ class ChargeMatrix:
         return out
 
 
+class SignRows:
+    """A sign matrix stored row by row as its few nonzeros (a per-unit symmetry touches 1-3
+    slots of thousands): ``idx`` (n_rows, k) slot positions and ``val`` (n_rows, k) signs, 0 in
+    the padding. Supports what the charge code does with a dense one: ``rows @ vector``
+    ((n_slots,) -> (n_rows,), O(n_rows k) instead of O(n_rows n_slots)), ``abs()``, row
+    selection ``rows[index]``, ``to(device)``, ``shape``, ``dtype``, ``device``."""
+
+    def __init__(
+        self,
+        entries: Sequence[tuple[int, int, float]],
+        n_rows: int,
+        n_cols: int,
+        *,
+        idx: torch.Tensor | None = None,
+        val: torch.Tensor | None = None,
+    ) -> None:
+        self.shape = (n_rows, n_cols)
+        if idx is None or val is None:
+            per_row: list[list[tuple[int, float]]] = [[] for _ in range(n_rows)]
+            for i, at, sign in entries:
+                per_row[i].append((at, sign))
+            k = max((len(r) for r in per_row), default=0) or 1
+            idx = torch.zeros(n_rows, k, dtype=torch.long)
+            val = torch.zeros(n_rows, k, dtype=torch.float64)
+            for i, row in enumerate(per_row):
+                for j, (at, sign) in enumerate(row):
+                    idx[i, j], val[i, j] = at, sign
+        self.idx, self.val = idx, val
+
+    dtype = property(lambda self: self.val.dtype)
+    device = property(lambda self: self.val.device)
+
+    def _like(self, idx: torch.Tensor, val: torch.Tensor) -> SignRows:
+        return SignRows((), idx.shape[0], self.shape[1], idx=idx, val=val)
+
+    def __matmul__(self, vector: torch.Tensor) -> torch.Tensor:
+        return (self.val * vector[self.idx]).sum(1)
+
+    def abs(self) -> SignRows:
+        return self._like(self.idx, self.val.abs())
+
+    def __getitem__(self, rows: torch.Tensor) -> SignRows:
+        return self._like(self.idx[rows], self.val[rows])
+
+    def to(self, device: torch.device) -> SignRows:
+        return self._like(self.idx.to(device), self.val.to(device))
+
+
 def _slice_reduce(op: str, xs: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """Per-entry-of-``dim`` sums of x^2 (``"sq"``), x y (``"dot"``) or x (``"sum"``), in
-    float64, shape (x.shape[dim],)."""
-    a = xs[0].to(torch.float64)
-    t = a * a if op == "sq" else a * xs[1].to(torch.float64) if op == "dot" else a
+    """Per-entry-of-``dim`` sums of x^2 (``"sq"``), x y (``"dot"``) or x (``"sum"``), shape
+    (x.shape[dim],), returned in float64 and accumulated in the tensors' own dtype, as the
+    per-tensor reductions are (16-bit tensors arrive widened: ``Tracked.widen``)."""
+    a = xs[0]
+    t = a * a if op == "sq" else a * xs[1] if op == "dot" else a
     other = [d for d in range(t.dim()) if d != dim]
-    return t.sum(other) if other else t
+    return (t.sum(other) if other else t).to(torch.float64)
 
 
 def slices_before(
