@@ -371,3 +371,28 @@ def test_zero_config_watch_splits_on_the_first_step(tmp_path: Path) -> None:
     with nd.watch(model, opt, tmp_path / "zc", resume=True, granularity="unit") as mon:
         assert mon.symmetries == tracked
         steps(mon, 1)
+
+
+def test_fused_request_with_units_warns_and_runs_eager(tmp_path: Path) -> None:
+    model, x, y, found = _mlp_units()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(RuntimeWarning, match="fused=True is ignored"):
+        mon = nd.watch(model, opt, tmp_path / "f", symmetries=found, fused=True)
+    with mon:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert len(nd.load_run(tmp_path / "f").charges) == len(found)
+
+
+def test_watch_detects_units_on_the_given_batch(tmp_path: Path) -> None:
+    model, x, y, found = _mlp_units()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    kw = dict(inputs=x, targets=y, loss_fn=nn.functional.cross_entropy, granularity="unit")
+    with nd.watch(model, opt, tmp_path / "w", **kw) as mon:
+        assert mon.symmetries == found
+    declared = [s for s in found if not s.parent]
+    with nd.watch(model, opt, tmp_path / "d", symmetries=declared, **kw) as mon:
+        assert [s.name for s in mon.symmetries] == [s.name for s in found]
+    with pytest.raises(ValueError, match="exact_decay"):
+        nd.watch(model, opt, tmp_path / "e", symmetries=found, exact_decay=True)
