@@ -15,11 +15,11 @@ Numerical count, at a random parameter point, float64:
   4-cluster mixture) the data visit too few activation regions and the bound is loose (17-32).
   A unit that is dead on every input (seed 2) has trivially conserved incoming weights: extra
   local laws, as MGP's count assumes all units active; the ``dead_units`` column says so.
-* ``J``: the (25 x P) Jacobian of the per-unit charges built by
-  :func:`noether_dyn.symmetries.units.unit_symmetries` from the 3 layer-level records that
-  :func:`noether_dyn.find_symmetries` returns. Each law is conserved (J G^T = 0 to rounding) and
-  they are independent (rank J = 25), so #laws >= 25. Both bounds meet: exactly 25. With a mean
-  squared error head (no softmax) the same count gives 16.
+* ``J``: the (25 x P) Jacobian of the per-unit charges that
+  ``noether_dyn.find_symmetries(..., granularity="unit")`` returns after its 3 layer-level
+  records (each unit's split checked on the loss gradients). Each law is conserved (J G^T = 0
+  to rounding) and they are independent (rank J = 25), so #laws >= 25. Both bounds meet:
+  exactly 25. With a mean squared error head (no softmax) the same count gives 16.
 
 Per-unit breaking under SGD (lr 0.1, no decay, no momentum, 200 steps): each unit's change is
 exactly its kinetic term ``|dq_unit|^2_S`` (docs/theory.md §3.1); the table compares
@@ -46,7 +46,7 @@ if __package__ in (None, ""):
 from analysis._common import mixture  # noqa: E402
 from analysis._physics import parser, write_table  # noqa: E402
 from noether_dyn import find_symmetries  # noqa: E402
-from noether_dyn.symmetries.units import UnitCharges, unit_symmetries  # noqa: E402
+from noether_dyn.symmetries.symmetry import Symmetry  # noqa: E402
 
 WIDTHS = (6, 8, 8, 4)
 
@@ -74,6 +74,23 @@ def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mse
 
     g = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x, y, onehot)
     return torch.cat([g[k].reshape(len(x), -1) for k in params], dim=1)
+
+
+class UnitCharges:
+    """The per-unit charges of ``units`` as one (n_units,) float64 vector (``Symmetry.charge``
+    of each); ``linear`` flags the translation units."""
+
+    def __init__(self, units: list[Symmetry]) -> None:
+        self.units = units
+        self.linear = torch.tensor([u.kind == "translation" for u in units])
+
+    def __call__(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([u.charge(params).to(torch.float64) for u in self.units])
+
+
+def split(found: list[Symmetry]) -> tuple[list[Symmetry], list[Symmetry]]:
+    """(layer-level records, per-unit records) of a ``granularity="unit"`` detection."""
+    return [s for s in found if not s.parent], [s for s in found if s.parent]
 
 
 def charge_jacobian(model: nn.Module, charges: UnitCharges) -> torch.Tensor:
@@ -106,12 +123,12 @@ def count_laws(seed: int, n: int) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     x = 2.0 * torch.randn(n, WIDTHS[0], generator=gen, dtype=torch.float64)
     y = torch.randint(0, WIDTHS[-1], (n,), generator=gen)
-    layer = find_symmetries(model, x[:32], y[:32], nn.functional.cross_entropy)
+    found = find_symmetries(model, x[:32], y[:32], nn.functional.cross_entropy, granularity="unit")
+    layer, units = split(found)
     h1 = model[0](x)
     h2 = model[2](torch.relu(h1))
     dead = int((h1 <= 0).all(0).sum() + (h2 <= 0).all(0).sum())
-    units = unit_symmetries(model, layer)
-    charges = UnitCharges(units, dict(model.named_parameters()))
+    charges = UnitCharges(units)
     j = charge_jacobian(model, charges)
     n_params = j.shape[1]
     rows = []
@@ -147,10 +164,10 @@ def count_laws(seed: int, n: int) -> list[dict]:
 def breaking(seed: int, steps: int) -> list[dict]:
     model = mlp(seed)
     x, y = mixture(256, WIDTHS[0], WIDTHS[-1], seed=seed, dtype=torch.float64)
-    layer = find_symmetries(model, x[:32], y[:32], nn.functional.cross_entropy)
-    units = unit_symmetries(model, layer)
+    found = find_symmetries(model, x[:32], y[:32], nn.functional.cross_entropy, granularity="unit")
+    layer, units = split(found)
     named = dict(model.named_parameters())
-    charges = UnitCharges(units, named)
+    charges = UnitCharges(units)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(seed + 7)
     parents = [s.name for s in layer]

@@ -32,6 +32,7 @@ def _frames(run: Run) -> dict:
     # tuples have no CSV/Parquet type: a JSON list keeps them readable and unambiguous
     sym["params"] = sym["params"].map(lambda p: json.dumps(list(p)))
     sym["signs"] = sym["signs"].map(lambda s: json.dumps(list(s)))
+    sym["slices"] = sym["slices"].map(lambda s: json.dumps([w and list(w) for w in s]))
     sym["verified"] = sym["verified"].astype("boolean")
     frames["symmetries"] = sym
     dropped = frames["dropped"].copy()

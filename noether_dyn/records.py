@@ -204,6 +204,9 @@ class StepPlan:
     update_sq: torch.Tensor | None = None
     advanced: bool = False
     next_logged: bool = False
+    slices: torch.Tensor | None = None
+    """Per-unit symmetries: (n_slots - n_tensors, 3) |q_n|^2, sum(q_n), <g_n, q_n> per slice,
+    read before the step (``noether_dyn.quantities.charges.slices_before``)."""
 
 
 @dataclass

@@ -686,7 +686,7 @@ CRAFTED = {
         _without_key(
             "symmetries",
             "idx INTEGER, symmetry TEXT, kind TEXT, params TEXT, signs TEXT, verified INTEGER, "
-            "defect REAL, note TEXT, exactness TEXT",
+            "defect REAL, note TEXT, exactness TEXT, parent TEXT, slices TEXT",
             "idx = 0",
         ),
         "names a symmetry twice",

@@ -18,7 +18,7 @@ import torch
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter
 from noether_dyn.optimizers.base import FusedStep
-from noether_dyn.quantities.charges import ChargeMatrix
+from noether_dyn.quantities.charges import ChargeMatrix, slice_statistics, slices_before
 from noether_dyn.quantities.reductions import dots, inverse_sums, local, sq_norms, sums
 from noether_dyn.records import STATS, StepPlan
 
@@ -87,6 +87,8 @@ class EagerStats:
         if not closure and self.matrix.tensors:
             plan.gq_index = t.with_grad(self.matrix.tensors)
             plan.gq = t.subset(dots, plan.gq_index, t.widen(t.grads()), params)
+        if self.matrix.sliced:  # per-unit symmetries: the same reads per slice
+            plan.slices = slices_before(self.matrix, params, None if closure else t.grads())
 
     def _sums(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """sum(q) of the tensors a translation symmetry touches (the shared zeros without any)."""
@@ -139,14 +141,19 @@ class EagerStats:
             cols["DS"] = t.subset(sums, trans, dq)
             cols["GDS"] = t.subset(sums, trans_diag, gdq) + iso * cols["DS"]
         cols["IG"] = upd.inv
-        return torch.stack([cols[k] for k in STATS], dim=1), None
+        stats = torch.stack([cols[k] for k in STATS], dim=1)
+        if self.matrix.sliced:  # per-unit symmetries: the slices' rows after the tensors'
+            extra = slice_statistics(self.matrix, plan.slices, params, grads, dq, gdq, iso)
+            stats = torch.cat([stats, extra])
+        return stats, None
 
     def update_sq(
         self, optimizer: torch.optim.Optimizer, rebuild: list[bool], idx: list[int]
     ) -> torch.Tensor:
-        """|dq|^2 per tensor at positions ``idx`` ((n_tensors,), zeros elsewhere)."""
+        """|dq|^2 per tensor at positions ``idx`` ((n_tensors,), zeros elsewhere), followed by
+        its slices' (``ChargeMatrix.with_slices``) when units are tracked."""
         dq = self.updates(optimizer, rebuild, idx, with_metric=False).dq
-        return self.t.subset(sq_norms, idx, dq)
+        return self.matrix.with_slices(self.t.subset(sq_norms, idx, dq), "sq", dq)
 
     def updates(
         self,

@@ -71,6 +71,7 @@ class Monitor:
         sinks: Sequence[Any] | None = (),
         exact_decay: bool = False,
         matrix_charges: Sequence[MatrixSymmetry] = (),
+        granularity: str = "layer",
     ) -> None:
         checks.check_arguments(model, optimizer, every, (flush_every, flush_seconds), resume,
                                overwrite, fused, getattr(optimizer, _ATTR, None), snapshot,
@@ -78,7 +79,7 @@ class Monitor:
         self.optimizer, self.run_dir, self.every = optimizer, checks.run_dir_path(run_dir), every
         self.snapshot, self.adapter = snapshot, adapter_for(optimizer)
         self._closed, self._failed, self._depth, self.on_stats = False, False, 0, None
-        self.tracked = t = Tracked(model, optimizer, symmetries)
+        self.tracked = t = Tracked(model, optimizer, symmetries, granularity)
         self.device, self.sharded = t.device, t.sharded
         self.names, self.params, self.group_of = t.names, t.params, t.group_of
         self._options = (every, snapshot, fused, flush_every, flush_seconds, sinks, exact_decay)

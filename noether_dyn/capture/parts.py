@@ -55,7 +55,8 @@ def assemble(
     flush_every, flush_seconds, sinks, exact_decay), ``reduced`` the monitor's cross-rank sum."""
     every, snapshot, fused, flush_every, flush_seconds, sinks, exact_decay = options
     t = tracked
-    matrix = ChargeMatrix(t.symmetries, t.index, t.device, adapter.family)
+    shapes = {n: tuple(p.shape) for n, p in zip(t.names, t.params)}
+    matrix = ChargeMatrix(t.symmetries, t.index, t.device, adapter.family, shapes)
     hypers = [adapter.hyper(optimizer, g) for g in optimizer.param_groups]
     predictor = ChargePredictor(
         regime_for(adapter.name, [h.beta for h in hypers]), matrix.linear_flags

@@ -53,7 +53,15 @@ class Planner:
                 tracked.device.type in ("cpu", "cuda")
                 and sum(p.numel() for p in tracked.params) >= FUSED_MIN_NUMEL
             )
-        self.fused = bool(fused) and not snapshot
+        # per-unit slices are reduced by the eager path only: units make every step eager
+        if fused is True and eager.matrix.sliced:
+            warnings.warn(
+                "noether-dyn: fused=True is ignored while per-unit symmetries are tracked (the "
+                "compiled statistics reduce whole tensors only); the eager path computes them.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        self.fused = bool(fused) and not snapshot and not eager.matrix.sliced
         self._hyper: tuple[list[GroupHyper], torch.Tensor] | None = None
 
     def hyper_matrix(self, hypers: list[GroupHyper]) -> torch.Tensor:

@@ -150,8 +150,11 @@ class Prediction:
         if pred.needs_grad_sq and not plan.advanced:
             per_tensor = plan.grad_sq
             if per_tensor is None:
-                per_tensor = self._reduce(t.subset(sq_norms, active, t.grads()))
-            lr_sq = t.per_tensor([h.lr**2 for h in hypers])
+                grads = t.grads()
+                per_tensor = self._reduce(
+                    self.matrix.with_slices(t.subset(sq_norms, active, grads), "sq", grads)
+                )
+            lr_sq = self.matrix.expand(t.per_tensor([h.lr**2 for h in hypers]))
             grad_sq = self.matrix.signs @ (lr_sq * per_tensor)
         if pred.needs_update_sq or exact_on:
             per_tensor = plan.update_sq
@@ -195,7 +198,10 @@ class Prediction:
             self._x_next = None
             return
         t = self.t
-        qs = self._reduce(t.subset(sums, self.matrix.sum_tensors, t.params))
+        qs = self.matrix.with_slices(
+            t.subset(sums, self.matrix.sum_tensors, t.params), "sum", t.params
+        )
+        qs = self._reduce(qs)
         self._x_next = self.matrix.charges(torch.zeros_like(qs), qs)
 
     def _exact_rates(self, hypers: list[GroupHyper]):
@@ -217,11 +223,12 @@ class Prediction:
         ``dq_n = -eta b_n`` (Nesterov: ``-eta (u_n + beta b_n)``)."""
         t, x = self.t, {k: stats[:, i] for k, i in S_.items()}
         h = plan.hypers
-        eta = t.per_tensor([g.lr for g in h])
-        beta = t.per_tensor([g.beta for g in h])
-        lam = t.per_tensor([g.weight_decay for g in h])
-        damp = t.per_tensor([float(g.get("dampening", 0.0)) for g in self._param_groups])
-        nest = t.per_tensor([float(g.get("nesterov", False)) for g in self._param_groups]) > 0
+        per_slot = lambda v: self.matrix.expand(t.per_tensor(v))  # noqa: E731
+        eta = per_slot([g.lr for g in h])
+        beta = per_slot([g.beta for g in h])
+        lam = per_slot([g.weight_decay for g in h])
+        damp = per_slot([float(g.get("dampening", 0.0)) for g in self._param_groups])
+        nest = per_slot([float(g.get("nesterov", False)) for g in self._param_groups]) > 0
         eta_safe = torch.where(eta > 0, eta, torch.ones_like(eta))
         beta_safe = torch.where(beta > 0, beta, torch.ones_like(beta))
 
@@ -251,4 +258,5 @@ class Prediction:
             for i, b in zip(pos, found or []):
                 bufs[i] = b
         have = [i for i in active if bufs[i] is not None]
-        return self.matrix.signs @ self._reduce(t.subset(dots, have, dq, bufs))
+        cross = self.matrix.with_slices(t.subset(dots, have, dq, bufs), "dot", dq, bufs)
+        return self.matrix.signs @ self._reduce(cross)

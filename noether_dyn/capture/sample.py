@@ -32,6 +32,7 @@ from noether_dyn.store.writer import RunWriter
 from noether_dyn.symmetries.engine import Dropped, detect
 from noether_dyn.symmetries.step_check import gradient_defects, judge_defects
 from noether_dyn.symmetries.symmetry import Symmetry
+from noether_dyn.symmetries.units import units_at_step
 
 NO_FORWARD = (
     "zero-config symmetry detection saw no forward call of the model (or of one of its direct "
@@ -217,6 +218,8 @@ def first_step(
             found = detect_at_step(
                 sample.module, sample.inputs, tracked.names, tracked.params, sample.prefix
             )
+            if tracked.granularity == "unit":  # per-unit split on this step's real gradients
+                found.symmetries = units_at_step(found.symmetries, tracked.names, tracked.params)
             if sample.prefix:
                 found.notes.insert(
                     0,
@@ -307,6 +310,6 @@ def stored_symmetries(run_dir: str | Path) -> list[Symmetry] | None:
         Symmetry(r.symmetry, r.kind, tuple(r.params), tuple(r.signs),
                  verified=None if r.verified is None else bool(r.verified),
                  defect=None if r.defect != r.defect else float(r.defect), note=r.note,
-                 exactness=r.exactness)
+                 exactness=r.exactness, parent=r.parent, slices=r.slices)
         for r in run.symmetries.itertuples()
     ]  # fmt: skip

@@ -13,6 +13,7 @@ import torch
 
 from noether_dyn.quantities.reductions import DTensor, local
 from noether_dyn.symmetries.symmetry import Symmetry
+from noether_dyn.symmetries.units import check_granularity
 
 
 class Tracked:
@@ -21,7 +22,9 @@ class Tracked:
     Attributes:
         names, params, group_of: per tracked tensor, its name (``model.named_parameters()``), the
             tensor and the index of its param group.
-        symmetries: the checked symmetries (names unique, every parameter tracked).
+        symmetries: the checked symmetries (names unique, every parameter tracked, slices in
+            range). granularity: ``"layer"`` or ``"unit"`` (zero-config detection splits its
+            symmetries into per-unit ones: :func:`noether_dyn.symmetries.units.choose_units`).
         index: name -> position. device: where the parameters (and all statistics) live.
         n_groups: param groups. group_params: the tensors of each group, in order.
         group_index: (n_tensors,) long on the device. numel, local_numel: (n_tensors,) float64
@@ -34,7 +37,9 @@ class Tracked:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         symmetries: Sequence[Symmetry],
+        granularity: str = "layer",
     ) -> None:
+        self.granularity = check_granularity(granularity)
         self.names, self.params, self.group_of = tracked_parameters(model, optimizer)
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.index = {name: i for i, name in enumerate(self.names)}
@@ -50,6 +55,11 @@ class Tracked:
             [float(p.numel()) for p in local(self.params)], torch.float64
         )
         self.sharded = any(isinstance(p, DTensor) for p in self.params)
+        if self.sharded and (granularity == "unit" or any(s.is_unit for s in self.symmetries)):
+            raise ValueError(
+                "watch: per-unit symmetries (granularity='unit') are not supported with sharded "
+                "(FSDP2) parameters: a unit's slice would span ranks. Use granularity='layer'."
+            )
         self.widened = [accumulation_dtype(p.dtype) != p.dtype for p in self.params]
         self.widened_groups = [
             any(w for w, gi in zip(self.widened, self.group_of) if gi == g)
@@ -185,7 +195,8 @@ def check_symmetries(
     """The symmetries as a list, after checking their type, unique names and parameters."""
     seen: set[str] = set()
     out = []
-    model_names = {n for n, _ in model.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    model_names = set(shapes)
     for s in symmetries:
         if not isinstance(s, Symmetry):
             raise TypeError(
@@ -205,5 +216,12 @@ def check_symmetries(
                 f"watch: symmetry {s.name!r} names {unknown}, {where}. Use names from "
                 "model.named_parameters() of parameters the optimizer updates."
             )
+        for name, where in zip(s.params, s.slices):
+            shape = shapes[name]
+            if where is not None and (where[0] >= len(shape) or where[1] >= shape[where[0]]):
+                raise ValueError(
+                    f"watch: symmetry {s.name!r} takes slice {where} (dim, index) of {name!r}, "
+                    f"whose shape is {shape}."
+                )
         out.append(s)
     return out

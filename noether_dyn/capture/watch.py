@@ -14,6 +14,7 @@ from noether_dyn.capture.monitor import Monitor
 from noether_dyn.capture.sample import stored_symmetries
 from noether_dyn.capture.wrappers import unwrap_optimizer
 from noether_dyn.symmetries.symmetry import Symmetry
+from noether_dyn.symmetries.units import check_granularity, choose_units, split_units
 
 
 def watch(
@@ -35,6 +36,7 @@ def watch(
     sinks: Sequence[Any] | None = None,
     exact_decay: bool = False,
     matrix_charges: bool | Sequence[Any] = False,
+    granularity: str = "layer",
 ) -> Monitor:
     """Watch ``optimizer`` training ``model``; returns the :class:`Monitor` (a context manager).
 
@@ -97,8 +99,20 @@ def watch(
             ``inputs``); a list: these :class:`~noether_dyn.symmetries.matrix.MatrixSymmetry`
             records. Holds a copy of the parameters they read during each logged step
             (``monitor.matrix_snapshot_bytes``); see :mod:`noether_dyn.capture.matrix`.
+        granularity: ``"layer"`` (default) tracks one charge per layer-level symmetry;
+            ``"unit"`` also tracks one per hidden unit, channel or head input column (each
+            naming its ``parent``; ``find_symmetries(..., granularity="unit")``), with the
+            same columns and exact split as the layer rows. Declared ``symmetries`` are split
+            too (checked on the batch when one is given). Units make every logged step use
+            the eager statistics (the compiled program reduces whole tensors only).
     """
     optimizer = unwrap_optimizer(optimizer)
+    check_granularity(granularity)
+    if exact_decay and granularity == "unit":
+        raise ValueError(
+            "exact_decay=True does not support granularity='unit' yet (its accumulators are "
+            "reduced per tensor); pass exact_decay=False or granularity='layer'."
+        )
     if run_dir is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"noether-{stamp}"
@@ -120,7 +134,9 @@ def watch(
         else:
             from noether_dyn.symmetries.detect import find_symmetries
 
-            symmetries = find_symmetries(model, inputs, targets=targets, loss_fn=loss_fn)
+            symmetries = find_symmetries(
+                model, inputs, targets=targets, loss_fn=loss_fn, granularity=granularity
+            )
             note = f"{len(symmetries)} symmetries detected from the model's dataflow"
             if not symmetries:
                 note = "the model's loss has no symmetry that noether-dyn detects"
@@ -132,6 +148,9 @@ def watch(
 
             symmetries = verify(model, symmetries, inputs, targets, loss_fn)
             note += " and verified numerically"
+        if granularity == "unit":
+            symmetries = _units_of(model, symmetries, inputs, targets, loss_fn)
+            note += "; split into per-unit symmetries"
     gl_records: list[Any] = []
     if matrix_charges is True:
         if inputs is None:
@@ -141,10 +160,16 @@ def watch(
             )
         from noether_dyn.symmetries.matrix import find_matrix_symmetries
 
-        rescales = symmetries if symmetries else None  # detection's layer-level records
+        layer = [s for s in symmetries if not s.is_unit]  # detection's layer-level records
+        rescales = layer or None
         gl_records = find_matrix_symmetries(model, inputs, targets, loss_fn, rescales=rescales)
     elif matrix_charges is not False:
         gl_records = list(matrix_charges)
+    if exact_decay and any(s.is_unit for s in symmetries):
+        raise ValueError(
+            "exact_decay=True does not support per-unit symmetries yet (its accumulators are "
+            "reduced per tensor); pass exact_decay=False."
+        )
     return Monitor(
         model,
         optimizer,
@@ -162,4 +187,20 @@ def watch(
         sinks=sinks,
         exact_decay=exact_decay,
         matrix_charges=gl_records,
+        granularity=granularity,
     )
+
+
+def _units_of(
+    model: torch.nn.Module,
+    symmetries: list[Symmetry],
+    inputs: Any,
+    targets: Any,
+    loss_fn: Callable[..., torch.Tensor] | None,
+) -> list[Symmetry]:
+    """Declared layer-level symmetries followed by their units: checked on the batch when one is
+    given, else split by structure alone (unverified)."""
+    if inputs is not None:
+        return split_units(model, symmetries, inputs, targets, loss_fn)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return choose_units(symmetries, shapes, [])

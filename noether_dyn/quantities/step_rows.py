@@ -77,7 +77,8 @@ class StepRows:
         torch.Tensor,
         tuple[torch.Tensor, torch.Tensor] | None,
     ]:
-        col = {k: stats[:, i] for k, i in S_.items()}
+        n_t = self.group_index.shape[0]  # per-unit slots follow the tensors' rows
+        col = {k: stats[:n_t, i] for k, i in S_.items()}
         per_tensor = hyper[self.group_index]
         zeros = torch.zeros(self.n_groups, dtype=torch.float64, device=stats.device)
         kinetic = zeros.index_add(0, self.group_index, per_tensor[:, 0] * col["GDD"])
@@ -110,8 +111,8 @@ class StepRows:
                     value,
                     velocity,
                     constants,
-                    grad_sq=signs @ (eta.square() * col["GG"]),
-                    update_sq=signs @ col["DD"],
+                    grad_sq=signs @ (self.matrix.expand(eta.square()) * stats[:, S_["GG"]]),
+                    update_sq=signs @ stats[:, S_["DD"]],
                 )
         tensors = torch.stack(
             [col["QQ"], col["GG"], col["DD"], col["GDD"], col["IG"] / col["NUMEL"]], dim=1

@@ -35,6 +35,8 @@ COLUMN_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
         "defect": _NUM,
         "note": ("text", "null"),
         "exactness": ("text", "null"),
+        "parent": ("text", "null"),
+        "slices": ("text", "null"),
     },
     "dropped": {
         "idx": _INT,
@@ -59,7 +61,7 @@ COLUMN_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 # Added by schema version 2: a version-1 store lacks them (read as empty), nothing else may.
 OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
-    "symmetries": frozenset({"exactness"}),
+    "symmetries": frozenset({"exactness", "parent", "slices"}),
     "depth_profile": frozenset({"h_max", "max_real"}),
 }
 OPTIONAL_TABLES = frozenset({"dropped", "matrix_charges"})
@@ -169,7 +171,9 @@ def check_meta(path: Path, meta: dict[str, Any]) -> None:
             )
 
 
-def check_symmetry(path: Path, name: str, kind: str, params: Any, signs: Any) -> None:
+def check_symmetry(
+    path: Path, name: str, kind: str, params: Any, signs: Any, parent: Any = "", slices: Any = ()
+) -> None:
     if kind not in kind_names():  # the registry: a kind registered by a plug-in reads too
         raise fail(path, f"symmetry {name!r} has kind {kind[:40]!r}, not one of {kind_names()}")
     if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
@@ -178,9 +182,13 @@ def check_symmetry(path: Path, name: str, kind: str, params: Any, signs: Any) ->
         isinstance(s, (int, float)) and not isinstance(s, bool) for s in signs
     ):
         raise fail(path, f"symmetry {name!r}: signs is {str(signs)[:80]}, not a list of numbers")
+    if not isinstance(parent, str) or not isinstance(slices, list):
+        raise fail(path, f"symmetry {name!r}: parent must be text and slices a JSON list")
     try:
-        Symmetry(name, kind, tuple(params), tuple(signs))
-    except ValueError as exc:
+        Symmetry(name, kind, tuple(params), tuple(signs), parent=parent,
+                 slices=tuple(None if w is None else tuple(w) if isinstance(w, list) else w
+                              for w in slices))  # fmt: skip
+    except (ValueError, TypeError) as exc:
         raise fail(path, f"symmetry {name[:80]!r} is invalid: {exc}") from None
 
 

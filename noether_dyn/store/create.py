@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from noether_dyn.store.schema import DDL
+from noether_dyn.store.schema import DDL, UNIT_COLUMNS
 from noether_dyn.symmetries.symmetry import Symmetry
 
 CREATING_SUFFIX = ".creating"
@@ -21,6 +21,23 @@ CREATING_SUFFIX = ".creating"
 # (benchmarks/store_wal.py). Stores written before keep their 64 KiB pages.
 PAGE_SIZE = 4096
 _SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+SYMMETRY_INSERT = (
+    "INSERT INTO symmetries (idx, symmetry, kind, params, signs, verified, defect, note, "
+    "exactness, parent, slices) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+"""Insert of one :func:`symmetry_rows` row (columns named: an older store gains the optional
+unit columns at the end, :func:`add_unit_columns`)."""
+
+
+def add_unit_columns(con: sqlite3.Connection) -> None:
+    """Add the optional per-unit columns (:data:`UNIT_COLUMNS`) to a store created without them
+    (additive: the schema version stays)."""
+    have = {r[1] for r in con.execute("PRAGMA table_info(symmetries)")}
+    for column in UNIT_COLUMNS:
+        if column.split()[0] not in have:
+            con.execute(f"ALTER TABLE symmetries ADD COLUMN {column}")
 
 
 def symmetry_rows(symmetries: Sequence[Symmetry]) -> list[tuple]:
@@ -42,6 +59,8 @@ def symmetry_rows(symmetries: Sequence[Symmetry]) -> list[tuple]:
             s.defect,
             s.note,
             s.exactness,
+            s.parent,
+            json.dumps([None if w is None else list(w) for w in s.slices]),
         )
         for i, s in enumerate(symmetries)
     ]
@@ -115,7 +134,7 @@ def _build(tmp: Path, meta: dict[str, Any] | None, symmetries: Sequence[Symmetry
             con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta_rows(meta))
         if symmetries:
             con.executemany(
-                "INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                SYMMETRY_INSERT,
                 symmetry_rows(symmetries),
             )
         con.execute("COMMIT")

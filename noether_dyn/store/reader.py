@@ -61,7 +61,9 @@ class Run:
             log_prefactor, param_norm, grad_norm, update_norm, wall_time``.
         groups: the same per param group (``step, grp, lr, momentum, weight_decay, mass, kinetic,
             l2, log_prefactor``).
-        symmetries: ``symmetry, kind, params, signs, verified, defect, note``.
+        symmetries: ``symmetry, kind, params, signs, verified, defect, note, exactness,
+            parent, slices`` (``parent``: the layer-level symmetry a per-unit one refines, ``""``
+            for a layer-level one; ``slices``: per parameter None or ``(dim, index)``).
         charges: long format, one row per symmetry and logged step: ``step, symmetry, kind`` and
             the columns of ``noether_dyn.store.schema.CHARGE_COLUMNS``.
         tensors: long format, one row per parameter tensor and logged step: ``step, param,
@@ -293,15 +295,18 @@ def _frame(
 
 def _symmetries(con: sqlite3.Connection, path: Path) -> pd.DataFrame:
     rows = []
-    exactness = "exactness" if "exactness" in checks.present_columns(con, "symmetries") else "NULL"
-    for name, kind, params, signs, verified, defect, note, exact in con.execute(
+    have = checks.present_columns(con, "symmetries")
+    optional = ", ".join(c if c in have else "NULL" for c in ("exactness", "parent", "slices"))
+    for name, kind, params, signs, verified, defect, note, exact, parent, slices in con.execute(
         "SELECT symmetry, kind, params, signs, verified, defect, note, "
-        f"{exactness} FROM symmetries ORDER BY idx"
+        f"{optional} FROM symmetries ORDER BY idx"
     ):
         where = f"symmetry {name[:80]!r}"
         params = checks.decode_json(path, f"{where}: params", params)
         signs = checks.decode_json(path, f"{where}: signs", signs)
-        checks.check_symmetry(path, name, kind, params, signs)
+        parent = parent or ""
+        slices = [] if slices is None else checks.decode_json(path, f"{where}: slices", slices)
+        checks.check_symmetry(path, name, kind, params, signs, parent, slices)
         rows.append(
             (
                 name,
@@ -312,6 +317,8 @@ def _symmetries(con: sqlite3.Connection, path: Path) -> pd.DataFrame:
                 np.nan if defect is None else float(defect),
                 note or "",
                 exact or "",
+                parent,
+                tuple(None if w is None else tuple(w) for w in slices),
             )
         )
     frame = pd.DataFrame(rows, columns=list(SYMMETRY_COLUMNS))

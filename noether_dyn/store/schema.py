@@ -22,6 +22,10 @@ defect, note, exactness)``
     ``params`` and ``signs`` are JSON lists; ``verified`` is 1, 0 or NULL (not checked);
     ``exactness`` is ``"exact"``, ``"approximate"`` (broken only by a normalization's eps) or
     ``""`` (not verified; version-1 stores: NULL, read as ``""``).
+    Optional columns (:data:`UNIT_COLUMNS`, added without a version bump; a store without them
+    reads ``""`` and ``[]``): ``parent``, the layer-level symmetry a per-unit one refines
+    (``""`` for a layer-level one), and ``slices``, a JSON list with one ``null`` (whole
+    tensor) or ``[dim, index]`` per parameter (``[]``: every tensor whole).
 ``dropped(idx INTEGER PRIMARY KEY, symmetry, kind, params, signs, defect, rule)``
     (version 2) the detected candidates that were not tracked: ``defect`` (NULL when the
     gradient vanished) and the ``rule`` that dropped them.
@@ -86,7 +90,11 @@ DEPTH_COLUMNS = (
 )  # fmt: skip
 SYMMETRY_COLUMNS = (
     "symmetry", "kind", "params", "signs", "verified", "defect", "note", "exactness",
+    "parent", "slices",
 )  # fmt: skip
+UNIT_COLUMNS = ("parent TEXT", "slices TEXT")
+"""Optional columns of ``symmetries`` for per-unit symmetries (``Symmetry.parent``,
+``Symmetry.slices``): in every new store; added to an older one when it first stores a unit."""
 DROPPED_COLUMNS = ("symmetry", "kind", "params", "signs", "defect", "rule")
 MATRIX_CHARGE_COLUMNS = (
     "step", "symmetry", "i", "j", "charge", "first_order", "kinetic", "decay",
@@ -115,7 +123,7 @@ CREATE TABLE IF NOT EXISTS groups (
 CREATE TABLE IF NOT EXISTS symmetries (
     idx INTEGER PRIMARY KEY, symmetry TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
     params TEXT NOT NULL, signs TEXT NOT NULL, verified INTEGER, defect REAL, note TEXT,
-    exactness TEXT
+    exactness TEXT, {", ".join(UNIT_COLUMNS)}
 );
 CREATE TABLE IF NOT EXISTS dropped (
     idx INTEGER PRIMARY KEY, symmetry TEXT NOT NULL, kind TEXT NOT NULL, params TEXT NOT NULL,

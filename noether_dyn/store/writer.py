@@ -27,6 +27,8 @@ import numpy as np
 from noether_dyn.store.connection import cause, open_existing
 from noether_dyn.store.create import (
     CREATING_SUFFIX,
+    SYMMETRY_INSERT,
+    add_unit_columns,
     create_store,
     dropped_rows,
     meta_rows,
@@ -218,8 +220,9 @@ class RunWriter:
             if drops is not None:
                 con.execute("DELETE FROM dropped")
                 con.executemany("INSERT INTO dropped VALUES (?, ?, ?, ?, ?, ?, ?)", drops)
+            add_unit_columns(con)
             con.execute("DELETE FROM symmetries")
-            con.executemany("INSERT INTO symmetries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            con.executemany(SYMMETRY_INSERT, rows)
 
     def add_event(self, step: int | None, kind: str, message: str) -> None:
         """Record one event (a resume, a failure) in its own transaction."""

@@ -45,6 +45,7 @@ from noether_dyn.symmetries._graph import (
 )
 from noether_dyn.symmetries.engine import detect, evaluate_loss
 from noether_dyn.symmetries.symmetry import Symmetry
+from noether_dyn.symmetries.units import check_granularity, split_units
 from noether_dyn.symmetries.verify import verify
 
 
@@ -57,6 +58,7 @@ def find_symmetries(
     tol: float | None = None,
     n_perturb: int = 3,
     seed: int = 0,
+    granularity: str = "layer",
 ) -> list[Symmetry]:
     """Find the scale, rescale and translation symmetries of ``loss_fn(model(inputs), targets)``.
 
@@ -87,6 +89,10 @@ def find_symmetries(
             ``nn.CrossEntropyLoss``/``F.cross_entropy`` state it; another loss has them checked
             numerically, so it needs ``targets``.
         tol, n_perturb, seed: passed to :func:`verify`.
+        granularity: ``"layer"`` (default): one symmetry per layer. ``"unit"``: each layer-level
+            symmetry is followed by its per-unit ones (one per hidden unit, channel or head
+            input column, each with ``parent`` set), the split checked numerically
+            (:func:`noether_dyn.symmetries.units.split_units`).
 
     Returns:
         The symmetries, uniquely named ``"<kind>:<module path>"``; ``[]`` if there are none.
@@ -100,6 +106,11 @@ def find_symmetries(
     skipped: a warning names them, their children are analysed alone, and the ``note`` of each
     symmetry found says so.
     """
+    if check_granularity(granularity) == "unit":
+        found = find_symmetries(
+            model, inputs, targets, loss_fn, tol=tol, n_perturb=n_perturb, seed=seed
+        )
+        return split_units(model, found, inputs, targets, loss_fn, seed=seed)
     if targets is not None and loss_fn is None:
         raise ValueError(
             "loss_fn: targets were given without a loss; pass loss_fn=nn.CrossEntropyLoss() "

@@ -50,6 +50,12 @@ class Symmetry:
         exactness: ``"exact"`` (defect at the level of float rounding), ``"approximate"`` (broken
             only by a normalization's eps: the defect falls to rounding when eps is shrunk), or
             ``""`` when not verified.
+        parent: for a per-unit symmetry (``find_symmetries(..., granularity="unit")``), the name
+            of the layer-level symmetry it refines (whose charge is the sum of its units'
+            charges); ``""`` for a layer-level one.
+        slices: one entry per parameter, ``None`` for the whole tensor or ``(dim, index)`` for
+            the slice ``q.select(dim, index)`` the generator acts on (zero elsewhere in that
+            tensor); ``()`` (the default) is every tensor whole.
 
     To declare your own symmetry, build one and pass ``watch(..., symmetries=[...])``::
 
@@ -64,6 +70,8 @@ class Symmetry:
     defect: float | None = None
     note: str = field(default="", compare=False)
     exactness: str = field(default="", compare=False)
+    parent: str = ""
+    slices: tuple[tuple[int, int] | None, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -114,7 +122,8 @@ class Symmetry:
             raise TypeError(
                 f"Symmetry {self.name!r}: defect must be a float or None, got {self.defect!r}."
             )
-        for field_name in ("note", "exactness"):
+        object.__setattr__(self, "slices", _check_slices(self.name, self.slices, len(params)))
+        for field_name in ("note", "exactness", "parent"):
             if not isinstance(getattr(self, field_name), str):
                 raise TypeError(
                     f"Symmetry {self.name!r}: {field_name} must be a str, got "
@@ -128,13 +137,54 @@ class Symmetry:
         if missing:
             raise KeyError(f"Symmetry {self.name!r}: no tensor given for {missing}.")
         kind = kind_of(self.kind)
-        return {n: kind.generator(params[n], s) for n, s in zip(self.params, self.signs)}
+        out = {n: kind.generator(params[n], s) for n, s in zip(self.params, self.signs)}
+        for name, where in zip(self.params, self.slices):
+            if where is not None:
+                mask = torch.zeros_like(out[name])
+                mask.select(*where).fill_(1.0)
+                out[name] = out[name] * mask
+        return out
+
+    @property
+    def is_unit(self) -> bool:
+        """Whether the generator acts on a slice of some tensor (a per-unit symmetry)."""
+        return any(w is not None for w in self.slices)
 
     def charge(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The gradient-flow charge Q: <q, xi(q)> for scale and rescale, <q, xi> = signed sum
         of entries for translation (docs/theory.md §3 table). A 0-dim tensor."""
         xi = self.generator(params)
         return sum((params[n] * xi[n]).sum() for n in self.params)
+
+
+def _check_slices(name: str, slices: object, n_params: int) -> tuple:
+    """``slices`` as a tuple of None or (dim, index) int pairs, one per parameter (``()`` stays
+    ``()``: every tensor whole)."""
+    if not isinstance(slices, (list, tuple)):
+        raise TypeError(f"Symmetry {name!r}: slices must be a tuple, got {slices!r}.")
+    if not slices:
+        return ()
+    if len(slices) != n_params:
+        raise ValueError(
+            f"Symmetry {name!r}: {len(slices)} slices for {n_params} params; give one (None or "
+            "(dim, index)) per parameter."
+        )
+    out: list[tuple[int, int] | None] = []
+    for where in slices:
+        if where is None:
+            out.append(None)
+            continue
+        if (
+            not isinstance(where, (list, tuple))
+            or len(where) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in where)
+        ):
+            raise ValueError(
+                f"Symmetry {name!r}: each slice is None or (dim, index) with non-negative ints, "
+                f"got {where!r}."
+            )
+        out.append((int(where[0]), int(where[1])))
+    return tuple(out) if any(w is not None for w in out) else ()
 
 
 def _is_real(value: object) -> bool:
