@@ -6,18 +6,16 @@ The update is linear in the rule's buffer (SGD's momentum buffer, Adam's first m
 momentum buffer) at the step's own preconditioner P_n, and the buffer is linear in its inputs, so
 ``dq_n = (gradient part) + E_n`` with E_n the part that the ``lambda q`` terms put there:
 
-========================  ==========================================  =========================
-rule                      decay's part of the buffer A_n              E_n
-========================  ==========================================  =========================
-SGD, heavy ball           ``beta A_{n-1} + (1 - d) lambda q_n``       ``-eta A_n``
-SGD, Nesterov             same                                        ``-eta (lambda q_n + beta A_n)``
-Adam, coupled L2          ``beta1 A_{n-1} + (1 - beta1) lambda q_n``  ``-eta A_n / ((1 - beta1^k) P_n)``
-RMSprop, momentum mu      ``mu A_{n-1} + lambda q_n / P_n``           ``-eta A_n``
-RMSprop (no momentum),    none                                        ``-eta lambda q_n / P_n``
-Adagrad
-decoupled (AdamW), SGD    none                                        ``-eta lambda q_n``
-without momentum
-========================  ==========================================  =========================
+================  ==========================================  ==================================
+rule              decay's part of the buffer A_n              E_n
+================  ==========================================  ==================================
+SGD, heavy ball   ``beta A_{n-1} + (1 - d) lambda q_n``       ``-eta A_n``
+SGD, Nesterov     same                                        ``-eta (lambda q_n + beta A_n)``
+Adam, coupled L2  ``beta1 A_{n-1} + (1 - beta1) lambda q_n``  ``-eta A_n / ((1 - beta1^k) P_n)``
+RMSprop, mom. mu  ``mu A_{n-1} + lambda q_n / P_n``           ``-eta A_n``
+RMSprop, Adagrad  none                                        ``-eta lambda q_n / P_n``
+AdamW, plain SGD  none                                        ``-eta lambda q_n``
+================  ==========================================  ==================================
 
 (A_{-1} = 0; torch's first SGD buffer is undamped: d_0 = 0.) The share is ``2 <q_n, E_n>_S``
 (quadratic) or ``<E_n, 1>_S`` (translation); ``rule`` keeps the rest of ``2 <q_n, dq_n>_S``, so
