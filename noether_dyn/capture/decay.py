@@ -147,8 +147,8 @@ class ExactDecay:
     ) -> list[torch.Tensor]:
         """E_n per tensor at ``pos`` (one param group), advancing the accumulators."""
         family, lr, lam = self.adapter.family, h.lr, h.weight_decay
-        if h.decoupled or (family == "sgd" and not h.beta):
-            return torch._foreach_mul(q_n, -lr * lam)
+        if h.decoupled or (family == "sgd" and not h.beta):  # torch's own lr (AdamW)
+            return torch._foreach_mul(q_n, -lr / h.bias_correction * lam)
         if not h.beta:  # a preconditioner without a buffer (Adam with beta1 = 0 included)
             return self._direct(group, params, q_n, -lr * lam)
         precond = None
@@ -177,9 +177,10 @@ class ExactDecay:
             return out
         if family == "adam":
             out = torch._foreach_div(acc, precond)
+            own = lr / h.bias_correction  # torch's lr; the bias correction from each count
             for j, p in enumerate(params):  # 1 - beta1^k with k the step count after the step
                 k = step_count(self.optimizer.state[p])
-                out[j].mul_(-lr / (1.0 - h.beta**k))
+                out[j].mul_(-own / (1.0 - h.beta**k))
             return out
         return torch._foreach_mul(acc, -lr)
 
