@@ -25,8 +25,9 @@ Gould & Tanaka, 2024, on Adam with scale-invariant weights)
     amplifies by 1 / (1 - mu)), and the direction turns by ``eta_eff |u|`` with
     ``eta_eff = eta / r`` [rad per step per unit of |u|]; |u| is of order sqrt(numel) (every
     entry of m_hat / P is O(1): exactly ±1 on Adam's first step, where u = (1 - beta1) sign(g)
-    and eta = lr / (1 - beta1)). A weight 4x larger turns 4x slower, not 16x. The norm obeys ``r^2_{n+1} = (1 - eta lambda)^2 r^2_n + eta^2 |u|^2
-    + 2 eta <q, u>`` (AdamW's decoupled decay); the last term is zero on average for a
+    and eta = lr / (1 - beta1)). A weight 4x larger turns 4x slower, not 16x. The norm obeys
+    ``r^2_{n+1} = (1 - eta lambda)^2 r^2_n + eta^2 |u|^2 + 2 eta <q, u>`` (AdamW's decoupled
+    decay, steady state: eta = lr); the last term is zero on average for a
     scale-invariant group, so r^2 (not r^4) is the implied accumulator, an EMA of
     ``eta |u|^2 / (2 lambda)`` with ``rho_eff = 1 - 2 eta lambda``. Equilibrium angular update
     (RE): ``sqrt(2 eta lambda (1 - beta1) / (1 + beta1))`` (RMSprop without momentum: beta1 = 0).
