@@ -27,8 +27,9 @@ Translation under SGD(M) needs none of this (the scalar recurrence of
 :class:`~noether_dyn.quantities.momentum.TranslationDecayShare`); under a preconditioner P weighs
 each coordinate differently, so translation rows are written here too.
 
-The monitor runs after the step: q_n = q_{n+1} - dq_n with dq_n rebuilt by the adapter's rule
-(:meth:`EagerStats.updates`), so every param group must be rebuildable (no snapshot). Memory: one
+The monitor runs after the step: q_n = q_{n+1} - dq_n with dq_n and G_n rebuilt by the adapter's
+elementwise rule (:func:`~noether_dyn.capture.eager.run_rule`; P_n = (1 - d) G_n by the metric
+convention), so every param group must be rebuildable (no snapshot). Memory: one
 parameter-sized accumulator per tracked tensor of a rule with a buffer (+1x those tensors), none
 without one; time: one rebuild of dq, one pass over A and two reductions per tensor and step
 (benchmarks/decay_share.py).
@@ -38,9 +39,9 @@ from __future__ import annotations
 
 import torch
 
-from noether_dyn.capture.eager import EagerStats
+from noether_dyn.capture.eager import run_rule
 from noether_dyn.capture.tracked import Tracked
-from noether_dyn.optimizers.base import scalar, step_count
+from noether_dyn.optimizers.base import OptimizerAdapter, scalar, step_count
 from noether_dyn.quantities.charges import ChargeMatrix
 from noether_dyn.quantities.reductions import dots, sums
 from noether_dyn.records import COL, GroupHyper
@@ -86,7 +87,7 @@ class ExactDecay:
         tracked, matrix: the monitor's tensors and sign matrix.
         optimizer: the optimizer whose steps are read (after each step).
         reduce: per-tensor sums over ranks.
-        eager: the eager statistics backend, whose :meth:`EagerStats.updates` rebuilds dq_n.
+        adapter: the optimizer's adapter, whose elementwise rule rebuilds dq_n and G_n.
 
     Attributes:
         rows: (n_symmetries,) bool, the rows whose decay column this writes (all but translation
@@ -100,10 +101,10 @@ class ExactDecay:
         matrix: ChargeMatrix,
         optimizer: torch.optim.Optimizer,
         reduce,
-        eager: EagerStats,
+        adapter: OptimizerAdapter,
     ) -> None:
         self.t, self.matrix, self.optimizer, self._reduce = tracked, matrix, optimizer, reduce
-        self.eager, self.adapter = eager, eager.adapter
+        self.adapter = adapter
         family = self.adapter.family
         self.rows = ~matrix.linear if family == "sgd" else torch.ones_like(matrix.linear)
         touched = matrix.signs[self.rows].abs().sum(0) > 0
@@ -128,10 +129,15 @@ class ExactDecay:
             pos = [i for i in self.tensors if t.group_of[i] == g and t.params[i].grad is not None]
             if not pos or not h.weight_decay:
                 continue
-            dq = self.eager.updates(opt, rebuild, pos, with_metric=False).dq
             params = [t.params[i] for i in pos]
-            q_n = torch._foreach_sub(t.widen(params), [dq[i] for i in pos])
-            share = self._share(group, h, pos, params, q_n)
+            rebuilt = self.adapter.fused_step(opt, group, params, t.device, eager=True)
+            dq, metric, _ = zip(*run_rule(rebuilt, params, [p.grad for p in params]))
+            q_n = torch._foreach_sub(t.widen(params), list(dq))
+            precond = None
+            if self.adapter.family != "sgd":  # P = (1 - d) G (docs/conventions.md)
+                d = h.beta if self.adapter.family == "adam" else 0.0
+                precond = torch._foreach_mul(list(metric), 1.0 - d) if d else list(metric)
+            share = self._share(group, h, pos, params, q_n, precond)
             sel = t.index_tensor(pos)
             out[sel, 0] = dots(q_n, share, t.device)
             out[sel, 1] = sums(share, t.device)
@@ -144,16 +150,17 @@ class ExactDecay:
         pos: list[int],
         params: list[torch.Tensor],
         q_n: list[torch.Tensor],
+        precond: list[torch.Tensor] | None,
     ) -> list[torch.Tensor]:
-        """E_n per tensor at ``pos`` (one param group), advancing the accumulators."""
+        """E_n per tensor at ``pos`` (one param group), advancing the accumulators; ``precond``:
+        P_n per tensor (None for SGD)."""
         family, lr, lam = self.adapter.family, h.lr, h.weight_decay
         if h.decoupled or (family == "sgd" and not h.beta):  # torch's own lr (AdamW)
             return torch._foreach_mul(q_n, -lr / h.bias_correction * lam)
         if not h.beta:  # a preconditioner without a buffer (Adam with beta1 = 0 included)
-            return self._direct(group, params, q_n, -lr * lam)
-        precond = None
-        if family != "sgd":
-            precond = self.t.widen(self.adapter.preconditioner(self.optimizer, group, params))
+            out = torch._foreach_div(q_n, precond)
+            torch._foreach_mul_(out, -lr * lam)
+            return out
         damp = scalar(group.get("dampening", 0.0)) if family == "sgd" else 0.0
         acc = []
         for j, i in enumerate(pos):
@@ -183,15 +190,6 @@ class ExactDecay:
                 out[j].mul_(-own / (1.0 - h.beta**k))
             return out
         return torch._foreach_mul(acc, -lr)
-
-    def _direct(
-        self, group: dict, params: list[torch.Tensor], q_n: list[torch.Tensor], coef: float
-    ) -> list[torch.Tensor]:
-        """``coef q_n / P_n``: the share of a preconditioned rule without a buffer."""
-        precond = self.t.widen(self.adapter.preconditioner(self.optimizer, group, params))
-        out = torch._foreach_div(q_n, precond)
-        torch._foreach_mul_(out, coef)
-        return out
 
     def write(self, charges: torch.Tensor, per_tensor: torch.Tensor) -> None:
         """Put the exact share into the written rows' decay column (rule keeps the rest)."""

@@ -74,7 +74,7 @@ class Prediction:
                 for g, widened in zip(optimizer.param_groups, tracked.widened_groups)
             ]
             check_exact_decay(optimizer, adapter.family, adapter.fallback, rebuild)
-            self.exact_decay = ExactDecay(tracked, matrix, optimizer, reduce, eager)
+            self.exact_decay = ExactDecay(tracked, matrix, optimizer, reduce, adapter)
 
     @property
     def waiting(self) -> bool:

@@ -54,12 +54,6 @@ class AdagradAdapter(OptimizerAdapter):
             out.append(state["sum"].sqrt().add_(eps))
         return out
 
-    def preconditioner(
-        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """P = G: the metric is the preconditioner itself (no dampened buffer)."""
-        return self.metric(optimizer, group, params)
-
     def can_reconstruct(self, group: dict) -> bool:
         return not group.get("lr_decay", 0.0)
 

@@ -99,9 +99,9 @@ class AdamAdapter(OptimizerAdapter):
     def metric(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
     ) -> Metric:
-        return _to_metric(self.preconditioner(optimizer, group, params), group)
+        return _to_metric(self._preconditioner(optimizer, group, params), group)
 
-    def preconditioner(
+    def _preconditioner(
         self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         """P = sqrt(v_hat) + eps per parameter (fresh tensors: the caller may scale them)."""

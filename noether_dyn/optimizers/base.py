@@ -104,16 +104,6 @@ class OptimizerAdapter:
         """Diagonal of the metric G that preconditioned the step just taken (read after it)."""
         return None
 
-    def preconditioner(
-        self, optimizer: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]
-    ) -> list[torch.Tensor] | None:
-        """P of the step just taken (read after it): the elementwise denominator that divides
-        the force u = g + lambda q on its way into the step (Adam: sqrt(v_hat) + eps; RMSprop:
-        sqrt(v [- gbar^2]) + eps; Adagrad: sqrt(sum) + eps), fresh tensors shaped like
-        ``params``; None for a rule without one (G = I / (1 - d)). Weight decay's true share
-        under coupled L2 reads it (:mod:`noether_dyn.capture.decay`)."""
-        return None
-
     def can_reconstruct(self, group: dict) -> bool:
         """Whether :meth:`fused_step` can rebuild this group's step from the optimizer's state,
         so that the monitor needs no snapshot of the parameters (no memory held per parameter)."""
