@@ -48,6 +48,7 @@ CASES = {
         torch.optim.Adam,
         dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=5e-2, amsgrad=True),
     ),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=5e-2)),
     "rmsprop": (torch.optim.RMSprop, dict(lr=1e-2, alpha=0.9, weight_decay=5e-2)),
     "rmsprop-momentum-centered": (
         torch.optim.RMSprop,
@@ -81,6 +82,14 @@ class Rerun:
             if kw.get("nesterov"):
                 return -lr * (u + beta * (st["bg"] + st["bl"])), -lr * (u_l + beta * st["bl"])
             return -lr * (st["bg"] + st["bl"]), -lr * st["bl"]
+        if self.cls is torch.optim.AdamW:  # decoupled: q (1 - lr lambda), then Adam on g
+            k = st["k"] = st.get("k", 0) + 1
+            b1, b2 = kw["betas"]
+            zero = torch.zeros_like(q)
+            st["m"] = b1 * st.get("m", zero) + (1 - b1) * g
+            st["v"] = b2 * st.get("v", zero) + (1 - b2) * g * g
+            precond = st["v"].sqrt() / math.sqrt(1 - b2**k) + 1e-8
+            return -lr * lam * q - lr / (1 - b1**k) * st["m"] / precond, -lr * lam * q
         if self.cls is torch.optim.Adam:
             b1, b2 = kw["betas"]
             k = st["k"] = st.get("k", 0) + 1
@@ -151,7 +160,7 @@ def _run(case: str, run_dir, every: int):
 def test_decay_column_is_the_rerun_share(case, every, run_dir):
     run, ref, nbytes = _run(case, run_dir, every)
     assert run.meta["decay"]["by_symmetry"] == dict.fromkeys([s.name for s in SYMS], "exact")
-    with_buffer = case.startswith(("sgd", "adam")) or "momentum" in case
+    with_buffer = case.startswith(("sgd", "adam-")) or case == "adam" or "momentum" in case
     assert (nbytes > 0) == with_buffer, (case, nbytes)  # memory only where a buffer needs it
     for sym in SYMS:
         c = run.charge(sym.name)
@@ -206,3 +215,27 @@ def test_exact_decay_refuses_a_filled_buffer(run_dir):
     opt.step()
     with pytest.raises(ValueError, match="has not stepped yet"):
         nd.watch(model, opt, run_dir, symmetries=SYMS, exact_decay=True)
+
+
+def test_adamw_default_decay_uses_torchs_own_rate(run_dir):
+    """Without exact_decay, AdamW's decay column is still exact: -2 lr lambda Q_n with torch's
+    own lr, although the stored rate carries Adam's bias correction lr / (1 - beta1^k)
+    (``GroupHyper.decay_weight``). 1e-12 relative: one float64 product of a reduction."""
+    cls, kw = CASES["adamw"]
+    model = exact_model(0)
+    opt = cls(model.parameters(), **kw)
+    x, y = batch(dtype=torch.float64, n=64)
+    with nd.watch(model, opt, run_dir, symmetries=SYMS) as mon:
+        for _ in range(10):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            mon.log_loss(loss)
+            opt.step()
+    run = nd.load_run(run_dir)
+    b1 = kw["betas"][0]
+    k = run.steps["step"].to_numpy() + 1
+    np.testing.assert_allclose(run.steps["lr"], kw["lr"] / (1 - b1**k), rtol=1e-15)
+    c = run.charge(SYMS[0].name)
+    want = -2 * kw["lr"] * kw["weight_decay"] * c["charge"].to_numpy()
+    np.testing.assert_allclose(c["decay"].to_numpy(), want, rtol=1e-12)
