@@ -88,7 +88,7 @@ def watch(
             preconditioner (capture/decay.py, docs/theory.md §3.1). Costs one accumulator per
             tracked tensor under a rule with a buffer (+1x their memory; none for RMSprop without
             momentum or Adagrad) and a rebuild of the update every step (benchmarks/
-            decay_share.py: x1.5 the monitored SGD step, x2 the adaptive ones, at every=10).
+            decay_share.py: x1.4 the monitored SGD step, x1.7-2 the adaptive ones, every=10).
             Needs an optimizer that has not stepped and updates rebuilt from its state (no
             ``snapshot``, no 16-bit parameters). Off: ``decay`` is the instantaneous
             -2 eta lambda Q_n, only part of the share under momentum or a preconditioner
