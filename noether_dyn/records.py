@@ -153,16 +153,27 @@ metric) or a 0-d tensor (G = c I)."""
 class GroupHyper:
     """The constants of one param group at one step (host floats).
 
-    lr: the rate eta of this step (after schedulers, Adagrad's lr_decay included), in parameter
-    units per unit of the preconditioned gradient. beta: the heavy-ball momentum of the rule.
-    weight_decay: lambda. decoupled: True when the decay is a friction on q (AdamW) rather than an
-    L2 term of the potential V.
+    lr: the rate eta of this step (after schedulers, Adagrad's lr_decay and Adam's bias
+    correction 1 / (1 - beta1^k) included: the rate that multiplies the rule's buffer,
+    docs/conventions.md), in parameter units per unit of the preconditioned gradient. beta: the
+    heavy-ball momentum of the rule. weight_decay: lambda. decoupled: True when the decay is a
+    friction on q (AdamW) rather than an L2 term of the potential V. bias_correction: the factor
+    ``lr`` carries over the optimizer's own rate (Adam: 1 / (1 - beta1^k); 1 elsewhere), so that
+    a decoupled decay, which torch applies with its own rate, is ``(lr / bias_correction) lambda``.
     """
 
     lr: float
     beta: float
     weight_decay: float
     decoupled: bool
+    bias_correction: float = 1.0
+
+    @property
+    def decay_weight(self) -> float:
+        """lambda_eff with ``lr * lambda_eff`` the per-step decay rate of the instantaneous term:
+        lambda, except a decoupled decay, whose rate is torch's own ``lr`` (without Adam's bias
+        correction): lambda / bias_correction."""
+        return self.weight_decay / self.bias_correction if self.decoupled else self.weight_decay
 
     @property
     def mass(self) -> float:

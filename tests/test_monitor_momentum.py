@@ -217,9 +217,3 @@ def test_exact_decay_opt_in_matches_the_buffer_share(case, every, run_dir):
         if every == 1:
             total = (c["decay"] + c["rule"] + c["ksb"]).to_numpy()[:-1]
             np.testing.assert_allclose(total, np.diff(c["charge"].to_numpy()), rtol=1e-10)
-
-
-def test_exact_decay_refuses_what_it_cannot_split(run_dir):
-    model = exact_model(0)
-    with pytest.raises(ValueError, match="exact_decay=True supports torch.optim.SGD"):
-        nd.watch(model, torch.optim.Adam(model.parameters()), run_dir, exact_decay=True)

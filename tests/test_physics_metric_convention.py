@@ -93,3 +93,61 @@ def test_sgd_first_step_and_errors() -> None:
         metric("sgd", dampening=1.0)
     with pytest.raises(ValueError, match="family"):
         metric("lion")
+
+
+def test_frozen_adam_is_dampened_sgd_through_the_monitor(tmp_path) -> None:
+    """The same construction as :func:`test_frozen_adam_is_dampened_sgd`, each run under its own
+    ``nd.watch`` (every step logged): the stored rate of the Adam group is the convention's
+    lr / (1 - beta1^k), equal to the SGD run's scheduled lr; and the stored kinetic energy (step
+    and group rows), mass, and every symmetry's nld_charge and nld_ksb agree between the runs.
+    Tolerance 1e-10 relative: the two runs' updates agree to the rounding of q (1e-13 of max|q|,
+    checked above), and each stored value is a float64 sum of ~100 such products."""
+    import noether_dyn as nd
+
+    models = [make_model(6, 8, 4, bn2=False, seed=5, dtype=torch.float64) for _ in range(2)]
+    pa, ps = list(models[0].parameters()), list(models[1].parameters())
+    adam = torch.optim.Adam(pa, lr=LR, betas=(B1, 0.0), eps=EPS, amsgrad=True)
+    sgd = torch.optim.SGD(ps, lr=LR, momentum=B1, dampening=B1)
+    frozen = (1.0 - EPS) ** 2
+    for p in pa:
+        adam.state[p] = {
+            "step": torch.tensor(0.0, dtype=torch.float64),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+            "max_exp_avg_sq": torch.full_like(p, frozen),
+        }
+    for p in ps:
+        sgd.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+    x, y = mixture(128, 6, 4, seed=1, dtype=torch.float64)
+    syms = models[0].symmetries()
+    monitors = [
+        nd.watch(m, o, tmp_path / name, symmetries=syms, every=1)
+        for m, o, name in zip(models, (adam, sgd), ("adam", "sgd"))
+    ]
+    gen = torch.Generator().manual_seed(2)
+    for n in range(STEPS):
+        idx = torch.randint(0, 128, (32,), generator=gen)
+        sgd.param_groups[0]["lr"] = LR / (1.0 - B1 ** (n + 1))
+        for model, opt, mon in zip(models, (adam, sgd), monitors):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            mon.log_loss(loss)
+            opt.step()
+    for mon in monitors:
+        mon.close()
+    ra, rs = (nd.load_run(tmp_path / name) for name in ("adam", "sgd"))
+    want_lr = [LR / (1.0 - B1 ** (k + 1)) for k in range(STEPS)]
+    assert ra.steps["lr"].to_numpy() == pytest.approx(want_lr, rel=1e-15)
+    assert ra.steps["lr"].to_numpy() == pytest.approx(rs.steps["lr"].to_numpy(), rel=1e-15)
+    assert ra.steps["kinetic"].to_numpy() == pytest.approx(rs.steps["kinetic"], rel=1e-10)
+    for col in ("kinetic", "mass"):
+        assert ra.groups[col].to_numpy() == pytest.approx(rs.groups[col].to_numpy(), rel=1e-10)
+    for sym in syms:
+        ca, cs = ra.charge(sym.name), rs.charge(sym.name)
+        for col in ("charge", "nld_charge", "nld_ksb"):
+            scale = max(float(abs(cs[col]).max()), 1e-300)
+            err = float(abs(ca[col].to_numpy() - cs[col].to_numpy()).max())
+            # + 1e-15: translation's nld_charge is rounding in both runs (the update sums to 0
+            # over the classes: ~1e-17 here, entries |dq| <= 1e-2)
+            assert err <= 1e-10 * scale + 1e-15, (sym.name, col, err, scale)

@@ -65,6 +65,8 @@ def assemble(
     eager = EagerStats(t, matrix, adapter)
     compiled = CompiledStats(t, matrix, adapter, step_rows)
     planner = Planner(t, adapter, eager, compiled, every, snapshot, fused)
-    prediction = Prediction(t, matrix, eager, predictor, reduced, optimizer, exact_decay)
+    prediction = Prediction(
+        t, matrix, eager, predictor, reduced, optimizer, exact_decay, snapshot=snapshot
+    )
     buffer = RowBuffer(flush_every, flush_seconds, len(t.symmetries), sinks, t.symmetries)
     return Parts(matrix, predictor, step_rows, eager, compiled, planner, prediction, buffer, hypers)

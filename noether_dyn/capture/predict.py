@@ -36,6 +36,7 @@ class Prediction:
         reduce,
         optimizer: torch.optim.Optimizer | None = None,
         exact_decay: bool = False,
+        snapshot: bool = False,
     ) -> None:
         self.t = tracked
         self.matrix = matrix
@@ -67,8 +68,13 @@ class Prediction:
         self._x_next: torch.Tensor | None = None
         self.exact_decay: ExactDecay | None = None
         if exact_decay:
-            check_exact_decay(optimizer, eager.adapter.family)
-            self.exact_decay = ExactDecay(tracked, matrix, optimizer, reduce)
+            adapter = eager.adapter
+            rebuild = [  # as the planner decides it (capture/plan.py)
+                adapter.can_reconstruct(g) and not snapshot and not widened
+                for g, widened in zip(optimizer.param_groups, tracked.widened_groups)
+            ]
+            check_exact_decay(optimizer, adapter.family, adapter.fallback, rebuild)
+            self.exact_decay = ExactDecay(tracked, matrix, optimizer, reduce, adapter)
 
     @property
     def waiting(self) -> bool:
@@ -119,7 +125,7 @@ class Prediction:
             x = self.matrix.charges(stats[:, S_["QQ"]], stats[:, S_["QS"]])
             self._write_share(charges, self._share_step(plan, x))
         if self.exact_decay is not None:
-            per_tensor = self.exact_decay.step(plan.hypers)
+            per_tensor = self.exact_decay.step(plan.hypers, plan.rebuild)
             if charges is not None:
                 self.exact_decay.write(charges, per_tensor)
         if advanced is not None and pred.value is not None:
@@ -139,7 +145,7 @@ class Prediction:
         self._advance_share(plan)
         if self.exact_decay is not None:
             if not self.exact_decay.done:
-                self.exact_decay.step(plan.hypers)
+                self.exact_decay.step(plan.hypers, plan.rebuild)
             self.exact_decay.done = False
         if pred.value is None or not len(self.matrix) or (plan.advanced and not exact_on):
             return

@@ -86,12 +86,17 @@ def watch(
             "Sinks"). A sink that raises warns once (``SinkFailure``) and is dropped; training
             and the store go on. Sinks are closed with the monitor (a writer or run you passed
             is flushed, not closed). Only the rank that writes the store (rank 0) streams.
-        exact_decay: store weight decay's true share of scale and rescale charges under SGD
-            with heavy-ball momentum (through the buffer) in ``decay``, with one accumulator
-            per tensor of those symmetries (+1x their memory; +19% on a 26 ms SGD step in
-            benchmarks/decay_share.py). Off: ``decay`` is the instantaneous -2 eta lambda Q_n,
-            only part of the share (``run.meta["decay"]`` says which rule each row uses).
-            Translation's true share is stored either way (no memory).
+        exact_decay: store weight decay's true share in ``decay`` for every rule with coupled
+            L2 (SGD heavy ball and Nesterov, Adam, RMSprop, Adagrad): through the buffer and the
+            preconditioner (capture/decay.py, docs/theory.md §3.1). Costs one accumulator per
+            tracked tensor under a rule with a buffer (+1x their memory; none for RMSprop without
+            momentum or Adagrad) and a rebuild of the update every step (benchmarks/
+            decay_share.py: x1.4 the monitored SGD step, x1.7-2 the adaptive ones, every=10).
+            Needs an optimizer that has not stepped and updates rebuilt from its state (no
+            ``snapshot``, no 16-bit parameters). Off: ``decay`` is the instantaneous
+            -2 eta lambda Q_n, only part of the share under momentum or a preconditioner
+            (``run.meta["decay"]`` says which rule each row uses). Translation's true share
+            under SGD(M) is stored either way (no memory).
         matrix_charges: also store the matrix-valued charges of GL(n) symmetries (opt-in:
             n(n+1)/2 rows per record and logged step, in the table ``matrix_charges``; read
             with ``run.matrix_charges`` / ``run.matrix_charge(name)``). True: find them with

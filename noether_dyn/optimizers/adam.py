@@ -83,11 +83,17 @@ class AdamAdapter(OptimizerAdapter):
         decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(
             optimizer, torch.optim.AdamW
         )
+        beta1 = scalar(group["betas"][0])
+        correction = 1.0
+        k = _coming_step(optimizer, group)
+        if k is not None and beta1:
+            correction = 1.0 / (1.0 - beta1**k)
         return GroupHyper(
-            lr=scalar(group["lr"]),
-            beta=scalar(group["betas"][0]),
+            lr=scalar(group["lr"]) * correction,
+            beta=beta1,
             weight_decay=scalar(group.get("weight_decay", 0.0)),
             decoupled=decoupled,
+            bias_correction=correction,
         )
 
     def metric(
@@ -130,24 +136,25 @@ class AdamAdapter(OptimizerAdapter):
         eager: bool = False,
     ) -> FusedStep | None:
         hyper = self.hyper(optimizer, group)
+        lr = scalar(group["lr"])  # torch's own rate: the bias corrections are formed below
         beta1, beta2 = scalar(group["betas"][0]), scalar(group["betas"][1])
         eps = float(group["eps"])
         key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
         states = [optimizer.state.get(p) for p in params]
         if not all(st and key in st and "exp_avg" in st for st in states):
             return None
-        d = hyper.lr * hyper.weight_decay if hyper.decoupled else 0.0
+        d = lr * hyper.weight_decay if hyper.decoupled else 0.0
         tensors = [(st["exp_avg"], st[key]) for st in states]
         counts = [st["step"] for st in states]
         if not eager and _counts_in_program(group, counts, device):
-            row = [-hyper.lr, beta1, beta2, eps, 1.0 - d, -d / (1.0 - d)]
+            row = [-lr, beta1, beta2, eps, 1.0 - d, -d / (1.0 - d)]
             tensors = [(m, v, k) for (m, v), k in zip(tensors, counts)]
             return FusedStep(adam_count_rule, tensors, coef_rows([row] * len(params), device))
         steps = [_step(group, st) for st in states]
         if not any(isinstance(k, torch.Tensor) for k in steps):
             rows = [
                 [
-                    -hyper.lr / (1.0 - beta1**k) / (1.0 - d),
+                    -lr / (1.0 - beta1**k) / (1.0 - d),
                     1.0 / math.sqrt(1.0 - beta2**k),
                     -d / (1.0 - d),
                     eps,
@@ -164,7 +171,7 @@ class AdamAdapter(OptimizerAdapter):
                 for s in steps
             ]
         )
-        step_size = (-hyper.lr / (1.0 - torch.pow(beta1, k))).to(torch.float64)
+        step_size = (-lr / (1.0 - torch.pow(beta1, k))).to(torch.float64)
         bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, k)).to(torch.float64)
         coef = torch.zeros(len(params), COEF_WIDTH, dtype=torch.float64, device=device)
         coef[:, 0] = step_size / (1.0 - d)
@@ -173,6 +180,18 @@ class AdamAdapter(OptimizerAdapter):
         coef[:, 3] = eps
         coef[:, 4] = 1.0 - beta1
         return FusedStep(adam_rule, tensors, coef)
+
+
+def _coming_step(optimizer: torch.optim.Optimizer, group: dict) -> float | None:
+    """k of the step about to run (1 before the first), read in the pre-hook from the first
+    parameter with state; None when the count lives on an accelerator (capturable or fused
+    Adam: reading it would sync every step, so the stored rate is then torch's lr)."""
+    for p in group["params"]:
+        state = optimizer.state.get(p)
+        if state and "step" in state:
+            k = step_count(state)
+            return None if isinstance(k, torch.Tensor) else k + 1.0
+    return 1.0
 
 
 def _to_metric(precond: list[torch.Tensor], group: dict) -> list[torch.Tensor]:

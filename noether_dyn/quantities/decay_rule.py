@@ -3,9 +3,12 @@ whole share of the charge's change (docs/theory.md §3.1; :mod:`noether_dyn.quan
 
 ``"exact"``
     the column is weight decay's true share: the instantaneous term where it is the whole share
-    (SGD without momentum, decoupled decay, no decay at all), or the share through the momentum
+    (SGD without momentum, decoupled decay, no decay at all), the share through the momentum
     buffer (translation under SGD with momentum: the scalar recurrence of
-    :class:`~noether_dyn.quantities.momentum.TranslationDecayShare`, no extra memory).
+    :class:`~noether_dyn.quantities.momentum.TranslationDecayShare`, no extra memory), or, with
+    ``watch(..., exact_decay=True)``, the share through the buffer and the preconditioner of every
+    rule with coupled L2 (:mod:`noether_dyn.capture.decay`: SGD heavy ball and Nesterov, Adam,
+    RMSprop, Adagrad).
 ``"instantaneous"``
     the column is ``-2 eta lambda Q_n`` (translation: ``-eta lambda x_n``), decay's direct pull
     on this step only. Under momentum or a preconditioner with coupled L2 that is only part of
@@ -29,10 +32,10 @@ DECAY_RULES = {
 
 def decay_rule(family: str, hyper: GroupHyper, linear: bool, exact_decay: bool = False) -> str:
     """The rule of a symmetry's ``decay`` column for the optimizer ``family`` and the constants
-    of its lead group; ``linear``: a translation charge; ``exact_decay``: the opt-in
-    accumulator of quadratic charges under SGD with momentum is on."""
-    if not hyper.weight_decay or hyper.decoupled:
+    of its lead group; ``linear``: a translation charge; ``exact_decay``: the opt-in exact share
+    (:mod:`noether_dyn.capture.decay`) is on."""
+    if not hyper.weight_decay or hyper.decoupled or exact_decay:
         return "exact"
     if family == "sgd":
-        return "exact" if linear or not hyper.beta or exact_decay else "instantaneous"
+        return "exact" if linear or not hyper.beta else "instantaneous"
     return "instantaneous"  # coupled L2 passes through a preconditioner

@@ -19,12 +19,15 @@ Adam / AdamW, RMSprop, Adagrad (Kosson, Messmer & Jaggi, "Rotational Equilibrium
 Gould & Tanaka, 2024, on Adam with scale-invariant weights)
     The preconditioner rescales with the gradient: sqrt(v) ~ 1/r coordinate by coordinate, so
     (eps aside) the normalized update ``u = m_hat / (sqrt(v_hat) + eps)`` does not depend on r.
-    The step is ``dq = -eta u`` (Adam: bias-corrected EMA, no 1/(1 - beta1) amplification;
-    RMSprop's heavy ball mu on u amplifies by 1 / (1 - mu)), and the direction turns by
-    ``eta_eff |u|`` with ``eta_eff = eta / r`` [rad per step per unit of |u|]; |u| is of order
-    sqrt(numel) (every entry of u is O(1): exactly ±1 on Adam's first step). A weight 4x larger
-    turns 4x slower, not 16x. The norm obeys ``r^2_{n+1} = (1 - eta lambda)^2 r^2_n + eta^2 |u|^2
-    + 2 eta <q, u>`` (AdamW's decoupled decay); the last term is zero on average for a
+    The step is ``dq = -eta u`` (Adam: u = P^{-1} m, the buffer of docs/conventions.md, and eta
+    the stored rate lr / (1 - beta1^k) that multiplies it, so that eta u = lr m_hat / P: no
+    1/(1 - beta1) amplification once the bias correction is spent; RMSprop's heavy ball mu on u
+    amplifies by 1 / (1 - mu)), and the direction turns by ``eta_eff |u|`` with
+    ``eta_eff = eta / r`` [rad per step per unit of |u|]; |u| is of order sqrt(numel) (every
+    entry of m_hat / P is O(1): exactly ±1 on Adam's first step, where u = (1 - beta1) sign(g)
+    and eta = lr / (1 - beta1)). A weight 4x larger turns 4x slower, not 16x. The norm obeys
+    ``r^2_{n+1} = (1 - eta lambda)^2 r^2_n + eta^2 |u|^2 + 2 eta <q, u>`` (AdamW's decoupled
+    decay, steady state: eta = lr); the last term is zero on average for a
     scale-invariant group, so r^2 (not r^4) is the implied accumulator, an EMA of
     ``eta |u|^2 / (2 lambda)`` with ``rho_eff = 1 - 2 eta lambda``. Equilibrium angular update
     (RE): ``sqrt(2 eta lambda (1 - beta1) / (1 + beta1))`` (RMSprop without momentum: beta1 = 0).
@@ -58,7 +61,10 @@ def rate_exponent(family: str) -> int:
 
 RATE_RULES = {
     "sgd": "eta_eff = eta / ((1 - beta) r^2), rad per step per unit |ghat| (SGD(M): r^-2)",
-    "adam": "eta_eff = eta / r, rad per step per unit |u| (Adam/AdamW: r^-1)",
+    "adam": (
+        "eta_eff = eta / r, eta = lr / (1 - beta1^k), rad per step per unit |u|, u = m / P "
+        "(Adam/AdamW: r^-1)"
+    ),
     "rmsprop": "eta_eff = eta / ((1 - beta) r), rad per step per unit |u| (RMSprop: r^-1)",
     "adagrad": "eta_eff = eta / r, rad per step per unit |u| (Adagrad: r^-1)",
 }
@@ -90,8 +96,10 @@ def angular_update(
     beta: float = 0.0,
 ) -> torch.Tensor:
     """Predicted angle (rad) turned per step: ``atan(eta_eff * drive)``, with ``drive`` = |ghat|
-    = r |g| (sgd) or |u|, the normalized update's norm (adaptive). Exact for the first step of
-    SGD (dq = -eta g, orthogonal to q) and of Adam (u = sign(g), eps aside)."""
+    = r |g| (sgd) or |u|, the normalized update's norm (adaptive; for Adam either torch's lr
+    with u = m_hat / P or the stored eta = lr / (1 - beta1^k) with u = m / P: the product is the
+    same). Exact for the first step of SGD (dq = -eta g, orthogonal to q) and of Adam
+    (m_hat / P = sign(g), eps aside)."""
     return torch.atan(effective_rate(family, lr, norm_sq, beta) * drive)
 
 

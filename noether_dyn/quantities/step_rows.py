@@ -18,14 +18,15 @@ from noether_dyn.quantities.lagrangian import kinetic_coefficients, l2_coefficie
 from noether_dyn.quantities.theory import advance_charge
 from noether_dyn.records import COL, S_, GroupHyper
 
-HYPER_COLUMNS = ("kinetic", "l2", "lr", "weight_decay", "beta")
-"""Per group: T / (dq^T G dq), V_L2 / |q|^2, eta, lambda, beta."""
+HYPER_COLUMNS = ("kinetic", "l2", "lr", "decay_weight", "beta")
+"""Per group: T / (dq^T G dq), V_L2 / |q|^2, eta, lambda (``GroupHyper.decay_weight``: a
+decoupled decay's rate is torch's lr, without Adam's bias correction that eta carries), beta."""
 
 
 def hyper_matrix(hypers: Sequence[GroupHyper], device: torch.device) -> torch.Tensor:
     """The (n_groups, len(HYPER_COLUMNS)) float64 constants of a step, copied without a sync."""
     values = [
-        [k, l2, h.lr, h.weight_decay, h.beta]
+        [k, l2, h.lr, h.decay_weight, h.beta]
         for k, l2, h in zip(kinetic_coefficients(hypers), l2_coefficients(hypers), hypers)
     ]
     matrix = torch.tensor(values, dtype=torch.float64).reshape(-1, len(HYPER_COLUMNS))
