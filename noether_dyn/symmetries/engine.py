@@ -16,14 +16,16 @@ How (docs/symmetries.md has the long form):
    and numel; the defect |<g, xi>| / (|g_A| |xi|) of every candidate is then a few sums (THEORY.md
    §3; Kunin et al., "Neural Mechanics", ICLR 2021: a symmetry's generator is orthogonal to the
    gradient at every point). Candidates above the rounding tolerance are measured again with every
-   normalization's eps shrunk by :data:`EPS_SHRINK` (same points, one more pass each); those
-   within it once more, at the real point only, with eps grown to :data:`EPS_GROWN`.
+   normalization's eps shrunk by :data:`EPS_SHRINK` (at the perturbed point: one more pass);
+   those within it once more, at the real point, with eps grown to :data:`EPS_GROWN`.
 4. The rule (one, per dtype): *exact* when defect <= tol (float rounding, :data:`DEFAULT_TOL`)
    both at the model's eps and with eps grown;
    *approximate* when the defect is at most ``eps_tol`` and falls to <= tol with eps shrunk (eps is
    its only cause); dropped otherwise, with the defect and the rule. Among verified candidates, one
    that is a linear combination of simpler ones already kept is dropped as redundant, so the
-   result is a basis of the symmetries found, simplest first.
+   result is a basis of the symmetries found, simplest first. Layer level: of the alternatives
+   for one layer's scale (all its tensors, its weights alone, one tensor) only the first verified
+   is kept, so a layer has at most one record per kind.
 
 Without a loss (no ``loss_fn`` and no ``output.loss``) the check uses a fixed random linear
 function of the outputs: a symmetry of the model's function is one of every loss on it. Logits
@@ -44,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from noether_dyn.symmetries._calls import Inputs, as_call, call_model
+from noether_dyn.symmetries._calls import Inputs, as_call, call_model, describe
 from noether_dyn.symmetries._candidates import Candidate, propose
 from noether_dyn.symmetries._trace import (
     NORM_EPS_ATTRIBUTES,
@@ -132,9 +134,10 @@ def detect(
     The loss is ``loss_fn(model(inputs), targets)`` when ``loss_fn`` is given, else the
     ``loss`` the model returns (HF models given ``labels``), else none (see the module
     docstring). Costs one forward pass of the batch, then on its first ``max_examples``
-    examples in ``check_dtype``: one forward (the cut batch is tried), ``1 + n_perturb``
-    forward+backward passes, as many again when some candidate is above the rounding tolerance
-    (norm eps), and one for the exactness check of a model with normalizations: 6 with the
+    examples in ``check_dtype`` (the whole batch when it does not split along its first
+    dimension): ``1 + n_perturb`` forward+backward passes, one more when some candidate is above
+    the rounding tolerance (norm eps shrunk, at the last perturbed point), and one for the
+    exactness check of a model with normalizations (eps grown, at the real point): 4.5 with the
     defaults; a second call on a
     model of the same structure (class, parameter names, shapes, dtypes, train/eval mode, inputs'
     shapes, loss) costs one forward pass (the loss is still checked).
@@ -169,6 +172,7 @@ def detect(
             "loss_fn: targets were given without a loss; pass loss_fn=nn.CrossEntropyLoss() "
             "(or your loss), or drop targets to use the model's own output.loss."
         )
+    as_call(inputs)
     if n_perturb < 1:
         raise ValueError(f"n_perturb: must be at least 1, got {n_perturb}.")
     dtype = _param_dtype(model) if check_dtype is None else check_dtype
@@ -204,19 +208,22 @@ def detect(
         c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)
     }
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    checked, sub_inputs, sub_targets, sub_run = _check_setup(
-        model, inputs, targets, loss_fn, mode, dtype, max_examples, seed
+    checked, sub_inputs, sub_targets, cut = _check_setup(
+        model, inputs, targets, dtype, max_examples
     )
     params = {n: p.detach() for n, p in checked.named_parameters()}
-    sub_out = None
-    if mode == "function":  # the projection needs the outputs' shapes on the checked batch
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            sub_out = call_model(checked, params, sub_inputs)
-    loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, sub_out)
     generator = torch.Generator().manual_seed(seed)
     points = [params] + [_perturbed(params, 0.1, generator) for _ in range(n_perturb)]
-    stats = _stats(loss_at, points, names, seed)
+    loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode)
+    try:
+        stats = _stats(loss_at, points, names, seed)
+    except Exception:
+        if not cut:
+            raise
+        # the batch does not split along its first dimension: take the gradients on all of it
+        checked, sub_inputs, sub_targets, cut = _check_setup(model, inputs, targets, dtype, None)
+        loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode)
+        stats = _stats(loss_at, points, names, seed)
     index = {n: i for i, n in enumerate(names)}
     notes += [
         f"{path}: no gradient reaches it on this batch (never called, or its output unused), "
@@ -224,14 +231,14 @@ def detect(
         for path, u in flow.units.items()
         if u.params and all(float(stats[:, index[n], 1].sum()) == 0.0 for n in u.params)
     ]
-    passes = 0.5 + (0.5 if sub_run else 0.0) + len(points)
+    passes = 0.5 + len(points)
     real = _defects(candidates, stats, names)
     above = [i for i, d in enumerate(real) if d is not None and d > tol]
     shrunk: dict[int, float | None] = {}
     if above and any(is_norm(m) for m in model.modules()):
-        with _shrunk_eps(checked):
-            stats0 = _stats(loss_at, points, names, seed)
-        passes += len(points)
+        with _shrunk_eps(checked):  # at the perturbed point: a generic one
+            stats0 = _stats(loss_at, points[-1:], names, seed)
+        passes += 1
         sub = _defects([candidates[i] for i in above], stats0, names)
         shrunk = dict(zip(above, sub))
     grown: dict[int, float | None] = {}
@@ -268,6 +275,8 @@ def detect(
                 + (f", or > eps_tol {eps_tol:.0e}" if d0 is not None and d0 <= tol else "")
             )
             dropped.append(_drop(c, d, rule))
+    kept, alternatives = _one_per_family(kept)
+    dropped += alternatives
     symmetries, redundant = _basis(kept, names, tol, eps_tol)
     dropped += redundant
     result = Detection(symmetries + unverified, dropped, notes, passes)
@@ -286,14 +295,12 @@ def _check_setup(
     model: nn.Module,
     inputs: Inputs,
     targets: Any,
-    loss_fn: Callable | None,
-    mode: str,
     dtype: torch.dtype,
     max_examples: int | None,
-    seed: int,
 ) -> tuple[nn.Module, Inputs, Any, bool]:
-    """The model, inputs and targets the gradients are taken on, and whether a trial forward
-    pass on the cut batch was run."""
+    """The model (a copy in ``dtype`` when the model's own dtype differs), inputs and targets the
+    gradients are taken on, and whether the batch was cut to its first ``max_examples``
+    examples (every tensor whose first dimension is the batch size)."""
     checked = model
     if dtype != _param_dtype(model):
         checked = copy.deepcopy(model).to(dtype)
@@ -303,7 +310,6 @@ def _check_setup(
     keep = size if max_examples is None or size <= max_examples else max_examples
     if any(_batch_coupled(m) for m in model.modules()):
         keep = size  # batch statistics: a cut batch is another function (degenerate at 2 rows)
-    keep_first = keep
 
     def cut(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
@@ -317,18 +323,7 @@ def _check_setup(
         return v
 
     sub = cut(inputs) if not isinstance(inputs, Mapping) else cut(dict(inputs))
-    sub_targets = cut(targets)
-    if keep < size:
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(seed)
-                out = call_model(checked, dict(checked.named_parameters()), sub)
-                evaluate_loss(checked, sub, sub_targets, loss_fn, out)
-        except Exception:  # the batch does not split along its first dimension
-            keep = size
-            sub = cut(inputs) if not isinstance(inputs, Mapping) else cut(dict(inputs))
-            sub_targets = cut(targets)
-    return checked, sub, sub_targets, size > keep_first
+    return checked, sub, cut(targets), keep < size
 
 
 def _batch_coupled(module: nn.Module) -> bool:
@@ -350,9 +345,9 @@ def _run(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inputs) -
         return call_model(model, params, inputs)
     except Exception as err:
         raise ValueError(
-            f"inputs: the model failed on the given inputs with {type(err).__name__}: {err}. "
-            "Pass one batch the model accepts: a tensor, a tuple of positional arguments or a "
-            "dict / BatchEncoding of keyword arguments."
+            f"inputs: model(*inputs) failed on the given inputs ({describe(inputs)}) with "
+            f"{type(err).__name__}: {err}. Pass one batch the model accepts: a tensor for "
+            "model(x), a tuple for model(*args), or a dict / BatchEncoding for model(**kwargs)."
         ) from err
 
 
@@ -393,26 +388,31 @@ def _loss_function(
     targets: Any,
     loss_fn: Callable | None,
     mode: str,
-    out: Any,
 ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
-    """The scalar whose gradients verify the candidates, as a function of the parameters."""
+    """The scalar whose gradients verify the candidates, as a function of the parameters.
+
+    Without a loss (``mode == "function"``): sum(w * outputs) with fixed random weights w drawn
+    (seeded) on the first call, from the shapes of the outputs it sees."""
     if mode == "fn":
         return lambda q: loss_fn(call_model(model, q, inputs), targets)
     if mode == "model":
         return lambda q: model_loss(call_model(model, q, inputs))
-    g = torch.Generator().manual_seed(12345)
-    weights = [
-        torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) / math.sqrt(max(t.numel(), 1))
-        for t in output_tensors(out)
-    ]
-    if not weights:
-        raise ValueError(
-            "inputs: the model returns no floating tensor, so nothing can be checked; pass "
-            "loss_fn= (and targets=) or inputs that make it return its logits or loss."
-        )
+    weights: list[torch.Tensor] = []
 
     def projected(q: Mapping[str, torch.Tensor]) -> torch.Tensor:
         outs = output_tensors(call_model(model, q, inputs))
+        if not outs:
+            raise ValueError(
+                "inputs: the model returns no floating tensor, so nothing can be checked; pass "
+                "loss_fn= (and targets=) or inputs that make it return its logits or loss."
+            )
+        if not weights:
+            g = torch.Generator().manual_seed(12345)
+            weights.extend(
+                torch.randn(t.shape, generator=g, dtype=torch.float64).to(t)
+                / math.sqrt(max(t.numel(), 1))
+                for t in outs
+            )
         return sum((w * t).sum() for w, t in zip(weights, outs))
 
     return projected
@@ -465,8 +465,8 @@ def _perturbed(
             out[name] = q
             continue
         rms = float(torch.linalg.vector_norm(q)) / math.sqrt(q.numel())
-        noise = torch.randn(q.shape, generator=generator).to(q.device, q.dtype)
-        out[name] = q + scale * (rms if rms > 0 else 1.0) * noise
+        noise = torch.empty(q.shape).normal_(generator=generator).to(q.device)
+        out[name] = q.add(noise, alpha=scale * (rms if rms > 0 else 1.0))
     return out
 
 
@@ -523,6 +523,25 @@ def _shrunk_eps(
     finally:
         for m, attr, old in saved:
             setattr(m, attr, old)
+
+
+def _one_per_family(
+    kept: list[tuple[Candidate, float, str]],
+) -> tuple[list[tuple[Candidate, float, str]], list[Dropped]]:
+    """Layer level: of the verified candidates of one family (a layer's scale on all its
+    tensors, on its weights alone, on one tensor), only the first proposed is kept."""
+    first: dict[str, str] = {}
+    out: list[tuple[Candidate, float, str]] = []
+    dropped: list[Dropped] = []
+    for c, d, exactness in kept:
+        if c.family and c.family in first:
+            rule = f"layer level: one record per layer, {first[c.family]} is reported"
+            dropped.append(_drop(c, d, rule))
+            continue
+        if c.family:
+            first[c.family] = c.name
+        out.append((c, d, exactness))
+    return out, dropped
 
 
 def _basis(
