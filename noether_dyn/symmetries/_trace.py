@@ -147,9 +147,7 @@ def find_units(model: nn.Module) -> tuple[dict[str, Unit], dict[int, str], dict[
             has_param_child = False
         else:
             own = list(module.named_parameters(recurse=False))
-            has_param_child = any(
-                next(c.parameters(), None) is not None for c in module.children()
-            )
+            has_param_child = any(next(c.parameters(), None) is not None for c in module.children())
         if not own:
             continue
         keep = [(n, p) for n, p in own if id(p) in trainable]

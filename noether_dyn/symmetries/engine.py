@@ -139,8 +139,9 @@ def detect(
     the rounding tolerance (norm eps shrunk, at the last perturbed point), and one for the
     exactness check of a model with normalizations (eps grown, at the real point): 4.5 with the
     defaults; a second call on a
-    model of the same structure (class, parameter names, shapes, dtypes, train/eval mode, inputs'
-    shapes, loss) costs one forward pass (the loss is still checked).
+    model of the same structure (class and settings of every module, parameter names, shapes,
+    dtypes, train/eval mode, inputs' shapes, loss) costs one forward pass (the loss is still
+    checked).
 
     Args:
         model: any ``nn.Module``; its parameters, buffers and the global RNG state are unchanged.
@@ -179,7 +180,7 @@ def detect(
     if tol is None:
         tol = DEFAULT_TOL.get(dtype, 1e-4)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    key = _structure_key(model, inputs, loss_fn, tol, eps_tol, dtype) if cache else None
+    key = _structure_key(model, inputs, targets, loss_fn, tol, eps_tol, dtype) if cache else None
     if key is not None and key in _CACHE:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
@@ -619,15 +620,36 @@ def _loss_identity(loss_fn: Any) -> Any:
     return type(loss_fn).__qualname__, id(code) if code is not None else id(loss_fn)
 
 
+def _settings(module: nn.Module) -> tuple:
+    """The module's public attributes that are plain values (bool, int, float, str, None)."""
+    return tuple(
+        (k, v)
+        for k, v in vars(module).items()
+        if not k.startswith("_") and (v is None or isinstance(v, bool | int | float | str))
+    )
+
+
 def _structure_key(
-    model: nn.Module, inputs: Inputs, loss_fn: Any, tol: float, eps_tol: float, dtype: Any
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Any,
+    loss_fn: Any,
+    tol: float,
+    eps_tol: float,
+    dtype: Any,
 ) -> Any:
     args, kwargs = as_call(inputs)
     return (
+        _signature(targets),
         type(model).__module__,
         type(model).__qualname__,
         tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in model.named_parameters()),
-        tuple(m.training for m in model.modules()),
+        # every module's class and plain settings (a LeakyReLU's slope, a norm's eps, a flag
+        # its forward reads), parameter-free ones included
+        tuple(
+            (type(m).__module__, type(m).__qualname__, m.extra_repr(), _settings(m))
+            for m in model.modules()
+        ),
         _signature(args),
         _signature(kwargs),
         _loss_identity(loss_fn),
