@@ -914,3 +914,55 @@ def test_translation_through_reshaped_logits_is_verified_numerically():
     # flatten(1) mixes tokens into classes: the candidate fails verification
     mixing = SequenceHead(axis_mixing=True).double()
     assert find_symmetries(mixing, x, torch.randint(0, 18, (4,)), nn.CrossEntropyLoss()) == []
+
+
+def _zero_config_names(model: nn.Module, loss_of: Callable[[], torch.Tensor], run_dir) -> set:
+    """The symmetries the one-line ``watch(model, optimizer, run_dir)`` tracks after 2 steps."""
+    import noether_dyn as nd
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    monitor = nd.watch(model, opt, run_dir)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        monitor.log_loss(loss)
+        opt.step()
+    monitor.close()
+    return set(nd.load_run(run_dir).symmetries["symmetry"])
+
+
+@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "gpt2"])
+def test_zero_config_and_a_sample_batch_give_the_same_names(name: str, tmp_path) -> None:
+    """One naming convention: the zero-config path (detected on the first forward call, the
+    logits translation checked on the first real gradients) and find_symmetries with a batch
+    name the same symmetries of the same model identically."""
+    from noether_dyn.symmetries.engine import clear_cache
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        pytest.importorskip("transformers")
+        from tests.test_symmetries_hf import gpt2
+
+        model, inputs = gpt2(False)  # no dropout: its stream writers have translations
+        with_batch = find_symmetries(model, inputs)  # the model's own output.loss
+
+        def loss_of() -> torch.Tensor:
+            return model(**inputs).loss
+
+    else:
+        model = smooth_mlp(nn.ReLU)() if name == "mlp" else ResCNN()
+        x = torch.randn(16, 5) if name == "mlp" else torch.randn(8, 3, 6, 6)
+        y = torch.randint(0, 3, (x.shape[0],))
+        with_batch = find_symmetries(model, x, y, CE)
+
+        def loss_of() -> torch.Tensor:
+            return CE(model(x), y)
+
+    model.train()
+    clear_cache()
+    zero_config = _zero_config_names(model, loss_of, tmp_path / "run")
+    assert with_batch and zero_config == {s.name for s in with_batch}
+    # layer level: one translation record per layer, named by the layer, never by a tensor
+    translations = [n for n in zero_config if n.startswith("translation:")]
+    assert translations and not any(n.endswith((".weight", ".bias")) for n in translations)
