@@ -30,16 +30,26 @@ def as_call(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
     )
 
 
-def fresh_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+def fresh_buffers(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Copies of the model's buffers, so that a train-mode BatchNorm updates the copies, not the
-    model's running statistics."""
-    return {name: b.detach().clone() for name, b in model.named_buffers()}
+    model's running statistics; floating ones in ``dtype`` when given."""
+    return {
+        name: b.detach().to(dtype if dtype is not None and b.is_floating_point() else b.dtype,
+                            copy=True)
+        for name, b in model.named_buffers()
+    }  # fmt: skip
 
 
-def call_model(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inputs) -> Any:
-    """``model(*inputs)`` with ``params`` in place of the parameters and fresh buffer copies."""
+def call_model(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    inputs: Inputs,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """``model(*inputs)`` with ``params`` in place of the parameters and fresh buffer copies
+    (floating ones in ``dtype`` when given: the model runs in the parameters' dtype)."""
     args, kwargs = as_call(inputs)
-    return functional_call(model, ({**params}, fresh_buffers(model)), args, kwargs)
+    return functional_call(model, ({**params}, fresh_buffers(model, dtype)), args, kwargs)
 
 
 def describe(inputs: Inputs) -> str:

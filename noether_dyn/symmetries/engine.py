@@ -210,20 +210,21 @@ def detect(
     }
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     checked, sub_inputs, sub_targets, cut = _check_setup(
-        model, inputs, targets, dtype, max_examples
+        model, inputs, targets, dtype, max_examples, copy_model=False
     )
-    params = {n: p.detach() for n, p in checked.named_parameters()}
+    params = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
     generator = torch.Generator().manual_seed(seed)
     points = [params] + [_perturbed(params, 0.1, generator) for _ in range(n_perturb)]
-    loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode)
+    loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, dtype)
     try:
         stats = _stats(loss_at, points, names, seed)
     except Exception:
-        if not cut:
-            raise
-        # the batch does not split along its first dimension: take the gradients on all of it
-        checked, sub_inputs, sub_targets, cut = _check_setup(model, inputs, targets, dtype, None)
-        loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode)
+        # the batch does not split along its first dimension, or the model keeps tensors of its
+        # own dtype outside its buffers: the gradients on all of it, on a converted copy
+        checked, sub_inputs, sub_targets, cut = _check_setup(
+            model, inputs, targets, dtype, None, copy_model=True
+        )
+        loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, dtype)
         stats = _stats(loss_at, points, names, seed)
     index = {n: i for i, n in enumerate(names)}
     notes += [
@@ -298,12 +299,14 @@ def _check_setup(
     targets: Any,
     dtype: torch.dtype,
     max_examples: int | None,
+    copy_model: bool,
 ) -> tuple[nn.Module, Inputs, Any, bool]:
-    """The model (a copy in ``dtype`` when the model's own dtype differs), inputs and targets the
-    gradients are taken on, and whether the batch was cut to its first ``max_examples``
-    examples (every tensor whose first dimension is the batch size)."""
+    """The model (itself, run on parameters and buffers in ``dtype``, or with ``copy_model`` a
+    copy converted to ``dtype`` when its own dtype differs), inputs and targets the gradients
+    are taken on, and whether the batch was cut to its first ``max_examples`` examples (every
+    tensor whose first dimension is the batch size)."""
     checked = model
-    if dtype != _param_dtype(model):
+    if copy_model and dtype != _param_dtype(model):
         checked = copy.deepcopy(model).to(dtype)
     args, kwargs = as_call(inputs)
     first = next((t for t in _flat(args, kwargs) if t.ndim > 0), None)
@@ -389,19 +392,20 @@ def _loss_function(
     targets: Any,
     loss_fn: Callable | None,
     mode: str,
+    dtype: torch.dtype | None,
 ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
     """The scalar whose gradients verify the candidates, as a function of the parameters.
 
     Without a loss (``mode == "function"``): sum(w * outputs) with fixed random weights w drawn
     (seeded) on the first call, from the shapes of the outputs it sees."""
     if mode == "fn":
-        return lambda q: loss_fn(call_model(model, q, inputs), targets)
+        return lambda q: loss_fn(call_model(model, q, inputs, dtype), targets)
     if mode == "model":
-        return lambda q: model_loss(call_model(model, q, inputs))
+        return lambda q: model_loss(call_model(model, q, inputs, dtype))
     weights: list[torch.Tensor] = []
 
     def projected(q: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        outs = output_tensors(call_model(model, q, inputs))
+        outs = output_tensors(call_model(model, q, inputs, dtype))
         if not outs:
             raise ValueError(
                 "inputs: the model returns no floating tensor, so nothing can be checked; pass "
@@ -466,8 +470,8 @@ def _perturbed(
             out[name] = q
             continue
         rms = float(torch.linalg.vector_norm(q)) / math.sqrt(q.numel())
-        noise = torch.empty(q.shape).normal_(generator=generator).to(q.device)
-        out[name] = q.add(noise, alpha=scale * (rms if rms > 0 else 1.0))
+        noise = torch.empty(q.shape).normal_(generator=generator).to(q.device, q.dtype)
+        out[name] = noise.mul_(scale * (rms if rms > 0 else 1.0)).add_(q)
     return out
 
 
