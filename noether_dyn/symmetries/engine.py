@@ -235,21 +235,27 @@ def detect(
     ]
     passes = 0.5 + len(points)
     real = _defects(candidates, stats, names)
-    above = [i for i, d in enumerate(real) if d is not None and d > tol]
+    norms = any(is_norm(m) for m in model.modules())
+    # eps can only explain a defect up to eps_tol: only those candidates are measured again, and
+    # each eps pass takes the gradient of their tensors alone (backward stops where it can)
+    above = [i for i, d in enumerate(real) if d is not None and tol < d <= eps_tol]
     shrunk: dict[int, float | None] = {}
-    if above and any(is_norm(m) for m in model.modules()):
+    if above and norms:
+        again = [candidates[i] for i in above]
+        wanted = _tensors_of(again, names)
         with _shrunk_eps(checked):  # at the perturbed point: a generic one
-            stats0 = _stats(loss_at, points[-1:], names, seed)
+            stats0 = _stats(loss_at, points[-1:], wanted, seed)
         passes += 1
-        sub = _defects([candidates[i] for i in above], stats0, names)
-        shrunk = dict(zip(above, sub))
+        shrunk = dict(zip(above, _defects(again, stats0, wanted)))
     grown: dict[int, float | None] = {}
     small = [i for i, d in enumerate(real) if d is not None and d <= tol]
-    if small and any(is_norm(m) for m in model.modules()):
+    if small and norms:
+        again = [candidates[i] for i in small]
+        wanted = _tensors_of(again, names)
         with _shrunk_eps(checked, grown=EPS_GROWN):
-            stats1 = _stats(loss_at, points[:1], names, seed)
+            stats1 = _stats(loss_at, points[:1], wanted, seed)
         passes += 1
-        grown = dict(zip(small, _defects([candidates[i] for i in small], stats1, names)))
+        grown = dict(zip(small, _defects(again, stats1, wanted)))
     kept: list[tuple[Candidate, float, str]] = []
     dropped: list[Dropped] = []
     unverified: list[Symmetry] = []
@@ -271,10 +277,12 @@ def detect(
             kept.append((c, d, "approximate"))
         else:
             d0 = shrunk.get(i)
-            rule = (
-                f"defect {d:.1e} > tol {tol:.0e} (float rounding)"
-                + (f" and {d0:.1e} > tol with norm eps x{EPS_SHRINK:.0e}" if d0 is not None else "")
-                + (f", or > eps_tol {eps_tol:.0e}" if d0 is not None and d0 <= tol else "")
+            rule = f"defect {d:.1e} > tol {tol:.0e} (float rounding)" + (
+                f" and > eps_tol {eps_tol:.0e}"
+                if d > eps_tol
+                else f" and {d0:.1e} > tol with norm eps x{EPS_SHRINK:.0e}"
+                if d0 is not None
+                else " (no normalization whose eps could explain it)"
             )
             dropped.append(_drop(c, d, rule))
     kept, alternatives = _one_per_family(kept)
@@ -456,6 +464,12 @@ def _stats(
             if rows:
                 out[k, [index[n] for n in wanted]] = torch.stack(rows).cpu()
     return out
+
+
+def _tensors_of(candidates: Sequence[Candidate], names: list[str]) -> list[str]:
+    """The tensors the candidates act on, in the order of ``names``."""
+    used = {n for c in candidates for n in c.params}
+    return [n for n in names if n in used]
 
 
 def _perturbed(
