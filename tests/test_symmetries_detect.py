@@ -839,14 +839,33 @@ class _RefusesModes(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def test_a_model_that_cannot_be_recorded_is_warned_about_by_name() -> None:
-    """One line naming the module and the reason; per-layer candidates are still verified."""
+class _Refuses(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.overrides._is_torch_function_mode_enabled():
+            raise RuntimeError("no function modes here")
+        return torch.relu(x)
+
+
+@pytest.mark.parametrize(
+    ("factory", "named", "expected"),
+    [
+        (_RefusesModes, "_RefusesModes", {"translation:fc2"}),
+        (
+            lambda: nn.Sequential(nn.Linear(4, 8), _Refuses(), nn.Linear(8, 3)),
+            r"1 \(_Refuses\)",
+            {"translation:2"},
+        ),
+    ],
+)
+def test_a_model_that_cannot_be_recorded_is_warned_about_by_name(factory, named, expected):
+    """One line naming the innermost module that failed and the reason; per-layer candidates
+    are still verified (the logits head's shift)."""
     torch.manual_seed(0)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    with pytest.warns(UserWarning, match=r"_RefusesModes: the dataflow could not be recorded "
-                      r"\(RuntimeError: no function modes here\)"):  # fmt: skip
-        found = find_symmetries(_RefusesModes(), x, y, nn.CrossEntropyLoss())
-    assert {s.name for s in found} == {"translation:fc2"}
+    reason = r": the dataflow could not be recorded \(RuntimeError: no function modes here\)"
+    with pytest.warns(UserWarning, match=named + reason):
+        found = find_symmetries(factory(), x, y, nn.CrossEntropyLoss())
+    assert {s.name for s in found} == expected
 
 
 def test_no_symmetry_is_empty_list_without_warning() -> None:

@@ -292,9 +292,22 @@ class _Recorder(TorchFunctionMode):
         return key
 
 
+class RecordingError(Exception):
+    """The forward pass failed under the recorder: ``module`` is the path of the innermost
+    module running when it did ("" for the model itself), ``error`` what it raised."""
+
+    def __init__(self, module: str, error: Exception) -> None:
+        super().__init__(f"{module or '<model>'}: {type(error).__name__}: {error}")
+        self.module = module
+        self.error = error
+
+
 def trace_flow(model: nn.Module, call: Any) -> tuple[Flow, Any]:
     """Run ``call()`` (one forward pass of ``model``) under the recorder; return the flow and
-    what ``call()`` returned (the model's output)."""
+    what ``call()`` returned (the model's output).
+
+    Raises:
+        RecordingError: naming the innermost module that was running when the pass failed."""
     units, module_units, loose = find_units(model)
     named = dict(model.named_parameters())
     param_units = {id(named[n]): path for path, u in units.items() for n in u.params}
@@ -317,14 +330,27 @@ def trace_flow(model: nn.Module, call: Any) -> tuple[Flow, Any]:
         if recorder.inside == 0:
             recorder.mark(output, module_units[id(module)])
 
+    paths = {id(m): p for p, m in model.named_modules()}
+    active: list[str] = []  # the modules running now, outermost first
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        active.append(paths.get(id(module), "?"))
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        active.pop()
+
     handles = []
     for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))  # not on an exception: it stays
         if id(module) in module_units:
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
     try:
         with recorder:
             out = call()
+    except Exception as err:
+        raise RecordingError(active[-1] if active else "", err) from err
     finally:
         for h in handles:
             h.remove()

@@ -51,6 +51,7 @@ from noether_dyn.symmetries._candidates import Candidate, propose
 from noether_dyn.symmetries._trace import (
     NORM_EPS_ATTRIBUTES,
     Flow,
+    RecordingError,
     find_units,
     is_norm,
     model_loss,
@@ -194,13 +195,15 @@ def detect(
         try:
             live = dict(model.named_parameters())  # the recorder knows parameters by identity
             flow, out = trace_flow(model, lambda: call_model(model, live, inputs))
-        except Exception as err:  # a model that runs but not under the recorder
+        except RecordingError as failed:  # a model that runs, but not under the recorder
             flow = None
-            notes.append(
-                f"{type(model).__name__}: the dataflow could not be recorded ({type(err).__name__}"
-                f": {str(err)[:120]}); only per-module candidates were tried"
-            )
             out = _run(model, params, inputs)
+            err, where = failed.error, failed.module
+            module = f"{where} ({type(model.get_submodule(where)).__name__})" if where else ""
+            notes.append(
+                f"{module or type(model).__name__}: the dataflow could not be recorded "
+                f"({type(err).__name__}: {str(err)[:120]}); only per-module candidates were tried"
+            )
         _, mode = evaluate_loss(model, inputs, targets, loss_fn, out)
     if flow is None:
         flow = _flat_flow(model)
