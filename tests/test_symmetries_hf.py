@@ -718,3 +718,20 @@ def test_frozen_parameters_are_left_out_and_the_cache_tells_losses_apart() -> No
     mse = detect(net, x, F.one_hot(y, 3).float(), lambda out, t: F.mse_loss(out, t))
     assert not mse.cached, "another loss is another structure"
     assert key("translation", wb("2")) not in {key_of(s) for s in mse.symmetries}
+
+
+def test_non_finite_parameters_are_noted_and_not_cached() -> None:
+    """A detection at NaN parameters verifies nothing; a later model of the same structure with
+    finite parameters must not get that empty result from the cache."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    broken = copy.deepcopy(net)
+    with torch.no_grad():
+        broken[0].weight.fill_(float("nan"))
+    clear_cache()
+    bad = detect(broken, x, y, nn.CrossEntropyLoss())
+    assert bad.symmetries == [] and any("non-finite" in n for n in bad.notes)
+    good = detect(net, x, y, nn.CrossEntropyLoss())
+    assert not good.cached
+    assert {s.name for s in good.symmetries} == {"rescale:0", "translation:2"}

@@ -215,7 +215,10 @@ def detect(
     checked, sub_inputs, sub_targets, cut = _check_setup(
         model, inputs, targets, dtype, max_examples, copy_model=False
     )
-    params = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
+    params = {
+        n: p.detach().to(dtype) if p.is_floating_point() else p.detach()
+        for n, p in model.named_parameters()
+    }
     generator = torch.Generator().manual_seed(seed)
     points = [params] + [_perturbed(params, 0.1, generator) for _ in range(n_perturb)]
     loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, dtype)
@@ -229,6 +232,12 @@ def detect(
         )
         loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, dtype)
         stats = _stats(loss_at, points, names, seed)
+    finite = bool(torch.isfinite(stats).all())
+    if not finite:
+        notes.append(
+            f"{type(model).__name__}: non-finite parameters or gradients on this batch, so no "
+            "candidate could be verified (the result is not cached)"
+        )
     index = {n: i for i, n in enumerate(names)}
     notes += [
         f"{path}: no gradient reaches it on this batch (never called, or its output unused), "
@@ -293,7 +302,7 @@ def detect(
     symmetries, redundant = _basis(kept, names, tol, eps_tol)
     dropped += redundant
     result = Detection(symmetries + unverified, dropped, notes, passes)
-    if key is not None:
+    if key is not None and finite:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = result
