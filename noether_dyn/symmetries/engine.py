@@ -15,9 +15,12 @@ How (docs/symmetries.md has the long form):
    random perturbations (one forward+backward each) gives per tensor <g, q>, |g|^2, |q|^2, sum g
    and numel; the defect |<g, xi>| / (|g_A| |xi|) of every candidate is then a few sums (THEORY.md
    §3; Kunin et al., "Neural Mechanics", ICLR 2021: a symmetry's generator is orthogonal to the
-   gradient at every point). Candidates above the rounding tolerance are measured again with every
-   normalization's eps shrunk by :data:`EPS_SHRINK` (at the perturbed point: one more pass);
-   those within it once more, at the real point, with eps grown to :data:`EPS_GROWN`.
+   gradient at every point). Candidates above the rounding tolerance but within ``eps_tol`` are
+   measured again with every normalization's eps shrunk by :data:`EPS_SHRINK` (at the perturbed
+   point: one more pass); those within it once more, at the real point, with eps grown to
+   :data:`EPS_GROWN`. Each of these two passes takes the gradient of the rechecked candidates'
+   tensors alone. The gradients are taken on the model itself with float64 copies of its
+   parameters and buffers (no copy of the model).
 4. The rule (one, per dtype): *exact* when defect <= tol (float rounding, :data:`DEFAULT_TOL`)
    both at the model's eps and with eps grown;
    *approximate* when the defect is at most ``eps_tol`` and falls to <= tol with eps shrunk (eps is
@@ -136,8 +139,8 @@ def detect(
     ``loss`` the model returns (HF models given ``labels``), else none (see the module
     docstring). Costs one forward pass of the batch, then on its first ``max_examples``
     examples in ``check_dtype`` (the whole batch when it does not split along its first
-    dimension): ``1 + n_perturb`` forward+backward passes, one more when some candidate is above
-    the rounding tolerance (norm eps shrunk, at the last perturbed point), and one for the
+    dimension): ``1 + n_perturb`` forward+backward passes, one more when some candidate is
+    between the rounding tolerance and ``eps_tol`` (norm eps shrunk, at the last perturbed point), and one for the
     exactness check of a model with normalizations (eps grown, at the real point): 4.5 with the
     defaults; a second call on a
     model of the same structure (class and settings of every module, parameter names, shapes,
