@@ -140,12 +140,11 @@ def detect(
     docstring). Costs one forward pass of the batch, then on its first ``max_examples``
     examples in ``check_dtype`` (the whole batch when it does not split along its first
     dimension): ``1 + n_perturb`` forward+backward passes, one more when some candidate is
-    between the rounding tolerance and ``eps_tol`` (norm eps shrunk, at the last perturbed point), and one for the
-    exactness check of a model with normalizations (eps grown, at the real point): 4.5 with the
-    defaults; a second call on a
-    model of the same structure (class and settings of every module, parameter names, shapes,
-    dtypes, train/eval mode, inputs' shapes, loss) costs one forward pass (the loss is still
-    checked).
+    between the rounding tolerance and ``eps_tol`` (norm eps shrunk, at the last perturbed
+    point), and one for the exactness check of a model with normalizations (eps grown, at the
+    real point): 4.5 with the defaults. A second call on a model of the same structure (class
+    and settings of every module, parameter names, shapes, dtypes, train/eval mode, inputs' and
+    targets' shapes, loss) costs one forward pass (the loss is still checked).
 
     Args:
         model: any ``nn.Module``; its parameters, buffers and the global RNG state are unchanged.
