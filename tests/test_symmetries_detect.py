@@ -884,6 +884,10 @@ def test_inputs_that_do_not_fit_raise_value_error() -> None:
         find_symmetries(nn.Linear(4, 2), "not a tensor")
     with pytest.raises(ValueError, match="loss_fn: targets were given"):
         find_symmetries(nn.Linear(4, 2), torch.randn(3, 4), targets=torch.zeros(3))
+    with pytest.raises(ValueError, match="tol, eps_tol: must be positive"):
+        find_symmetries(nn.Linear(4, 2), torch.randn(3, 4), tol=0.0)
+    with pytest.raises(ValueError, match="n_perturb: must be at least 1"):
+        find_symmetries(nn.Linear(4, 2), torch.randn(3, 4), n_perturb=0)
 
 
 def test_detection_leaves_model_and_rng_untouched() -> None:

@@ -177,6 +177,8 @@ def detect(
             "(or your loss), or drop targets to use the model's own output.loss."
         )
     as_call(inputs)
+    if (tol is not None and not tol > 0) or not eps_tol > 0:
+        raise ValueError(f"tol, eps_tol: must be positive, got {tol} and {eps_tol}.")
     if n_perturb < 1:
         raise ValueError(f"n_perturb: must be at least 1, got {n_perturb}.")
     dtype = _param_dtype(model) if check_dtype is None else check_dtype
