@@ -21,8 +21,9 @@ class Candidate:
     why: str
     family: str = ""
     """Candidates of one family (the scale of one layer: all its tensors, its weights, each
-    tensor) are alternatives: the first one verified is reported, the others are dropped, so a
-    layer has at most one record per kind (:mod:`noether_dyn.symmetries.engine`)."""
+    tensor; its translation: all its tensors, its biases, each tensor) are alternatives, proposed
+    largest first: the first one verified is reported, the others are dropped, so a layer has at
+    most one record per kind (:mod:`noether_dyn.symmetries.engine`)."""
 
 
 def propose(flow: Flow) -> list[Candidate]:
@@ -54,7 +55,10 @@ def propose(flow: Flow) -> list[Candidate]:
             kind = "scale" if all(s > 0 for s in signs) else "rescale"
             name = kind + name[name.index(":") :]
         key = (kind == "translation", tuple(sorted(coef.items())))
-        if key in found or any(c.name == name for c in found.values()):
+        # one name per candidate, but for the alternatives of one layer's translation, which all
+        # report as translation:<layer> (at most one of them is kept)
+        taken = any(c.name == name and not (family and c.family == family) for c in found.values())
+        if key in found or taken:
             return
         found[key] = Candidate(name, kind, params, signs, why, family)
 
@@ -66,9 +70,20 @@ def propose(flow: Flow) -> list[Candidate]:
         if len(u.params) > 1:  # e.g. the direction of a weight-normalized layer
             for n in u.params:
                 add(f"scale:{n}", "scale", (n,), (), f"{n} alone", family)
-        # layer level: the weight and bias of a layer shifted together (Kunin et al., §3);
-        # the split into columns and bias is the per-unit granularity (symmetries/units.py)
-        add(f"translation:{path}", "translation", u.params, (), f"all of {path} shifted")
+        # layer level: one translation:<layer>, on the largest set of its tensors that shifts
+        # symmetrically, proposed largest first: the weight and bias together (a softmax head,
+        # Kunin et al., §3), its biases alone (before a mean-centering norm: BatchNorm in train
+        # mode removes a per-channel constant, not W -> W + c 1; a weight-normalized head), each
+        # tensor alone (a weight reading a zero-sum input). The split into columns and bias is
+        # the per-unit granularity (symmetries/units.py).
+        shift = f"translation:{path}"
+        add(shift, "translation", u.params, (), f"all of {path} shifted", shift)
+        biases = tuple(n for n in u.params if n not in u.gains)
+        if biases and u.gains:
+            add(shift, "translation", biases, (), f"the bias of {path} shifted alone", shift)
+        if len(u.params) > 1:
+            for n in u.params:
+                add(shift, "translation", (n,), (), f"{n} shifted alone", shift)
     for src, readers in flow.consumers.items():
         if src.startswith("stream:") or src not in units:
             continue

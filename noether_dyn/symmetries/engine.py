@@ -212,9 +212,7 @@ def detect(
     if flow is None:
         flow = _flat_flow(model)
     candidates = propose(flow)
-    head_translations = {
-        c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)
-    }
+    heads = {c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)}
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     checked, sub_inputs, sub_targets, cut = _check_setup(
         model, inputs, targets, dtype, max_examples, copy_model=False
@@ -250,7 +248,8 @@ def detect(
         if u.params and all(float(stats[:, index[n], 1].sum()) == 0.0 for n in u.params)
     ]
     passes = 0.5 + len(points)
-    real = _defects(candidates, stats, names)
+    total = stats[..., 1].sum(dim=1)  # |g|^2 per point: the reference of a vanishing |g_A|
+    real = _defects(candidates, stats, names, tol)
     norms = any(is_norm(m) for m in model.modules())
     # eps can only explain a defect up to eps_tol: only those candidates are measured again, and
     # each eps pass takes the gradient of their tensors alone (backward stops where it can)
@@ -262,7 +261,7 @@ def detect(
         with _shrunk_eps(checked):  # at the perturbed point: a generic one
             stats0 = _stats(loss_at, points[-1:], wanted, seed)
         passes += 1
-        shrunk = dict(zip(above, _defects(again, stats0, wanted)))
+        shrunk = dict(zip(above, _defects(again, stats0, wanted, tol, total[-1:])))
     grown: dict[int, float | None] = {}
     small = [i for i, d in enumerate(real) if d is not None and d <= tol]
     if small and norms:
@@ -271,10 +270,29 @@ def detect(
         with _shrunk_eps(checked, grown=EPS_GROWN):
             stats1 = _stats(loss_at, points[:1], wanted, seed)
         passes += 1
-        grown = dict(zip(small, _defects(again, stats1, wanted)))
+        grown = dict(zip(small, _defects(again, stats1, wanted, tol, total[:1])))
+    # without a loss a head translation off by more than rounding is a logits translation (a
+    # symmetry of the softmax cross-entropy, left to the training loss) only if the logits shift
+    # by a per-sample constant along it: measured at the perturbed point on a random linear
+    # function of the outputs centered along the class axis, which is blind to exactly those
+    # shifts (a weight-normalized head's g, v or all its tensors shifted are not)
+    logits_shift: dict[int, float | None] = {}
+    undecided = [
+        i
+        for i, d in enumerate(real)
+        if mode == "function" and d is not None and d > tol and candidates[i].name in heads
+    ]
+    if undecided:
+        again = [candidates[i] for i in undecided]
+        wanted = _tensors_of(again, names)
+        class_dim = _class_dim(model, flow.head)
+        centered = _loss_function(checked, sub_inputs, None, None, mode, dtype, class_dim)
+        stats2 = _stats(centered, points[-1:], wanted, seed)
+        passes += 1
+        logits_shift = dict(zip(undecided, _defects(again, stats2, wanted, tol)))
     kept: list[tuple[Candidate, float, str]] = []
     dropped: list[Dropped] = []
-    unverified: list[Symmetry] = []
+    unverified: list[tuple[Candidate, float, Symmetry]] = []
     for i, c in enumerate(candidates):
         d = real[i]
         if d is None:
@@ -282,13 +300,30 @@ def detect(
         elif d <= tol:
             g = grown.get(i)
             kept.append((c, d, "exact" if g is None or g <= tol else "approximate"))
-        elif mode == "function" and c.name in head_translations:
-            unverified.append(
-                Symmetry(
-                    c.name, c.kind, c.params, c.signs,
-                    note=f"{c.why}; needs the training loss: check with gradient_defects",
+        elif i in logits_shift:
+            shift = logits_shift[i]
+            if shift is not None and shift <= tol:
+                unverified.append(
+                    (
+                        c,
+                        d,
+                        Symmetry(
+                            c.name, c.kind, c.params, c.signs,
+                            note=f"{c.why}; the logits shift by a per-sample constant along it "
+                            f"(defect {shift:.1e} <= tol {tol:.0e} on class-centered outputs); "
+                            "needs the training loss: check with gradient_defects",
+                        ),
+                    )
+                )  # fmt: skip
+            else:
+                rule = (
+                    f"not a logits translation: the outputs do not shift by a per-sample constant "
+                    f"along it (defect {shift:.1e} > tol {tol:.0e} on a random linear function of "
+                    "the outputs centered along the class axis)"
+                    if shift is not None
+                    else "not a logits translation: no gradient of the class-centered outputs"
                 )
-            )  # fmt: skip
+                dropped.append(_drop(c, d, rule))
         elif d <= eps_tol and shrunk.get(i) is not None and shrunk[i] <= tol:
             kept.append((c, d, "approximate"))
         else:
@@ -305,7 +340,9 @@ def detect(
     dropped += alternatives
     symmetries, redundant = _basis(kept, names, tol, eps_tol)
     dropped += redundant
-    result = Detection(symmetries + unverified, dropped, notes, passes)
+    waiting, alternatives = _one_unverified_per_family(unverified, symmetries)
+    dropped += alternatives
+    result = Detection(symmetries + waiting, dropped, notes, passes)
     if key is not None and finite:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
@@ -417,11 +454,15 @@ def _loss_function(
     loss_fn: Callable | None,
     mode: str,
     dtype: torch.dtype | None,
+    class_dim: int | None = None,
 ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
     """The scalar whose gradients verify the candidates, as a function of the parameters.
 
     Without a loss (``mode == "function"``): sum(w * outputs) with fixed random weights w drawn
-    (seeded) on the first call, from the shapes of the outputs it sees."""
+    (seeded) on the first call, from the shapes of the outputs it sees; with ``class_dim``, w
+    has zero mean along that axis of every output (outputs with fewer axes weigh 0), so the
+    function ignores any shift of the outputs that is constant along it (a logits translation)
+    and sees every other change."""
     if mode == "fn":
         return lambda q: loss_fn(call_model(model, q, inputs, dtype), targets)
     if mode == "model":
@@ -437,11 +478,14 @@ def _loss_function(
             )
         if not weights:
             g = torch.Generator().manual_seed(12345)
-            weights.extend(
-                torch.randn(t.shape, generator=g, dtype=torch.float64).to(t)
-                / math.sqrt(max(t.numel(), 1))
-                for t in outs
-            )
+            for t in outs:
+                w = torch.randn(t.shape, generator=g, dtype=torch.float64)
+                if class_dim is not None:
+                    if t.ndim > (class_dim if class_dim >= 0 else -class_dim - 1):
+                        w -= w.mean(dim=class_dim, keepdim=True)
+                    else:
+                        w.zero_()
+                weights.append(w.to(t) / math.sqrt(max(t.numel(), 1)))
         return sum((w * t).sum() for w, t in zip(weights, outs))
 
     return projected
@@ -506,9 +550,20 @@ def _perturbed(
 
 
 def _defects(
-    candidates: Sequence[Candidate], stats: torch.Tensor, names: list[str]
+    candidates: Sequence[Candidate],
+    stats: torch.Tensor,
+    names: list[str],
+    floor: float = 0.0,
+    reference: torch.Tensor | None = None,
 ) -> list[float | None]:
-    """The largest defect of each candidate over the points with a nonzero gradient on it."""
+    """The largest defect of each candidate over the points with a nonzero gradient on it.
+
+    A translation whose tensors' gradient |g_A| is nonzero but at most ``floor`` times
+    |g| (``reference``: |g|^2 per point, over every tensor; by default over those in ``stats``)
+    has its defect taken against |g| instead (THEORY.md §3's |g|): the loss depends on those
+    tensors only through rounding (a bias before a train-mode BatchNorm, whose per-channel mean
+    cancels in the backward pass too), where the cosine against |g_A| is rounding over rounding.
+    An exactly zero gradient (a module whose output is unused) still gives no defect."""
     if not candidates:
         return []
     index = {n: i for i, n in enumerate(names)}
@@ -520,6 +575,10 @@ def _defects(
     translation = torch.tensor([c.kind == "translation" for c in candidates])
     dot = torch.where(translation[:, None], coef @ stats[..., 3].T, coef @ stats[..., 0].T)
     gg = support @ stats[..., 1].T
+    if reference is None:
+        reference = stats[..., 1].sum(dim=1)
+    vanishing = translation[:, None] & (gg > 0) & (gg <= floor**2 * reference[None, :])
+    gg = torch.where(vanishing, reference[None, :].expand_as(gg), gg)
     xx = torch.where(translation[:, None], support @ stats[..., 4].T, support @ stats[..., 2].T)
     ratio = dot.abs() / (gg * xx).sqrt()
     ratio = torch.where((gg > 0) & (xx > 0), ratio, torch.nan)
@@ -577,6 +636,36 @@ def _one_per_family(
             first[c.family] = c.name
         out.append((c, d, exactness))
     return out, dropped
+
+
+def _one_unverified_per_family(
+    unverified: list[tuple[Candidate, float, Symmetry]], reported: list[Symmetry]
+) -> tuple[list[Symmetry], list[Dropped]]:
+    """Layer level for the translations waiting for the training loss: none for a layer whose
+    translation is reported verified, else the first proposed of its family (the largest set)."""
+    verified = {s.name for s in reported}
+    first: set[str] = set()
+    out: list[Symmetry] = []
+    dropped: list[Dropped] = []
+    for c, d, s in unverified:
+        if c.name in verified or c.name in first:
+            status = "verified" if c.name in verified else "waiting for the training loss"
+            rule = f"layer level: one record per layer, {c.name} on other tensors is {status}"
+            dropped.append(_drop(c, d, rule))
+            continue
+        first.add(c.name)
+        out.append(s)
+    return out, dropped
+
+
+def _class_dim(model: nn.Module, head: str | None) -> int:
+    """The class axis of the logits: 1 after a convolution head (N, C, *spatial), as in
+    ``F.cross_entropy``, else the last (a Linear's output features, (N, C) or (N, T, C))."""
+    try:
+        module = model.get_submodule(head) if head else None
+    except AttributeError:  # a loose parameter
+        module = None
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
 
 
 def _basis(
