@@ -247,7 +247,10 @@ ZOO: list[Case] = [
         # Linear -> BN(train) -> ReLU -> Linear -> BN(train) -> ReLU -> Linear -> CE.
         # 0 and 3 feed a train-mode BN: scale. The BN affines reach the next Linear through ReLU:
         # rescale. BN 1's affine also reaches BN 4 through ReLU and 3 only: scale (BN 4 undoes
-        # it). The head gives the logits: translation of its weight and bias together.
+        # it). The head gives the logits: translation of its weight and bias together. 0 and 3's
+        # biases alone: BN subtracts the per-channel batch mean, so b -> b + c is exact, while
+        # W -> W + c 1 adds c sum(x_n), which varies over the batch (the layer's translation
+        # record holds its bias alone).
         "mlp_bn",
         mlp_bn,
         _x(32, 6),
@@ -259,6 +262,8 @@ ZOO: list[Case] = [
             "rescale:1": ("rescale", ("1.weight", "1.bias", "3.weight"), (P, P, M)),
             "scale:3": ("scale", ("3.weight", "3.bias"), (P, P)),
             "rescale:4": ("rescale", ("4.weight", "4.bias", "6.weight"), (P, P, M)),
+            "translation:0": ("translation", ("0.bias",), (P,)),
+            "translation:3": ("translation", ("3.bias",), (P,)),
             "translation:6": ("translation", ("6.weight", "6.bias"), (P, P)),
         },
         # (0, -3) across BN *is* a symmetry (0 and 3 are each scale symmetric), but (3, -6) is
@@ -292,6 +297,8 @@ ZOO: list[Case] = [
         # bn2 and conv3's bias scales bn3's input (conv3's weight is both a writer and a reader:
         # it cancels): scale, through bn3. Not symmetries alone: conv3 (its output is added to x
         # before bn3), bn0 (its ReLU output also feeds the residual add), bn2 (added to x).
+        # conv1's and conv3's biases alone add a per-channel constant that bn1 and bn3 remove
+        # (translation, exact); their weights shifted do not (a per-pixel sum of the input).
         "res_cnn_bn",
         ResCNN,
         _x(8, 3, 6, 6),
@@ -308,9 +315,12 @@ ZOO: list[Case] = [
                 (P, P, P, P, P),
             ),
             "rescale:bn3": ("rescale", ("bn3.weight", "bn3.bias", "fc.weight"), (P, P, M)),
+            "translation:conv1": ("translation", ("conv1.bias",), (P,)),
+            "translation:conv3": ("translation", ("conv3.bias",), (P,)),
             "translation:fc": ("translation", ("fc.weight", "fc.bias"), (P, P)),
         },
         {
+            "translation:stem": ("translation", ("stem.weight",), (P,)),
             "scale:conv3": ("scale", ("conv3.weight", "conv3.bias"), (P, P)),
             "rescale:bn0": ("rescale", ("bn0.weight", "bn0.bias", "conv1.weight"), (P, P, M)),
             "rescale:bn2": ("rescale", ("bn2.weight", "bn2.bias", "conv3.weight"), (P, P, M)),
@@ -319,6 +329,8 @@ ZOO: list[Case] = [
     Case(
         # GroupNorm always uses the statistics of its input: scale on both convs; the GN affines
         # rescale through ReLU (and max pool, flatten) into the next layer; translation on 8.
+        # Each conv's bias alone shifts every channel of every group by the same constant, which
+        # the group mean removes (translation, exact).
         "gn_cnn",
         gn_cnn,
         _x(4, 3, 8, 8),
@@ -329,8 +341,11 @@ ZOO: list[Case] = [
             "rescale:1": ("rescale", ("1.weight", "1.bias", "3.weight"), (P, P, M)),
             "scale:3": ("scale", ("3.weight", "3.bias"), (P, P)),
             "rescale:4": ("rescale", ("4.weight", "4.bias", "8.weight"), (P, P, M)),
+            "translation:0": ("translation", ("0.bias",), (P,)),
+            "translation:3": ("translation", ("3.bias",), (P,)),
             "translation:8": ("translation", ("8.weight", "8.bias"), (P, P)),
         },
+        {"translation:0:all": ("translation", ("0.weight", "0.bias"), (P, P))},
     ),
     Case(
         # embed feeds ln1 but also the residual stream: no scale alone. ln1 feeds
@@ -441,9 +456,9 @@ ZOO: list[Case] = [
         # tensors together or its weights alone are not); the output of layer 0 scales with g
         # (original0) and its bias, so (b0, g0, -g2) rescale through ReLU, reported as the
         # layer-level rescale (b0, g0, v0, -g2, -v2), which differs from it by the two v scales.
-        # No translation at layer level: the head's bias alone shifts every logit equally, but
-        # its bias, g and v shifted together do not (a layer has one translation record, on all
-        # of its tensors; the bias alone is per-unit granularity).
+        # The head's translation record holds its bias alone, which shifts every logit equally;
+        # its bias, g and v shifted together do not (adding c to v turns W's direction
+        # non-uniformly), nor g or v alone.
         "weight_norm",
         wn_mlp,
         _x(16, 5),
@@ -471,6 +486,18 @@ ZOO: list[Case] = [
                 ),
                 (P, P, P, M, M),
             ),
+            "translation:2": ("translation", ("2.bias",), (P,)),
+        },
+        {
+            "translation:2:all": (
+                "translation",
+                (
+                    "2.bias",
+                    "2.parametrizations.weight.original0",
+                    "2.parametrizations.weight.original1",
+                ),
+                (P, P, P),
+            )
         },
     ),
     Case(
@@ -686,8 +713,9 @@ def test_zoo_detection_without_targets(case: Case) -> None:
     """Without targets the candidates are verified on a random linear function of the logits
     (a symmetry of the function is one of every loss): the same set here but for the logits
     translation, a symmetry of the cross-entropy only, which comes back unverified when the loss
-    states a cross-entropy (whether it holds is then up to the training gradients: not for the
-    weight-normalized head), and not at all for another loss."""
+    states a cross-entropy (whether it holds is then up to the training gradients), on the same
+    tensors as with targets (the weight-normalized head's bias alone: its other translations
+    do not shift the logits by a per-sample constant), and not at all for another loss."""
     model, x = build(case)
     head = "translation:" + [n for n, c in model.named_children() if list(c.parameters())][-1]
     found = find_symmetries(model, x, loss_fn=case.loss_fn)
@@ -698,6 +726,8 @@ def test_zoo_detection_without_targets(case: Case) -> None:
     waiting = [s for s in found if s.verified is None]
     stated = isinstance(case.loss_fn, nn.CrossEntropyLoss)
     assert [s.name for s in waiting] == ([head] if stated else [])
+    if stated:
+        assert _as_sets(waiting) == _expected_sets({head: case.expected[head]})
     assert all(s.defect is None and s.exactness == "" for s in waiting)
 
 
@@ -799,10 +829,17 @@ class _CalledTwice(nn.Module):
         # fc0 -> BN: scale. BN's affine -> ReLU -> gate.lin (the branch taken, h.sum() > 0,
         # keeps its sign under positive scaling): rescale; gate.lin -> ReLU -> fc2: rescale;
         # fc2: translation.
-        (_GatedNet, {"scale:fc0", "rescale:bn", "rescale:gate.lin", "translation:fc2"}),
-        # body.0 -> BN: scale; BN -> ReLU -> body.3: rescale; body.3 -> tanh: nothing; head:
-        # translation.
-        (_BranchyRoot, {"scale:body.0", "rescale:body.1", "translation:head"}),
+        # fc0's bias alone before the train-mode BN: translation.
+        (
+            _GatedNet,
+            {"scale:fc0", "rescale:bn", "rescale:gate.lin", "translation:fc0", "translation:fc2"},
+        ),
+        # body.0 -> BN: scale, and its bias alone translation; BN -> ReLU -> body.3: rescale;
+        # body.3 -> tanh: nothing; head: translation.
+        (
+            _BranchyRoot,
+            {"scale:body.0", "translation:body.0", "rescale:body.1", "translation:head"},
+        ),
         # body.2 reads body.0's output and its own: scaling body.0 and body.2 against each
         # other, or shifting body.2 (it feeds itself), changes the second call: none.
         (_CalledTwice, set()),
@@ -934,9 +971,15 @@ def test_translation_through_reshaped_logits_is_verified_numerically():
     # without targets a cross-entropy states it, unverified: a reshape might mix the class axis
     (waiting,) = find_symmetries(model, x, loss_fn=nn.CrossEntropyLoss())
     assert waiting.name == "translation:head" and waiting.verified is None
-    # flatten(1) mixes tokens into classes: the candidate fails verification
+    assert found[0].params == ("head.weight", "head.bias")
+    # flatten(1) mixes tokens into classes: the weight shifted adds c sum(h) per token, which
+    # differs between the classes of one example (it fails verification, with or without
+    # targets); the bias alone still adds c to every class: the head's one translation record
     mixing = SequenceHead(axis_mixing=True).double()
-    assert find_symmetries(mixing, x, torch.randint(0, 18, (4,)), nn.CrossEntropyLoss()) == []
+    for targets in (torch.randint(0, 18, (4,)), None):
+        (shift,) = find_symmetries(mixing, x, targets, nn.CrossEntropyLoss())
+        assert shift.name == "translation:head" and shift.params == ("head.bias",)
+        assert shift.verified is (True if targets is not None else None)
 
 
 def _zero_config_names(model: nn.Module, loss_of: Callable[[], torch.Tensor], run_dir) -> set:
