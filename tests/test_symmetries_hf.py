@@ -190,6 +190,9 @@ def bert_truth() -> tuple[dict[Key, str], list[Key]]:
     - Per layer: q/k (weights and biases, +/-) exact; v (weight, bias) / attention output dense
       weight exact. A LayerNorm's output also goes into the residual: no fan-out rescale; the
       dense biases reach a LayerNorm only through dropout: no translation.
+    - The key's bias alone shifts query i's scores by q_i . c 1, the same for every key (padded
+      ones too: the mask is added): the softmax removes it, exact (translation:<key> holds the
+      bias alone; the key weight shifted adds q_i . c sum(x_j), which differs between keys).
     - The last layer's output LayerNorm only feeds the pooler dense: rescale exact.
     - classifier weight and bias shifted together move every logit equally: exact under
       cross-entropy (one record per layer).
@@ -201,6 +204,7 @@ def bert_truth() -> tuple[dict[Key, str], list[Key]]:
         a = f"bert.encoder.layer.{i}.attention"
         truth[key("rescale", wb(f"{a}.self.query"), wb(f"{a}.self.key"))] = "exact"
         truth[key("rescale", wb(f"{a}.self.value"), w(f"{a}.output.dense"))] = "exact"
+        truth[key("translation", [f"{a}.self.key.bias"])] = "exact"
     last = f"bert.encoder.layer.{L - 1}.output.LayerNorm"
     truth[key("rescale", wb(last), w("bert.pooler.dense"))] = "exact"
     truth[key("translation", wb("classifier"))] = "exact"
@@ -229,7 +233,8 @@ def vit_truth() -> tuple[dict[Key, str], list[Key]]:
       conv or linear weight shift adds c sum(input) to every feature: removed by the mean); all
       scaled together is approximate (eps; invisible at eps 1e-12, shown with eps grown).
     - Per layer: layernorm_before -> q, k, v fan-out, q/k (weights and biases), v/o,
-      layernorm_after -> fc1: exact. Final layernorm -> classifier: exact.
+      layernorm_after -> fc1: exact; k_proj's bias alone (a per-query constant in the scores,
+      removed by the softmax): exact. Final layernorm -> classifier: exact.
     - classifier weight and bias shifted together: exact under cross-entropy.
     """
     e = "vit.embeddings"
@@ -247,6 +252,7 @@ def vit_truth() -> tuple[dict[Key, str], list[Key]]:
                   w(f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"))] = "exact"  # fmt: skip
         truth[key("rescale", wb(f"{a}.q_proj"), wb(f"{a}.k_proj"))] = "exact"
         truth[key("rescale", wb(f"{a}.v_proj"), w(f"{a}.o_proj"))] = "exact"
+        truth[key("translation", [f"{a}.k_proj.bias"])] = "exact"
         truth[key("rescale", wb(f"{p}.layernorm_after"), w(f"{p}.mlp.fc1"))] = "exact"
     truth[key("rescale", wb("vit.layernorm"), w("classifier"))] = "exact"
     broken = [key("rescale", wb("vit.layers.0.mlp.fc1"), w("vit.layers.0.mlp.fc2"))]
