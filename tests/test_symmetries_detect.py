@@ -998,7 +998,7 @@ def _zero_config_names(model: nn.Module, loss_of: Callable[[], torch.Tensor], ru
     return set(nd.load_run(run_dir).symmetries["symmetry"])
 
 
-@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "gpt2"])
+@pytest.mark.parametrize("name", ["mlp", "bn_cnn", "gpt2", "bn_mlp", "wn_head"])
 def test_zero_config_and_a_sample_batch_give_the_same_names(name: str, tmp_path) -> None:
     """One naming convention: the zero-config path (detected on the first forward call, the
     logits translation checked on the first real gradients) and find_symmetries with a batch
@@ -1017,8 +1017,10 @@ def test_zero_config_and_a_sample_batch_give_the_same_names(name: str, tmp_path)
             return model(**inputs).loss
 
     else:
-        model = smooth_mlp(nn.ReLU)() if name == "mlp" else ResCNN()
-        x = torch.randn(16, 5) if name == "mlp" else torch.randn(8, 3, 6, 6)
+        builders = {"mlp": smooth_mlp(nn.ReLU), "bn_cnn": ResCNN, "bn_mlp": bn_head,
+                    "wn_head": wn_mlp}  # fmt: skip
+        model = builders[name]()
+        x = torch.randn(8, 3, 6, 6) if name == "bn_cnn" else torch.randn(16, 5)
         y = torch.randint(0, 3, (x.shape[0],))
         with_batch = find_symmetries(model, x, y, CE)
 
@@ -1032,3 +1034,139 @@ def test_zero_config_and_a_sample_batch_give_the_same_names(name: str, tmp_path)
     # layer level: one translation record per layer, named by the layer, never by a tensor
     translations = [n for n in zero_config if n.startswith("translation:")]
     assert translations and not any(n.endswith((".weight", ".bias")) for n in translations)
+
+
+# --- layer level: one translation record per layer, on the largest verified set ----------------
+
+
+def bn_head() -> nn.Module:
+    """Linear (with bias) -> BatchNorm1d -> ReLU -> Linear head."""
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+class ConvBN(nn.Module):
+    """Conv2d with bias -> BatchNorm2d -> ReLU -> average pool -> Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape", "first", "head"),
+    [(bn_head, (16, 5), "0", "3"), (ConvBN, (8, 3, 6, 6), "conv", "fc")],
+    ids=["linear_bn", "conv_bn"],
+)
+def test_bias_alone_before_a_train_mode_batchnorm_is_the_layers_translation(
+    factory, shape, first: str, head: str
+) -> None:
+    """BN in train mode subtracts the per-channel batch mean: b -> b + c is exact, while
+    W -> W + c 1 adds c sum(x_n) (c times a patch sum for a conv), which varies over the batch
+    and the positions. The first layer's one translation record holds its bias alone; the head's
+    holds its weight and bias (softmax cross-entropy). Each is checked here independently: the
+    directional derivative of the loss (torch.func.jvp) and a finite shift, in float64 with the
+    BN eps at 1e-12 (EXACT_TOL: rounding only); the weight shifted is broken (BROKEN_MIN)."""
+    from noether_dyn.symmetries.engine import detect
+
+    torch.manual_seed(0)
+    model = factory().double()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 3, (shape[0],), generator=torch.Generator().manual_seed(2))
+    found = find_symmetries(model, x, y, CE)
+    shifts = {s.name: s for s in found if s.kind == "translation"}
+    assert set(shifts) == {f"translation:{first}", f"translation:{head}"}
+    bias, whole = shifts[f"translation:{first}"], shifts[f"translation:{head}"]
+    assert bias.params == (f"{first}.bias",) and bias.signs == (P,)
+    assert whole.params == (f"{head}.weight", f"{head}.bias")
+    for s in (bias, whole):
+        assert s.verified is True and s.exactness == "exact" and s.defect < 1e-12, s.name
+    exact = _shrink_eps(model)
+    for s in found:  # precision: every reported symmetry leaves the loss unchanged
+        limit = EXACT_TOL if s.exactness == "exact" else EPS_TOL
+        assert jvp_defect(exact, x, y, CE, s.kind, s.params, s.signs) < EXACT_TOL, s.name
+        assert finite_change(model, x, y, CE, s.kind, s.params, s.signs) < limit, s.name
+    for names in ((f"{first}.weight", f"{first}.bias"), (f"{first}.weight",)):
+        signs = (P,) * len(names)
+        assert jvp_defect(exact, x, y, CE, "translation", names, signs) > BROKEN_MIN, names
+    # the larger sets were tried and dropped with their defect; never two records for one layer
+    dropped = [
+        d for d in detect(model, x, y, CE, cache=False).dropped
+        if d.name == f"translation:{first}"
+    ]  # fmt: skip
+    assert {d.params for d in dropped} == {
+        (f"{first}.weight", f"{first}.bias"),
+        (f"{first}.weight",),
+    }
+    assert all(d.defect > BROKEN_MIN and "tol" in d.rule for d in dropped)
+
+
+def test_head_translation_without_targets_needs_a_per_sample_logit_shift() -> None:
+    """Without targets a head translation is checked on a random linear function of the logits
+    centered along the class axis, blind to per-sample constant shifts only. A plain head's
+    weight and bias shift every logit of an example equally: kept, unverified (the training
+    loss decides). A weight-normalized head's g, v or all its tensors shifted turn W's direction
+    non-uniformly: dropped with the rule; its bias alone is its translation record. Without a
+    bias nothing of it remains. Every other candidate's check is unchanged."""
+    from noether_dyn.symmetries.engine import detect
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plain = detect(smooth_mlp(nn.ReLU)().double(), x, cache=False)
+    (waiting,) = [s for s in plain.symmetries if s.verified is None]
+    assert waiting.name == "translation:4" and waiting.params == ("4.weight", "4.bias")
+    assert "per-sample constant" in waiting.note
+
+    wn = wn_mlp().double()
+    found = detect(wn, x, cache=False)
+    (waiting,) = [s for s in found.symmetries if s.kind == "translation"]
+    assert waiting.name == "translation:2" and waiting.params == ("2.bias",)
+    assert waiting.verified is None
+    not_logits = [d for d in found.dropped if d.rule.startswith("not a logits translation")]
+    g, v = "2.parametrizations.weight.original0", "2.parametrizations.weight.original1"
+    assert {d.params for d in not_logits} == {("2.bias", g, v), (g,), (v,)}
+    # and they are not: each changes the loss of another target assignment's cross-entropy
+    for y in (torch.zeros(16, dtype=torch.long), torch.arange(16) % 3):
+        for d in not_logits:
+            assert jvp_defect(wn, x, y, CE, "translation", d.params, d.signs) > BROKEN_MIN
+    assert found.passes == plain.passes  # one pass for the class-centered check in each
+
+    no_bias = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), weight_norm(nn.Linear(8, 3, bias=False)))
+    found = detect(no_bias.double(), x, cache=False)
+    assert not [s for s in found.symmetries if s.kind == "translation"]
+    assert {d.params for d in found.dropped if d.rule.startswith("not a logits")} == {
+        (g, v),
+        (g,),
+        (v,),
+    }
+
+
+class ConvHead(nn.Module):
+    """Per-pixel logits (N, C, H, W) from a 1x1 convolution: cross-entropy over dim 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_conv_head_translation_is_checked_along_the_channel_axis() -> None:
+    """A convolution head's logits shift by a per-pixel constant along the channel axis (the
+    class axis of F.cross_entropy on (N, C, H, W)): verified with targets, kept unverified
+    without them (centering along the last, spatial axis would wrongly drop it)."""
+    torch.manual_seed(0)
+    model = ConvHead().double()
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 4, (2, 5, 5), generator=torch.Generator().manual_seed(2))
+    (with_targets,) = find_symmetries(model, x, y, CE)
+    assert with_targets.name == "translation:head" and with_targets.verified is True
+    assert with_targets.params == ("head.weight", "head.bias")
+    (waiting,) = find_symmetries(model, x, loss_fn=CE)
+    assert waiting.params == with_targets.params and waiting.verified is None
