@@ -16,9 +16,12 @@ per layer and kind, named ``"<kind>:<module path>"``, the union of the layer's p
   layers, ``nn.MultiheadAttention``'s fused ``in_proj_weight``, a layer-scale factor);
   ``rescale:<a>~<b>`` for two outputs meeting in a product (attention's q and k);
   ``rescale:<layer>><reader>`` for one reader of several.
-- ``translation:<layer>``: the weight and bias of a layer shifted together, when the shift
-  reaches only a softmax cross-entropy (the logits head) or mean-centering norms (a bias or an
-  embedding summed into a LayerNorm).
+- ``translation:<layer>``: the largest set of a layer's tensors whose shift is verified, when
+  the shift reaches only a softmax cross-entropy (the logits head) or mean-centering norms and
+  softmaxes: the weight and bias together (a head; a layer or an embedding summed into a
+  LayerNorm), else the bias alone (a Linear/Conv bias before a train-mode BatchNorm, whose
+  per-channel mean removes b -> b + c but not W -> W + c 1; an attention key's bias; a
+  weight-normalized head), else one tensor. Never two records for one layer.
 
 Every candidate is verified numerically before it is returned (see docs/symmetries.md).
 """
@@ -61,7 +64,8 @@ def find_symmetries(
     outputs, whose symmetries are those of every loss. The logits translation is a symmetry of
     the softmax cross-entropy only: without targets it is returned unverified (``verified=None``)
     when ``loss_fn`` states a cross-entropy (``nn.CrossEntropyLoss``, ``F.cross_entropy``), and
-    left out otherwise.
+    left out otherwise; a head translation along which the logits do not shift by a per-sample
+    constant (a weight-normalized head's direction shifted) is never returned.
 
     Detection depends on the mode the model is in: a BatchNorm/InstanceNorm in train mode
     normalizes with batch statistics and makes the layer feeding it scale symmetric; in eval mode
