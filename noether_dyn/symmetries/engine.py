@@ -7,15 +7,18 @@ How (docs/symmetries.md has the long form):
    owning parameters), who reads whose output, which outputs meet in attention scores, and which
    outputs are summed into streams (residual streams, embeddings summed into a norm).
 2. Candidates, each a signed set of parameter tensors (generator ``sign * q`` for scale/rescale,
-   ``sign * 1`` for translation): every unit alone (scale; its bias or weight alone and all its
-   parameters as translation), every producer with each consumer and with all its consumers
+   ``sign * 1`` for translation): every unit alone (scale, with its weight or one tensor alone
+   as fallbacks; as translation all its parameters, its biases alone, each tensor, largest
+   first), every producer with each consumer and with all its consumers
    (rescale, fan-out), every pair that meets (q/k), every stream's writers (the residual-stream
    scale), alone and with the last norm or the stream's non-norm readers compensating.
 3. Verification: the gradient of the loss at the real parameters and at ``n_perturb`` seeded
    random perturbations (one forward+backward each) gives per tensor <g, q>, |g|^2, |q|^2, sum g
    and numel; the defect |<g, xi>| / (|g_A| |xi|) of every candidate is then a few sums (THEORY.md
    §3; Kunin et al., "Neural Mechanics", ICLR 2021: a symmetry's generator is orthogonal to the
-   gradient at every point). Candidates above the rounding tolerance but within ``eps_tol`` are
+   gradient at every point); a translation whose |g_A| is nonzero but below tol |g| (a bias
+   before a train-mode BatchNorm) is measured against |g|. Candidates above the rounding
+   tolerance but within ``eps_tol`` are
    measured again with every normalization's eps shrunk by :data:`EPS_SHRINK` (at the perturbed
    point: one more pass); those within it once more, at the real point, with eps grown to
    :data:`EPS_GROWN`. Each of these two passes takes the gradient of the rechecked candidates'
@@ -27,14 +30,17 @@ How (docs/symmetries.md has the long form):
    its only cause); dropped otherwise, with the defect and the rule. Among verified candidates, one
    that is a linear combination of simpler ones already kept is dropped as redundant, so the
    result is a basis of the symmetries found, simplest first. Layer level: of the alternatives
-   for one layer's scale (all its tensors, its weights alone, one tensor) only the first verified
-   is kept, so a layer has at most one record per kind.
+   for one layer's scale (all its tensors, its weights alone, one tensor) or translation (all its
+   tensors, its biases, one tensor) only the first verified is kept, so a layer has at most one
+   record per kind.
 
 Without a loss (no ``loss_fn`` and no ``output.loss``) the check uses a fixed random linear
 function of the outputs: a symmetry of the model's function is one of every loss on it. Logits
 translation is a symmetry of the softmax cross-entropy only, so it comes back unverified
 (``verified=None``), for :mod:`noether_dyn.symmetries.step_check` on the first real training
-steps.
+steps, when the outputs shift by a per-sample constant along it: one more pass measures the head
+translations' defect on a random linear function of the outputs centered along the class axis
+(blind to exactly those shifts); the others are dropped (``not a logits translation``).
 """
 
 from __future__ import annotations
