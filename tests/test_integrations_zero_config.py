@@ -84,7 +84,7 @@ def test_lightning_callback_with_no_arguments_stores_detected_charges(tmp_path) 
     names = set(run.symmetries["symmetry"])
     # hand-derived: the LayerNorm's gain and bias feed only net.2 (exact rescale); ReLU between
     # net.2 and net.4 (exact rescale); the head's shifts under cross-entropy (exact)
-    assert {"rescale:net.2>net.4", "translation:net.4.bias"} <= names, names
+    assert {"rescale:net.2", "translation:net.4"} <= names, names
     # Lightning runs training_step inside step(closure): detected there, tracked from step 1
     assert run.meta["symmetries_from_step"] == 1
     assert "child 'net'" in run.meta["symmetry_note"]
@@ -119,8 +119,8 @@ def test_hf_trainer_callback_with_no_arguments_stores_detected_charges(tmp_path)
     names = set(run.symmetries["symmetry"])
     # hand-derived (tests/test_symmetries_hf.py): ln_1 -> c_attn and ln_2 -> c_fc rescales
     assert {
-        "rescale:transformer.h.0.ln_1>transformer.h.0.attn.c_attn",
-        "rescale:transformer.h.0.ln_2>transformer.h.0.mlp.c_fc",
+        "rescale:transformer.h.0.ln_1",
+        "rescale:transformer.h.0.ln_2",
     } <= names, names
     assert run.meta["symmetries_from_step"] == 0
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -141,10 +141,11 @@ def gpt2_truth(dropout: bool) -> tuple[dict[Key, str], list[Key]]:
       c_fc. q/k and v/o rescales act on column blocks of the fused c_attn: not tensor-level.
     Residual stream (wte, wpe, attn.c_proj, mlp.c_proj) is read by LayerNorms only; scaling it
     scales the tied logits too, so ln_f (gain and bias) compensates: approximate (eps).
-    Without dropout, the stream's writers feed mean-centering LayerNorms only: shifting wpe, a
-    c_proj bias or a c_proj weight (adds c sum(input) to every feature) is exact; shifting wte
-    also shifts every logit of a position by c sum(h), which cross-entropy ignores: exact.
-    Dropout between a writer and the stream multiplies the shift by a random mask: broken.
+    Without dropout, the stream's writers feed mean-centering LayerNorms only: shifting wpe, or
+    a c_proj's weight and bias together (adds c (1 + sum(input)) to every feature; one record per
+    layer) is exact; shifting wte also shifts every logit of a position by c sum(h), which
+    cross-entropy ignores: exact. Dropout between a writer and the stream multiplies the shift
+    by a random mask: broken.
     """
     truth: dict[Key, str] = {}
     writers = w("transformer.wte", "transformer.wpe")
@@ -154,8 +155,8 @@ def gpt2_truth(dropout: bool) -> tuple[dict[Key, str], list[Key]]:
         truth[key("rescale", wb(f"{p}.ln_2"), w(f"{p}.mlp.c_fc"))] = "exact"
         writers += wb(f"{p}.attn.c_proj", f"{p}.mlp.c_proj")
         if not dropout:
-            for n in wb(f"{p}.attn.c_proj", f"{p}.mlp.c_proj"):
-                truth[key("translation", [n])] = "exact"
+            for c in (f"{p}.attn.c_proj", f"{p}.mlp.c_proj"):
+                truth[key("translation", wb(c))] = "exact"
     truth[key("rescale", writers, wb("transformer.ln_f"))] = "approximate"
     if not dropout:
         truth[key("translation", w("transformer.wte"))] = "exact"
@@ -189,8 +190,12 @@ def bert_truth() -> tuple[dict[Key, str], list[Key]]:
     - Per layer: q/k (weights and biases, +/-) exact; v (weight, bias) / attention output dense
       weight exact. A LayerNorm's output also goes into the residual: no fan-out rescale; the
       dense biases reach a LayerNorm only through dropout: no translation.
+    - The key's bias alone shifts query i's scores by q_i . c 1, the same for every key (padded
+      ones too: the mask is added): the softmax removes it, exact (translation:<key> holds the
+      bias alone; the key weight shifted adds q_i . c sum(x_j), which differs between keys).
     - The last layer's output LayerNorm only feeds the pooler dense: rescale exact.
-    - classifier weight and bias shifts move every logit equally: exact under cross-entropy.
+    - classifier weight and bias shifted together move every logit equally: exact under
+      cross-entropy (one record per layer).
     """
     e = "bert.embeddings"
     embeddings = w(f"{e}.word_embeddings", f"{e}.position_embeddings", f"{e}.token_type_embeddings")
@@ -199,12 +204,12 @@ def bert_truth() -> tuple[dict[Key, str], list[Key]]:
         a = f"bert.encoder.layer.{i}.attention"
         truth[key("rescale", wb(f"{a}.self.query"), wb(f"{a}.self.key"))] = "exact"
         truth[key("rescale", wb(f"{a}.self.value"), w(f"{a}.output.dense"))] = "exact"
+        truth[key("translation", [f"{a}.self.key.bias"])] = "exact"
     last = f"bert.encoder.layer.{L - 1}.output.LayerNorm"
     truth[key("rescale", wb(last), w("bert.pooler.dense"))] = "exact"
-    truth[key("translation", w("classifier"))] = "exact"
-    truth[key("translation", ["classifier.bias"])] = "exact"
+    truth[key("translation", wb("classifier"))] = "exact"
     broken = [
-        key("translation", ["bert.encoder.layer.0.output.dense.bias"]),
+        key("translation", wb("bert.encoder.layer.0.output.dense")),
         key("scale", w("classifier")),
     ]
     return truth, broken
@@ -224,20 +229,21 @@ def vit():
 def vit_truth() -> tuple[dict[Key, str], list[Key]]:
     """ViT (pre-LayerNorm, no dropout by default, eps 1e-12, classifier on the CLS token).
     - Stream writers: patch projection (conv), cls_token, position_embeddings, every o_proj and
-      fc2; read by LayerNorms only. Each writer tensor shifted alone is exact (a conv or linear
-      weight shift adds c sum(input) to every feature: removed by the mean); all scaled
-      together is approximate (eps; invisible at eps 1e-12, shown with eps grown).
+      fc2; read by LayerNorms only. Each writer layer's tensors shifted together are exact (a
+      conv or linear weight shift adds c sum(input) to every feature: removed by the mean); all
+      scaled together is approximate (eps; invisible at eps 1e-12, shown with eps grown).
     - Per layer: layernorm_before -> q, k, v fan-out, q/k (weights and biases), v/o,
-      layernorm_after -> fc1: exact. Final layernorm -> classifier: exact.
-    - classifier weight and bias shifts: exact under cross-entropy.
+      layernorm_after -> fc1: exact; k_proj's bias alone (a per-query constant in the scores,
+      removed by the softmax): exact. Final layernorm -> classifier: exact.
+    - classifier weight and bias shifted together: exact under cross-entropy.
     """
     e = "vit.embeddings"
-    writers = [f"{e}.cls_token", f"{e}.position_embeddings"] + wb(
-        f"{e}.patch_embeddings.projection"
-    )
-    for i in range(L):
-        writers += wb(f"vit.layers.{i}.attention.o_proj", f"vit.layers.{i}.mlp.fc2")
-    truth = {key("translation", [n]): "exact" for n in writers + wb("classifier")}
+    layers = [f"{e}.patch_embeddings.projection"] + [
+        f"vit.layers.{i}.{m}" for i in range(L) for m in ("attention.o_proj", "mlp.fc2")
+    ]
+    writers = [f"{e}.cls_token", f"{e}.position_embeddings"] + wb(*layers)
+    truth = {key("translation", wb(c)): "exact" for c in layers + ["classifier"]}
+    truth |= {key("translation", [n]): "exact" for n in writers[:2]}
     truth[key("scale", writers)] = "approximate"
     for i in range(L):
         p = f"vit.layers.{i}"
@@ -246,6 +252,7 @@ def vit_truth() -> tuple[dict[Key, str], list[Key]]:
                   w(f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"))] = "exact"  # fmt: skip
         truth[key("rescale", wb(f"{a}.q_proj"), wb(f"{a}.k_proj"))] = "exact"
         truth[key("rescale", wb(f"{a}.v_proj"), w(f"{a}.o_proj"))] = "exact"
+        truth[key("translation", [f"{a}.k_proj.bias"])] = "exact"
         truth[key("rescale", wb(f"{p}.layernorm_after"), w(f"{p}.mlp.fc1"))] = "exact"
     truth[key("rescale", wb("vit.layernorm"), w("classifier"))] = "exact"
     broken = [key("rescale", wb("vit.layers.0.mlp.fc1"), w("vit.layers.0.mlp.fc2"))]
@@ -274,7 +281,7 @@ def resnet_truth() -> tuple[dict[Key, str], list[Key]]:
       scaling its writers is approximate.
     - Stage 1 stream (last BatchNorm + shortcut BatchNorm) goes through ReLU, average pooling
       and flatten to the classifier: writers +, classifier weight -, exact.
-    - classifier weight and bias shifts: exact under cross-entropy.
+    - classifier weight and bias shifted together: exact under cross-entropy.
     """
     s0, s1 = "resnet.encoder.stages.0.layers.0", "resnet.encoder.stages.1.layers.0"
     convs = [
@@ -289,8 +296,7 @@ def resnet_truth() -> tuple[dict[Key, str], list[Key]]:
     truth[key("scale", wb(stem, f"{s0}.layer.1.normalization"))] = "approximate"
     last = wb(f"{s1}.layer.1.normalization", f"{s1}.shortcut.normalization")
     truth[key("rescale", last, w("classifier.1"))] = "exact"
-    truth[key("translation", w("classifier.1"))] = "exact"
-    truth[key("translation", ["classifier.1.bias"])] = "exact"
+    truth[key("translation", wb("classifier.1"))] = "exact"
     broken = [key("scale", wb(f"{s0}.layer.1.normalization"))]
     return truth, broken
 
@@ -542,8 +548,8 @@ class _NormAttention(nn.Module):
 def test_layernorm_subclass_and_layernorm_into_multihead_attention() -> None:
     """LayerNorm2d (a subclass calling F.layer_norm) feeds only the 1x1 conv: (gain, bias) +,
     conv weight -, exact. The stem feeds only the channel LayerNorm: its weight and bias scaled
-    together is approximate (eps); its bias or its weight shifted is exact (a per-position shift
-    common to all channels: c, or c * sum of the patch, removed by the mean). The LayerNorm
+    together is approximate (eps); shifted together, exact (a per-position shift common to all
+    channels, c (1 + sum of the patch), removed by the mean). The LayerNorm
     feeding nn.MultiheadAttention(a, a, a) rescales into the fused in_proj_weight: exact."""
     torch.manual_seed(0)
     model = _NormAttention()
@@ -554,8 +560,7 @@ def test_layernorm_subclass_and_layernorm_into_multihead_attention() -> None:
     into_attention = key("rescale", wb("ln"), ["attn.in_proj_weight"])
     assert keys[fan].exactness == "exact" and keys[into_attention].exactness == "exact"
     assert keys[key("scale", wb("stem"))].exactness == "approximate"
-    assert keys[key("translation", ["stem.bias"])].exactness == "exact"
-    assert keys[key("translation", ["stem.weight"])].exactness == "exact"
+    assert keys[key("translation", wb("stem"))].exactness == "exact"
     for k in (fan, into_attention):
         translation, pairs = k
         sym = Symmetry("s", "rescale", tuple(n for n, _ in pairs), tuple(s for _, s in pairs))
@@ -658,10 +663,7 @@ def test_dict_output_keeps_its_logits_translation() -> None:
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     clear_cache()
     found = find_symmetries(_DictOut(), x, y, lambda out, t: F.cross_entropy(out["logits"], t))
-    assert {key_of(s) for s in found} == {
-        key("translation", ["head.weight"]),
-        key("translation", ["head.bias"]),
-    }
+    assert {key_of(s) for s in found} == {key("translation", wb("head"))}
 
 
 def test_watch_tracks_the_detected_symmetries_of_an_hf_model(tmp_path) -> None:
@@ -706,8 +708,8 @@ def test_a_model_that_cannot_be_recorded_gets_a_note_not_a_silent_zero() -> None
     found = detect(_RefusesModes(), x, y, nn.CrossEntropyLoss())
     (note,) = found.notes
     assert note.startswith("_RefusesModes: the dataflow could not be recorded (RuntimeError")
-    # per-module candidates are still tried and verified: the head's logits shifts
-    assert key("translation", ["fc2.bias"]) in {key_of(s) for s in found.symmetries}
+    # per-module candidates are still tried and verified: the head's logits shift
+    assert key("translation", wb("fc2")) in {key_of(s) for s in found.symmetries}
 
 
 def test_frozen_parameters_are_left_out_and_the_cache_tells_losses_apart() -> None:
@@ -718,7 +720,24 @@ def test_frozen_parameters_are_left_out_and_the_cache_tells_losses_apart() -> No
     clear_cache()
     found = detect(net, x, y, nn.CrossEntropyLoss())
     assert all("0.weight" not in s.params for s in found.symmetries)
-    assert key("translation", ["2.bias"]) in {key_of(s) for s in found.symmetries}
+    assert key("translation", wb("2")) in {key_of(s) for s in found.symmetries}
     mse = detect(net, x, F.one_hot(y, 3).float(), lambda out, t: F.mse_loss(out, t))
     assert not mse.cached, "another loss is another structure"
-    assert key("translation", ["2.bias"]) not in {key_of(s) for s in mse.symmetries}
+    assert key("translation", wb("2")) not in {key_of(s) for s in mse.symmetries}
+
+
+def test_non_finite_parameters_are_noted_and_not_cached() -> None:
+    """A detection at NaN parameters verifies nothing; a later model of the same structure with
+    finite parameters must not get that empty result from the cache."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    broken = copy.deepcopy(net)
+    with torch.no_grad():
+        broken[0].weight.fill_(float("nan"))
+    clear_cache()
+    bad = detect(broken, x, y, nn.CrossEntropyLoss())
+    assert bad.symmetries == [] and any("non-finite" in n for n in bad.notes)
+    good = detect(net, x, y, nn.CrossEntropyLoss())
+    assert not good.cached
+    assert {s.name for s in good.symmetries} == {"rescale:0", "translation:2"}

@@ -1,9 +1,8 @@
-"""Running a model on user inputs without side effects: the argument convention, a probe forward
-pass that counts module calls, and the functional loss used by the verifier."""
+"""Running a model on user inputs without side effects: the argument convention, a description of
+the inputs for error messages, and the functional loss used by the verifier."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,51 +30,30 @@ def as_call(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
     )
 
 
-def fresh_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+def fresh_buffers(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Copies of the model's buffers, so that a train-mode BatchNorm updates the copies, not the
-    model's running statistics."""
-    return {name: b.detach().clone() for name, b in model.named_buffers()}
+    model's running statistics; floating ones in ``dtype`` when given."""
+    return {
+        name: b.detach().to(dtype if dtype is not None and b.is_floating_point() else b.dtype,
+                            copy=True)
+        for name, b in model.named_buffers()
+    }  # fmt: skip
 
 
-def call_model(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inputs) -> Any:
-    """``model(*inputs)`` with ``params`` in place of the parameters and fresh buffer copies."""
+def call_model(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    inputs: Inputs,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """``model(*inputs)`` with ``params`` in place of the parameters and fresh buffer copies
+    (floating ones in ``dtype`` when given: the model runs in the parameters' dtype)."""
     args, kwargs = as_call(inputs)
-    return functional_call(model, ({**params}, fresh_buffers(model)), args, kwargs)
+    return functional_call(model, ({**params}, fresh_buffers(model, dtype)), args, kwargs)
 
 
-def probe(model: nn.Module, inputs: Inputs) -> tuple[Counter[str], Any]:
-    """Run the model once on ``inputs``; return the calls of every submodule (by path) and the
-    model's output.
-
-    The model's parameters, buffers and the global RNG state are left as they were. Raises
-    ValueError when the forward pass fails: the inputs do not fit the model.
-    """
-    as_call(inputs)
-    paths = {id(m): name for name, m in model.named_modules()}
-    calls: Counter[str] = Counter()
-
-    def count(module: nn.Module, _args: Any) -> None:
-        calls[paths.get(id(module), "?")] += 1
-
-    handles = [m.register_forward_pre_hook(count) for m in model.modules()]
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            out = call_model(model, params, inputs)
-    except Exception as err:
-        shapes = _describe(inputs)
-        raise ValueError(
-            f"inputs: model(*inputs) failed on the given inputs ({shapes}) with "
-            f"{type(err).__name__}: {err}. Pass inputs that the model accepts: one batch as a "
-            "tensor for model(x), a tuple for model(*args), or a dict for model(**kwargs)."
-        ) from err
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls, out
-
-
-def _describe(inputs: Inputs) -> str:
+def describe(inputs: Inputs) -> str:
+    """The inputs as an error message shows them: ``tensor(3, 5) float32, mask=tensor(3) bool``."""
     args, kwargs = as_call(inputs)
 
     def one(v: Any) -> str:

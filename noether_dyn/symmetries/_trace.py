@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 from torch.overrides import TorchFunctionMode
 
 MIXED = "<mixed>"
@@ -66,6 +67,10 @@ _PRODUCTS = frozenset(
     {"mul", "__mul__", "__rmul__", "matmul", "__matmul__", "bmm", "einsum", "baddbmm"}
 )
 """Bilinear functions: two operands of different units *meet* (q k^T)."""
+
+_ELEMENTWISE = frozenset({"mul", "__mul__", "__rmul__"})
+"""Elementwise products: a loose parameter times a unit's output (layer scale) carries the
+parameter's origin on (the product is degree 1 in it), so it can write into a stream."""
 
 NORM_EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
 """Attributes holding the eps of a normalization module (torch, LLaMA/T5 RMSNorm, others)."""
@@ -132,11 +137,19 @@ def find_units(model: nn.Module) -> tuple[dict[str, Unit], dict[int, str], dict[
     units: dict[str, Unit] = {}
     module_units: dict[int, str] = {}
     loose: dict[int, str] = {}
+    parametrized: list[str] = []
     for path, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False)]
+        if any(p == "" or path.startswith(p + ".") for p in parametrized):
+            continue  # inside a parametrized module's unit
+        if is_parametrized(module):  # weight normalization: the layer with g and v is the unit
+            parametrized.append(path)
+            own = list(module.named_parameters())
+            has_param_child = False
+        else:
+            own = list(module.named_parameters(recurse=False))
+            has_param_child = any(next(c.parameters(), None) is not None for c in module.children())
         if not own:
             continue
-        has_param_child = any(next(c.parameters(), None) is not None for c in module.children())
         keep = [(n, p) for n, p in own if id(p) in trainable]
         if has_param_child:
             for _, p in keep:
@@ -166,9 +179,11 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 class _Recorder(TorchFunctionMode):
     """Propagates origins through torch function calls made outside units."""
 
-    def __init__(self, loose: dict[int, str]) -> None:
+    def __init__(self, loose: dict[int, str], param_units: dict[int, str]) -> None:
         super().__init__()
         self.loose = loose
+        self.param_units = param_units  # id(parameter) -> its module unit
+        self.loose_paths = set(loose.values())
         self.origin: dict[int, str] = {}
         self.keep: list[torch.Tensor] = []  # keeps ids unique while the pass runs
         self.inside = 0  # depth of unit calls: nothing inside a unit is recorded
@@ -210,8 +225,8 @@ class _Recorder(TorchFunctionMode):
         units = [o for o in distinct if o != MIXED]
         if not distinct:
             return result
-        if name == "multi_head_attention_forward":
-            self._attention_module(args, kwargs)
+        if name == "multi_head_attention_forward" and self._attention_module(args, kwargs, result):
+            return result
         if name == "scaled_dot_product_attention" and len(origins) >= 3:
             q, k, v = origins[:3]
             if q and k and MIXED not in (q, k) and q != k:
@@ -225,23 +240,38 @@ class _Recorder(TorchFunctionMode):
             a, b = units
             if not (a.startswith("stream:") or b.startswith("stream:")):
                 self.meets.add((a, b))
-            self.mark(result, MIXED)
+            loose = [u for u in (a, b) if u in self.loose_paths]
+            if name in _ELEMENTWISE and len(loose) == 1:
+                self.mark(result, loose[0])  # layer scale gamma * f(x): degree 1 in gamma
+            else:
+                self.mark(result, MIXED)
         elif name in _PRODUCTS and len(units) == 1 and MIXED in distinct:
             self.mark(result, units[0])  # silu(gate) * up, probs @ v: linear in the unit
         else:
             self.mark(result, MIXED)
         return result
 
-    def _attention_module(self, args: tuple, kwargs: dict) -> None:
-        """``nn.MultiheadAttention(x, x, x)`` projects x with its fused ``in_proj_weight``
-        (a loose parameter, read inside the functional call): record that read."""
-        names = ("query", "key", "value", "e", "h", "in_proj_weight")
+    def _attention_module(self, args: tuple, kwargs: dict, result: Any) -> bool:
+        """``nn.MultiheadAttention(x, x, x)`` projects x with its fused ``in_proj_weight`` (a
+        loose parameter, read inside the functional call): record that read. Its output is
+        ``out_proj``'s affine map of values linear in the inputs: of ``out_proj``'s origin
+        (``out_proj`` runs inside the call, not as a module). True when the result is marked."""
+        names = (
+            "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
+            "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight",
+            "out_proj_bias",
+        )  # fmt: skip
         given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
         q, weight = given.get("query"), given.get("in_proj_weight")
-        if q is None or weight is None or id(weight) not in self.loose:
-            return
-        if given.get("key") is q and given.get("value") is q:
-            self.consume(self.of(q), self.loose[id(weight)])
+        if q is not None and weight is not None and id(weight) in self.loose:
+            if given.get("key") is q and given.get("value") is q:
+                self.consume(self.of(q), self.loose[id(weight)])
+        out_unit = self.param_units.get(id(given.get("out_proj_weight")))
+        if out_unit is None or not isinstance(result, tuple) or not result:
+            return False
+        self.mark(result[0], out_unit)
+        self.mark(result[1:], MIXED)
+        return True
 
     def join(self, origins: list[str]) -> str:
         """The stream that the sum of ``origins`` belongs to (streams merge)."""
@@ -262,11 +292,26 @@ class _Recorder(TorchFunctionMode):
         return key
 
 
+class RecordingError(Exception):
+    """The forward pass failed under the recorder: ``module`` is the path of the innermost
+    module running when it did ("" for the model itself), ``error`` what it raised."""
+
+    def __init__(self, module: str, error: Exception) -> None:
+        super().__init__(f"{module or '<model>'}: {type(error).__name__}: {error}")
+        self.module = module
+        self.error = error
+
+
 def trace_flow(model: nn.Module, call: Any) -> tuple[Flow, Any]:
     """Run ``call()`` (one forward pass of ``model``) under the recorder; return the flow and
-    what ``call()`` returned (the model's output)."""
+    what ``call()`` returned (the model's output).
+
+    Raises:
+        RecordingError: naming the innermost module that was running when the pass failed."""
     units, module_units, loose = find_units(model)
-    recorder = _Recorder(loose)
+    named = dict(model.named_parameters())
+    param_units = {id(named[n]): path for path, u in units.items() for n in u.params}
+    recorder = _Recorder(loose, param_units)
     norms: list[str] = []
     calls: dict[str, int] = defaultdict(int)
 
@@ -285,14 +330,27 @@ def trace_flow(model: nn.Module, call: Any) -> tuple[Flow, Any]:
         if recorder.inside == 0:
             recorder.mark(output, module_units[id(module)])
 
+    paths = {id(m): p for p, m in model.named_modules()}
+    active: list[str] = []  # the modules running now, outermost first
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        active.append(paths.get(id(module), "?"))
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        active.pop()
+
     handles = []
     for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))  # not on an exception: it stays
         if id(module) in module_units:
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
     try:
         with recorder:
             out = call()
+    except Exception as err:
+        raise RecordingError(active[-1] if active else "", err) from err
     finally:
         for h in handles:
             h.remove()

@@ -7,29 +7,40 @@ How (docs/symmetries.md has the long form):
    owning parameters), who reads whose output, which outputs meet in attention scores, and which
    outputs are summed into streams (residual streams, embeddings summed into a norm).
 2. Candidates, each a signed set of parameter tensors (generator ``sign * q`` for scale/rescale,
-   ``sign * 1`` for translation): every unit alone (scale; its bias or weight alone and all its
-   parameters as translation), every producer with each consumer and with all its consumers
+   ``sign * 1`` for translation): every unit alone (scale, with its weight or one tensor alone
+   as fallbacks; as translation all its parameters, its biases alone, each tensor, largest
+   first), every producer with each consumer and with all its consumers
    (rescale, fan-out), every pair that meets (q/k), every stream's writers (the residual-stream
    scale), alone and with the last norm or the stream's non-norm readers compensating.
 3. Verification: the gradient of the loss at the real parameters and at ``n_perturb`` seeded
    random perturbations (one forward+backward each) gives per tensor <g, q>, |g|^2, |q|^2, sum g
    and numel; the defect |<g, xi>| / (|g_A| |xi|) of every candidate is then a few sums (THEORY.md
    §3; Kunin et al., "Neural Mechanics", ICLR 2021: a symmetry's generator is orthogonal to the
-   gradient at every point). Candidates above the rounding tolerance are measured again with every
-   normalization's eps shrunk by :data:`EPS_SHRINK` (same points, one more pass each); those
-   within it once more, at the real point only, with eps grown to :data:`EPS_GROWN`.
+   gradient at every point); a translation whose |g_A| is nonzero but below tol |g| (a bias
+   before a train-mode BatchNorm) is measured against |g|. Candidates above the rounding
+   tolerance but within ``eps_tol`` are
+   measured again with every normalization's eps shrunk by :data:`EPS_SHRINK` (at the perturbed
+   point: one more pass); those within it once more, at the real point, with eps grown to
+   :data:`EPS_GROWN`. Each of these two passes takes the gradient of the rechecked candidates'
+   tensors alone. The gradients are taken on the model itself with float64 copies of its
+   parameters and buffers (no copy of the model).
 4. The rule (one, per dtype): *exact* when defect <= tol (float rounding, :data:`DEFAULT_TOL`)
    both at the model's eps and with eps grown;
    *approximate* when the defect is at most ``eps_tol`` and falls to <= tol with eps shrunk (eps is
    its only cause); dropped otherwise, with the defect and the rule. Among verified candidates, one
    that is a linear combination of simpler ones already kept is dropped as redundant, so the
-   result is a basis of the symmetries found, simplest first.
+   result is a basis of the symmetries found, simplest first. Layer level: of the alternatives
+   for one layer's scale (all its tensors, its weights alone, one tensor) or translation (all its
+   tensors, its biases, one tensor) only the first verified is kept, so a layer has at most one
+   record per kind.
 
 Without a loss (no ``loss_fn`` and no ``output.loss``) the check uses a fixed random linear
 function of the outputs: a symmetry of the model's function is one of every loss on it. Logits
 translation is a symmetry of the softmax cross-entropy only, so it comes back unverified
 (``verified=None``), for :mod:`noether_dyn.symmetries.step_check` on the first real training
-steps.
+steps, when the outputs shift by a per-sample constant along it: one more pass measures the head
+translations' defect on a random linear function of the outputs centered along the class axis
+(blind to exactly those shifts); the others are dropped (``not a logits translation``).
 """
 
 from __future__ import annotations
@@ -44,11 +55,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from noether_dyn.symmetries._calls import Inputs, as_call, call_model
+from noether_dyn.symmetries._calls import Inputs, as_call, call_model, describe
 from noether_dyn.symmetries._candidates import Candidate, propose
 from noether_dyn.symmetries._trace import (
     NORM_EPS_ATTRIBUTES,
     Flow,
+    RecordingError,
     find_units,
     is_norm,
     model_loss,
@@ -132,12 +144,13 @@ def detect(
     The loss is ``loss_fn(model(inputs), targets)`` when ``loss_fn`` is given, else the
     ``loss`` the model returns (HF models given ``labels``), else none (see the module
     docstring). Costs one forward pass of the batch, then on its first ``max_examples``
-    examples in ``check_dtype``: one forward (the cut batch is tried), ``1 + n_perturb``
-    forward+backward passes, as many again when some candidate is above the rounding tolerance
-    (norm eps), and one for the exactness check of a model with normalizations: 6 with the
-    defaults; a second call on a
-    model of the same structure (class, parameter names, shapes, dtypes, train/eval mode, inputs'
-    shapes, loss) costs one forward pass (the loss is still checked).
+    examples in ``check_dtype`` (the whole batch when it does not split along its first
+    dimension): ``1 + n_perturb`` forward+backward passes, one more when some candidate is
+    between the rounding tolerance and ``eps_tol`` (norm eps shrunk, at the last perturbed
+    point), and one for the exactness check of a model with normalizations (eps grown, at the
+    real point): 4.5 with the defaults. A second call on a model of the same structure (class
+    and settings of every module, parameter names, shapes, dtypes, train/eval mode, inputs' and
+    targets' shapes, loss) costs one forward pass (the loss is still checked).
 
     Args:
         model: any ``nn.Module``; its parameters, buffers and the global RNG state are unchanged.
@@ -169,13 +182,16 @@ def detect(
             "loss_fn: targets were given without a loss; pass loss_fn=nn.CrossEntropyLoss() "
             "(or your loss), or drop targets to use the model's own output.loss."
         )
+    as_call(inputs)
+    if (tol is not None and not tol > 0) or not eps_tol > 0:
+        raise ValueError(f"tol, eps_tol: must be positive, got {tol} and {eps_tol}.")
     if n_perturb < 1:
         raise ValueError(f"n_perturb: must be at least 1, got {n_perturb}.")
     dtype = _param_dtype(model) if check_dtype is None else check_dtype
     if tol is None:
         tol = DEFAULT_TOL.get(dtype, 1e-4)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    key = _structure_key(model, inputs, loss_fn, tol, eps_tol, dtype) if cache else None
+    key = _structure_key(model, inputs, targets, loss_fn, tol, eps_tol, dtype) if cache else None
     if key is not None and key in _CACHE:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
@@ -189,34 +205,47 @@ def detect(
         try:
             live = dict(model.named_parameters())  # the recorder knows parameters by identity
             flow, out = trace_flow(model, lambda: call_model(model, live, inputs))
-        except Exception as err:  # a model that runs but not under the recorder
+        except RecordingError as failed:  # a model that runs, but not under the recorder
             flow = None
-            notes.append(
-                f"{type(model).__name__}: the dataflow could not be recorded ({type(err).__name__}"
-                f": {str(err)[:120]}); only per-module candidates were tried"
-            )
             out = _run(model, params, inputs)
+            err, where = failed.error, failed.module
+            module = f"{where} ({type(model.get_submodule(where)).__name__})" if where else ""
+            notes.append(
+                f"{module or type(model).__name__}: the dataflow could not be recorded "
+                f"({type(err).__name__}: {str(err)[:120]}); only per-module candidates were tried"
+            )
         _, mode = evaluate_loss(model, inputs, targets, loss_fn, out)
     if flow is None:
         flow = _flat_flow(model)
     candidates = propose(flow)
-    head_translations = {
-        c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)
-    }
+    heads = {c.name for c in candidates if c.kind == "translation" and _is_head(flow, c)}
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    checked, sub_inputs, sub_targets, sub_run = _check_setup(
-        model, inputs, targets, loss_fn, mode, dtype, max_examples, seed
+    checked, sub_inputs, sub_targets, cut = _check_setup(
+        model, inputs, targets, dtype, max_examples, copy_model=False
     )
-    params = {n: p.detach() for n, p in checked.named_parameters()}
-    sub_out = None
-    if mode == "function":  # the projection needs the outputs' shapes on the checked batch
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            sub_out = call_model(checked, params, sub_inputs)
-    loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, sub_out)
+    params = {
+        n: p.detach().to(dtype) if p.is_floating_point() else p.detach()
+        for n, p in model.named_parameters()
+    }
     generator = torch.Generator().manual_seed(seed)
     points = [params] + [_perturbed(params, 0.1, generator) for _ in range(n_perturb)]
-    stats = _stats(loss_at, points, names, seed)
+    loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, dtype)
+    try:
+        stats = _stats(loss_at, points, names, seed)
+    except Exception:
+        # the batch does not split along its first dimension, or the model keeps tensors of its
+        # own dtype outside its buffers: the gradients on all of it, on a converted copy
+        checked, sub_inputs, sub_targets, cut = _check_setup(
+            model, inputs, targets, dtype, None, copy_model=True
+        )
+        loss_at = _loss_function(checked, sub_inputs, sub_targets, loss_fn, mode, dtype)
+        stats = _stats(loss_at, points, names, seed)
+    finite = bool(torch.isfinite(stats).all())
+    if not finite:
+        notes.append(
+            f"{type(model).__name__}: non-finite parameters or gradients on this batch, so no "
+            "candidate could be verified (the result is not cached)"
+        )
     index = {n: i for i, n in enumerate(names)}
     notes += [
         f"{path}: no gradient reaches it on this batch (never called, or its output unused), "
@@ -224,26 +253,52 @@ def detect(
         for path, u in flow.units.items()
         if u.params and all(float(stats[:, index[n], 1].sum()) == 0.0 for n in u.params)
     ]
-    passes = 0.5 + (0.5 if sub_run else 0.0) + len(points)
-    real = _defects(candidates, stats, names)
-    above = [i for i, d in enumerate(real) if d is not None and d > tol]
+    passes = 0.5 + len(points)
+    total = stats[..., 1].sum(dim=1)  # |g|^2 per point: the reference of a vanishing |g_A|
+    real = _defects(candidates, stats, names, tol)
+    norms = any(is_norm(m) for m in model.modules())
+    # eps can only explain a defect up to eps_tol: only those candidates are measured again, and
+    # each eps pass takes the gradient of their tensors alone (backward stops where it can)
+    above = [i for i, d in enumerate(real) if d is not None and tol < d <= eps_tol]
     shrunk: dict[int, float | None] = {}
-    if above and any(is_norm(m) for m in model.modules()):
-        with _shrunk_eps(checked):
-            stats0 = _stats(loss_at, points, names, seed)
-        passes += len(points)
-        sub = _defects([candidates[i] for i in above], stats0, names)
-        shrunk = dict(zip(above, sub))
+    if above and norms:
+        again = [candidates[i] for i in above]
+        wanted = _tensors_of(again, names)
+        with _shrunk_eps(checked):  # at the perturbed point: a generic one
+            stats0 = _stats(loss_at, points[-1:], wanted, seed)
+        passes += 1
+        shrunk = dict(zip(above, _defects(again, stats0, wanted, tol, total[-1:])))
     grown: dict[int, float | None] = {}
     small = [i for i, d in enumerate(real) if d is not None and d <= tol]
-    if small and any(is_norm(m) for m in model.modules()):
+    if small and norms:
+        again = [candidates[i] for i in small]
+        wanted = _tensors_of(again, names)
         with _shrunk_eps(checked, grown=EPS_GROWN):
-            stats1 = _stats(loss_at, points[:1], names, seed)
+            stats1 = _stats(loss_at, points[:1], wanted, seed)
         passes += 1
-        grown = dict(zip(small, _defects([candidates[i] for i in small], stats1, names)))
+        grown = dict(zip(small, _defects(again, stats1, wanted, tol, total[:1])))
+    # without a loss a head translation off by more than rounding is a logits translation (a
+    # symmetry of the softmax cross-entropy, left to the training loss) only if the logits shift
+    # by a per-sample constant along it: measured at the perturbed point on a random linear
+    # function of the outputs centered along the class axis, which is blind to exactly those
+    # shifts (a weight-normalized head's g, v or all its tensors shifted are not)
+    logits_shift: dict[int, float | None] = {}
+    undecided = [
+        i
+        for i, d in enumerate(real)
+        if mode == "function" and d is not None and d > tol and candidates[i].name in heads
+    ]
+    if undecided:
+        again = [candidates[i] for i in undecided]
+        wanted = _tensors_of(again, names)
+        class_dim = _class_dim(model, flow.head)
+        centered = _loss_function(checked, sub_inputs, None, None, mode, dtype, class_dim)
+        stats2 = _stats(centered, points[-1:], wanted, seed)
+        passes += 1
+        logits_shift = dict(zip(undecided, _defects(again, stats2, wanted, tol)))
     kept: list[tuple[Candidate, float, str]] = []
     dropped: list[Dropped] = []
-    unverified: list[Symmetry] = []
+    unverified: list[tuple[Candidate, float, Symmetry]] = []
     for i, c in enumerate(candidates):
         d = real[i]
         if d is None:
@@ -251,27 +306,50 @@ def detect(
         elif d <= tol:
             g = grown.get(i)
             kept.append((c, d, "exact" if g is None or g <= tol else "approximate"))
-        elif mode == "function" and c.name in head_translations:
-            unverified.append(
-                Symmetry(
-                    c.name, c.kind, c.params, c.signs,
-                    note=f"{c.why}; needs the training loss: check with gradient_defects",
+        elif i in logits_shift:
+            shift = logits_shift[i]
+            if shift is not None and shift <= tol:
+                unverified.append(
+                    (
+                        c,
+                        d,
+                        Symmetry(
+                            c.name, c.kind, c.params, c.signs,
+                            note=f"{c.why}; the logits shift by a per-sample constant along it "
+                            f"(defect {shift:.1e} <= tol {tol:.0e} on class-centered outputs); "
+                            "needs the training loss: check with gradient_defects",
+                        ),
+                    )
+                )  # fmt: skip
+            else:
+                rule = (
+                    f"not a logits translation: the outputs do not shift by a per-sample constant "
+                    f"along it (defect {shift:.1e} > tol {tol:.0e} on a random linear function of "
+                    "the outputs centered along the class axis)"
+                    if shift is not None
+                    else "not a logits translation: no gradient of the class-centered outputs"
                 )
-            )  # fmt: skip
+                dropped.append(_drop(c, d, rule))
         elif d <= eps_tol and shrunk.get(i) is not None and shrunk[i] <= tol:
             kept.append((c, d, "approximate"))
         else:
             d0 = shrunk.get(i)
-            rule = (
-                f"defect {d:.1e} > tol {tol:.0e} (float rounding)"
-                + (f" and {d0:.1e} > tol with norm eps x{EPS_SHRINK:.0e}" if d0 is not None else "")
-                + (f", or > eps_tol {eps_tol:.0e}" if d0 is not None and d0 <= tol else "")
+            rule = f"defect {d:.1e} > tol {tol:.0e} (float rounding)" + (
+                f" and > eps_tol {eps_tol:.0e}"
+                if d > eps_tol
+                else f" and {d0:.1e} > tol with norm eps x{EPS_SHRINK:.0e}"
+                if d0 is not None
+                else " (no normalization whose eps could explain it)"
             )
             dropped.append(_drop(c, d, rule))
+    kept, alternatives = _one_per_family(kept)
+    dropped += alternatives
     symmetries, redundant = _basis(kept, names, tol, eps_tol)
     dropped += redundant
-    result = Detection(symmetries + unverified, dropped, notes, passes)
-    if key is not None:
+    waiting, alternatives = _one_unverified_per_family(unverified, symmetries)
+    dropped += alternatives
+    result = Detection(symmetries + waiting, dropped, notes, passes)
+    if key is not None and finite:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = result
@@ -286,16 +364,16 @@ def _check_setup(
     model: nn.Module,
     inputs: Inputs,
     targets: Any,
-    loss_fn: Callable | None,
-    mode: str,
     dtype: torch.dtype,
     max_examples: int | None,
-    seed: int,
+    copy_model: bool,
 ) -> tuple[nn.Module, Inputs, Any, bool]:
-    """The model, inputs and targets the gradients are taken on, and whether a trial forward
-    pass on the cut batch was run."""
+    """The model (itself, run on parameters and buffers in ``dtype``, or with ``copy_model`` a
+    copy converted to ``dtype`` when its own dtype differs), inputs and targets the gradients
+    are taken on, and whether the batch was cut to its first ``max_examples`` examples (every
+    tensor whose first dimension is the batch size)."""
     checked = model
-    if dtype != _param_dtype(model):
+    if copy_model and dtype != _param_dtype(model):
         checked = copy.deepcopy(model).to(dtype)
     args, kwargs = as_call(inputs)
     first = next((t for t in _flat(args, kwargs) if t.ndim > 0), None)
@@ -303,7 +381,6 @@ def _check_setup(
     keep = size if max_examples is None or size <= max_examples else max_examples
     if any(_batch_coupled(m) for m in model.modules()):
         keep = size  # batch statistics: a cut batch is another function (degenerate at 2 rows)
-    keep_first = keep
 
     def cut(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
@@ -317,18 +394,7 @@ def _check_setup(
         return v
 
     sub = cut(inputs) if not isinstance(inputs, Mapping) else cut(dict(inputs))
-    sub_targets = cut(targets)
-    if keep < size:
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(seed)
-                out = call_model(checked, dict(checked.named_parameters()), sub)
-                evaluate_loss(checked, sub, sub_targets, loss_fn, out)
-        except Exception:  # the batch does not split along its first dimension
-            keep = size
-            sub = cut(inputs) if not isinstance(inputs, Mapping) else cut(dict(inputs))
-            sub_targets = cut(targets)
-    return checked, sub, sub_targets, size > keep_first
+    return checked, sub, cut(targets), keep < size
 
 
 def _batch_coupled(module: nn.Module) -> bool:
@@ -350,9 +416,9 @@ def _run(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inputs) -
         return call_model(model, params, inputs)
     except Exception as err:
         raise ValueError(
-            f"inputs: the model failed on the given inputs with {type(err).__name__}: {err}. "
-            "Pass one batch the model accepts: a tensor, a tuple of positional arguments or a "
-            "dict / BatchEncoding of keyword arguments."
+            f"inputs: model(*inputs) failed on the given inputs ({describe(inputs)}) with "
+            f"{type(err).__name__}: {err}. Pass one batch the model accepts: a tensor for "
+            "model(x), a tuple for model(*args), or a dict / BatchEncoding for model(**kwargs)."
         ) from err
 
 
@@ -393,26 +459,39 @@ def _loss_function(
     targets: Any,
     loss_fn: Callable | None,
     mode: str,
-    out: Any,
+    dtype: torch.dtype | None,
+    class_dim: int | None = None,
 ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
-    """The scalar whose gradients verify the candidates, as a function of the parameters."""
+    """The scalar whose gradients verify the candidates, as a function of the parameters.
+
+    Without a loss (``mode == "function"``): sum(w * outputs) with fixed random weights w drawn
+    (seeded) on the first call, from the shapes of the outputs it sees; with ``class_dim``, w
+    has zero mean along that axis of every output (outputs with fewer axes weigh 0), so the
+    function ignores any shift of the outputs that is constant along it (a logits translation)
+    and sees every other change."""
     if mode == "fn":
-        return lambda q: loss_fn(call_model(model, q, inputs), targets)
+        return lambda q: loss_fn(call_model(model, q, inputs, dtype), targets)
     if mode == "model":
-        return lambda q: model_loss(call_model(model, q, inputs))
-    g = torch.Generator().manual_seed(12345)
-    weights = [
-        torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) / math.sqrt(max(t.numel(), 1))
-        for t in output_tensors(out)
-    ]
-    if not weights:
-        raise ValueError(
-            "inputs: the model returns no floating tensor, so nothing can be checked; pass "
-            "loss_fn= (and targets=) or inputs that make it return its logits or loss."
-        )
+        return lambda q: model_loss(call_model(model, q, inputs, dtype))
+    weights: list[torch.Tensor] = []
 
     def projected(q: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        outs = output_tensors(call_model(model, q, inputs))
+        outs = output_tensors(call_model(model, q, inputs, dtype))
+        if not outs:
+            raise ValueError(
+                "inputs: the model returns no floating tensor, so nothing can be checked; pass "
+                "loss_fn= (and targets=) or inputs that make it return its logits or loss."
+            )
+        if not weights:
+            g = torch.Generator().manual_seed(12345)
+            for t in outs:
+                w = torch.randn(t.shape, generator=g, dtype=torch.float64)
+                if class_dim is not None:
+                    if t.ndim > (class_dim if class_dim >= 0 else -class_dim - 1):
+                        w -= w.mean(dim=class_dim, keepdim=True)
+                    else:
+                        w.zero_()
+                weights.append(w.to(t) / math.sqrt(max(t.numel(), 1)))
         return sum((w * t).sum() for w, t in zip(weights, outs))
 
     return projected
@@ -453,6 +532,12 @@ def _stats(
     return out
 
 
+def _tensors_of(candidates: Sequence[Candidate], names: list[str]) -> list[str]:
+    """The tensors the candidates act on, in the order of ``names``."""
+    used = {n for c in candidates for n in c.params}
+    return [n for n in names if n in used]
+
+
 def _perturbed(
     params: Mapping[str, torch.Tensor], scale: float, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
@@ -465,15 +550,26 @@ def _perturbed(
             out[name] = q
             continue
         rms = float(torch.linalg.vector_norm(q)) / math.sqrt(q.numel())
-        noise = torch.randn(q.shape, generator=generator).to(q.device, q.dtype)
-        out[name] = q + scale * (rms if rms > 0 else 1.0) * noise
+        noise = torch.empty(q.shape).normal_(generator=generator).to(q.device, q.dtype)
+        out[name] = noise.mul_(scale * (rms if rms > 0 else 1.0)).add_(q)
     return out
 
 
 def _defects(
-    candidates: Sequence[Candidate], stats: torch.Tensor, names: list[str]
+    candidates: Sequence[Candidate],
+    stats: torch.Tensor,
+    names: list[str],
+    floor: float = 0.0,
+    reference: torch.Tensor | None = None,
 ) -> list[float | None]:
-    """The largest defect of each candidate over the points with a nonzero gradient on it."""
+    """The largest defect of each candidate over the points with a nonzero gradient on it.
+
+    A translation whose tensors' gradient |g_A| is nonzero but at most ``floor`` times
+    |g| (``reference``: |g|^2 per point, over every tensor; by default over those in ``stats``)
+    has its defect taken against |g| instead (THEORY.md §3's |g|): the loss depends on those
+    tensors only through rounding (a bias before a train-mode BatchNorm, whose per-channel mean
+    cancels in the backward pass too), where the cosine against |g_A| is rounding over rounding.
+    An exactly zero gradient (a module whose output is unused) still gives no defect."""
     if not candidates:
         return []
     index = {n: i for i, n in enumerate(names)}
@@ -485,6 +581,10 @@ def _defects(
     translation = torch.tensor([c.kind == "translation" for c in candidates])
     dot = torch.where(translation[:, None], coef @ stats[..., 3].T, coef @ stats[..., 0].T)
     gg = support @ stats[..., 1].T
+    if reference is None:
+        reference = stats[..., 1].sum(dim=1)
+    vanishing = translation[:, None] & (gg > 0) & (gg <= floor**2 * reference[None, :])
+    gg = torch.where(vanishing, reference[None, :].expand_as(gg), gg)
     xx = torch.where(translation[:, None], support @ stats[..., 4].T, support @ stats[..., 2].T)
     ratio = dot.abs() / (gg * xx).sqrt()
     ratio = torch.where((gg > 0) & (xx > 0), ratio, torch.nan)
@@ -523,6 +623,55 @@ def _shrunk_eps(
     finally:
         for m, attr, old in saved:
             setattr(m, attr, old)
+
+
+def _one_per_family(
+    kept: list[tuple[Candidate, float, str]],
+) -> tuple[list[tuple[Candidate, float, str]], list[Dropped]]:
+    """Layer level: of the verified candidates of one family (a layer's scale on all its
+    tensors, on its weights alone, on one tensor), only the first proposed is kept."""
+    first: dict[str, str] = {}
+    out: list[tuple[Candidate, float, str]] = []
+    dropped: list[Dropped] = []
+    for c, d, exactness in kept:
+        if c.family and c.family in first:
+            rule = f"layer level: one record per layer, {first[c.family]} is reported"
+            dropped.append(_drop(c, d, rule))
+            continue
+        if c.family:
+            first[c.family] = c.name
+        out.append((c, d, exactness))
+    return out, dropped
+
+
+def _one_unverified_per_family(
+    unverified: list[tuple[Candidate, float, Symmetry]], reported: list[Symmetry]
+) -> tuple[list[Symmetry], list[Dropped]]:
+    """Layer level for the translations waiting for the training loss: none for a layer whose
+    translation is reported verified, else the first proposed of its family (the largest set)."""
+    verified = {s.name for s in reported}
+    first: set[str] = set()
+    out: list[Symmetry] = []
+    dropped: list[Dropped] = []
+    for c, d, s in unverified:
+        if c.name in verified or c.name in first:
+            status = "verified" if c.name in verified else "waiting for the training loss"
+            rule = f"layer level: one record per layer, {c.name} on other tensors is {status}"
+            dropped.append(_drop(c, d, rule))
+            continue
+        first.add(c.name)
+        out.append(s)
+    return out, dropped
+
+
+def _class_dim(model: nn.Module, head: str | None) -> int:
+    """The class axis of the logits: 1 after a convolution head (N, C, *spatial), as in
+    ``F.cross_entropy``, else the last (a Linear's output features, (N, C) or (N, T, C))."""
+    try:
+        module = model.get_submodule(head) if head else None
+    except AttributeError:  # a loose parameter
+        module = None
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
 
 
 def _basis(
@@ -600,15 +749,36 @@ def _loss_identity(loss_fn: Any) -> Any:
     return type(loss_fn).__qualname__, id(code) if code is not None else id(loss_fn)
 
 
+def _settings(module: nn.Module) -> tuple:
+    """The module's public attributes that are plain values (bool, int, float, str, None)."""
+    return tuple(
+        (k, v)
+        for k, v in vars(module).items()
+        if not k.startswith("_") and (v is None or isinstance(v, bool | int | float | str))
+    )
+
+
 def _structure_key(
-    model: nn.Module, inputs: Inputs, loss_fn: Any, tol: float, eps_tol: float, dtype: Any
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Any,
+    loss_fn: Any,
+    tol: float,
+    eps_tol: float,
+    dtype: Any,
 ) -> Any:
     args, kwargs = as_call(inputs)
     return (
+        _signature(targets),
         type(model).__module__,
         type(model).__qualname__,
         tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in model.named_parameters()),
-        tuple(m.training for m in model.modules()),
+        # every module's class and plain settings (a LeakyReLU's slope, a norm's eps, a flag
+        # its forward reads), parameter-free ones included
+        tuple(
+            (type(m).__module__, type(m).__qualname__, m.extra_repr(), _settings(m))
+            for m in model.modules()
+        ),
         _signature(args),
         _signature(kwargs),
         _loss_identity(loss_fn),

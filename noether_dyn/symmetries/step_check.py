@@ -20,8 +20,15 @@ def gradient_defects(
     symmetries: Sequence[Symmetry],
     params: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor | None],
+    *,
+    floor: float | None = None,
 ) -> dict[str, float | None]:
     """The defect |<g, xi(q)>| / (|g_A| |xi_A|) of each symmetry at one training step.
+
+    As in :func:`noether_dyn.symmetries.engine.detect`, a translation whose |g_A| is nonzero but
+    at most ``floor`` (default: the rounding tolerance of the gradients' dtype) times |g| over
+    every gradient given is measured against |g|: the loss depends on its tensors through
+    rounding only (a bias before a train-mode BatchNorm).
 
     For the capture layer: call it with the parameters and the real gradients of the first steps
     (before the optimizer's update) and drop what :func:`judge_defects` rejects. Accumulated in
@@ -32,6 +39,10 @@ def gradient_defects(
         params: ``{name: tensor}`` as in ``model.named_parameters()``.
         grads: ``{name: gradient}`` (``p.grad``), same names; None entries count as zero.
     """
+    given = [g.detach() for g in grads.values() if g is not None]
+    total = sum(float(g.double().pow(2).sum()) for g in given)
+    if floor is None:
+        floor = DEFAULT_TOL.get(given[0].dtype, 1e-4) if given else 0.0
     out: dict[str, float | None] = {}
     for s in symmetries:
         missing = [n for n in s.params if n not in params]
@@ -48,6 +59,8 @@ def gradient_defects(
             g = g.detach().double()
             dot += float((g * x).sum())
             gg += float((g * g).sum())
+        if s.kind == "translation" and 0 < gg <= floor**2 * total:
+            gg = total
         out[s.name] = abs(dot) / math.sqrt(gg * xx) if gg > 0 and xx > 0 else None
     return out
 
