@@ -278,7 +278,7 @@ def test_bert_has_per_dim_query_key_units() -> None:
     a = "bert.encoder.layer.0.attention.self"
     qk = [s for s in found if s.parent.endswith(f"{a}.query~{a}.key")]
     assert len(qk) == 32 and all(all(w[0] == 0 for w in s.slices) for s in qk)
-    vo = [s for s in found if "self.value>" in s.parent and "layer.0" in s.parent]
+    vo = [s for s in found if s.parent == f"rescale:{a}.value"]  # its one reader: the output dense
     assert len(vo) == 32 and [w[0] for w in vo[0].slices] == [0, 0, 1]
     checked = copy.deepcopy(model).double()
     checked.eval()  # no dropout: a deterministic loss for the derivative
@@ -300,14 +300,14 @@ def test_llama_rope_couples_query_key_dims() -> None:
     counts = collections.Counter(s.parent for s in found if s.parent)
     qk = next(n for n in parents if "q_proj~" in n and "layers.0" in n)
     assert counts[qk] == 0 and "no per-unit split" in parents[qk].note
-    assert counts["rescale:model.layers.0.mlp.up_proj>model.layers.0.mlp.down_proj"] == 48
+    assert counts["rescale:model.layers.0.mlp.up_proj"] == 48  # its one reader: down_proj
     checked = copy.deepcopy(model).double().eval()
     params = {k: v.detach() for k, v in checked.named_parameters()}
     loss = _loss_fn(checked, inputs)
     one_dim = Symmetry("q0", "rescale", parents[qk].params, parents[qk].signs,
                        slices=tuple((0, 0) for _ in parents[qk].params))  # fmt: skip
     assert _directional(loss, params, one_dim) > 1e-6
-    mlp_unit = next(s for s in found if s.parent.endswith("layers.0.mlp.down_proj"))
+    mlp_unit = next(s for s in found if s.parent == "rescale:model.layers.0.mlp.up_proj")
     assert _directional(loss, params, mlp_unit) <= DIRECTIONAL
 
 
