@@ -35,9 +35,9 @@ FUSED_MIN_NUMEL = 1_000_000
 
 FUSED_MAX_TENSORS = 128
 """With ``fused=None`` no program is compiled for more tracked tensors than this: Inductor's cold
-compile grows with the tensors (2-9 minutes of a CPU core for resnet18's 62, over 17 minutes for
-a ViT-tiny with AdamW, issue 18), which a run of a few hundred steps never earns back, and which
-a background compile takes from the training on a small machine."""
+compile grows with the tensors (2-6 minutes on a 2-core CPU for resnet18's 62, 9 minutes for a
+ViT-tiny with SGD and over 17 with AdamW, issue 18), which a run of a few hundred steps never
+earns back, and which a background compile takes from the training on a small machine."""
 
 PROGRESS_SECONDS = 5.0
 """A background compile still running after this many seconds prints one line saying so (and
