@@ -18,6 +18,11 @@ class CompileFailed(Exception):
     """The program could not be compiled before any compiled call succeeded."""
 
 
+class CompileNeeded(Exception):
+    """The step's signature has no compiled program yet, and the caller asked not to compile
+    it in the step."""
+
+
 class CompiledStats:
     """The compiled programs of one monitor, one per list of update rules.
 
@@ -42,12 +47,9 @@ class CompiledStats:
         self.programs: dict[tuple, StatsProgram] = {}
         self.compiled_ok = False
 
-    def __call__(
-        self, optimizer: torch.optim.Optimizer, plan: StepPlan, inputs: tuple
-    ) -> tuple[torch.Tensor, tuple | None] | None:
-        """The statistics (and, unless they must first be reduced over ranks, the stored rows),
-        or None when this step has no elementwise form (a tensor without gradient or state, a
-        group without a rule). Raises :class:`CompileFailed` when the first compile fails."""
+    def _program(self, optimizer: torch.optim.Optimizer) -> tuple | None:
+        """The program of this step's rules and its array inputs ``(params, grads, states,
+        coef)``, or None when the step has no elementwise form."""
         t = self.t
         if any(p.grad is None for p in t.params) or any(t.widened):
             return None  # 16-bit parameters: measured from a snapshot (tracked.accumulation_dtype)
@@ -79,8 +81,39 @@ class CompiledStats:
                 rows=None if t.sharded else self.step_rows,
             )
             self.programs[key] = program
+        return program, (params, grads, states, coef)
+
+    def build(self, optimizer: torch.optim.Optimizer, inputs: tuple) -> bool:
+        """Compile the program of this step's signature without running it (see
+        :meth:`StatsProgram.build`; safe in another thread while training goes on); False when
+        the step has no elementwise form or the program can only be compiled by running it.
+        Raises what the compiler raises."""
+        found = self._program(optimizer)
+        if found is None:
+            return False
+        program, arrays = found
+        return program.build(*arrays, inputs)
+
+    def __call__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        plan: StepPlan,
+        inputs: tuple,
+        compile_missing: bool = True,
+    ) -> tuple[torch.Tensor, tuple | None] | None:
+        """The statistics (and, unless they must first be reduced over ranks, the stored rows),
+        or None when this step has no elementwise form (a tensor without gradient or state, a
+        group without a rule). Raises :class:`CompileFailed` when the first compile fails, and
+        (without ``compile_missing``) :class:`CompileNeeded` where the step's signature has no
+        compiled program yet."""
+        found = self._program(optimizer)
+        if found is None:
+            return None
+        program, arrays = found
+        if not compile_missing and not program.has_variant(*arrays, inputs):
+            raise CompileNeeded
         try:
-            out = program(params, grads, states, coef, inputs)
+            out = program(*arrays, inputs)
         except Exception as exc:
             if self.compiled_ok:
                 raise

@@ -19,7 +19,14 @@ from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter
 from noether_dyn.optimizers.base import FusedStep
 from noether_dyn.quantities.charges import ChargeMatrix, slice_statistics, slices_before
-from noether_dyn.quantities.reductions import dots, inverse_sums, local, sq_norms, sums
+from noether_dyn.quantities.reductions import (
+    dots,
+    inverse_sums,
+    local,
+    sq_norms,
+    stacked,
+    sums,
+)
 from noether_dyn.records import STATS, StepPlan
 
 
@@ -208,28 +215,30 @@ class EagerStats:
                 "param group whose update it said it can rebuild (can_reconstruct); make "
                 "can_reconstruct false for that group so that the monitor takes a snapshot."
             )
-        out = run_rule(step, params, [p.grad for p in params])
-        iso_pos, iso_c, diag_pos, diag_g, diag_inv = [], [], [], [], []
-        for i, (u, metric, inverse) in zip(pos, out):
+        # tensor by tensor, keeping only dq (and G dq): the rule's other temporaries (G, 1/G and
+        # its intermediates) are freed before the next tensor's are made, so that the peak of
+        # held temporaries is one tensor's, not the group's (big freed blocks go back to the OS
+        # and fault back in on the next step otherwise)
+        states = [tuple(local(list(st))) for st in step.states]
+        rows = step.coef.unbind(0)
+        grads = [p.grad for p in params]
+        iso_pos, iso_c, diag_pos, diag_inv = [], [], [], []
+        for i, q, g, st, c in zip(pos, local(params), local(grads), states, rows):
+            u, metric, inverse = step.rule(q, g, st, c)
             dq[i] = u
             if metric.dim() == 0:
                 iso_pos.append(i)
                 iso_c.append(metric)
-            else:
+            elif with_metric:
                 diag_pos.append(i)
-                diag_g.append(metric)
-                diag_inv.append(inverse)
+                gdq[i] = metric * u  # per tensor: faster than foreach on a CPU
+                # sum(1/G_ii) in G's dtype, as inverse_sums forms it
+                diag_inv.append((metric.reciprocal() if inverse is None else inverse).sum())
         if iso_pos:
             c = torch.stack(iso_c).to(device=t.device, dtype=torch.float64)
             sel = t.index_tensor(iso_pos)
             iso[sel] = c
             if inv is not None:
                 inv[sel] = inv[sel] / c
-        if diag_pos and with_metric:
-            for i, metric in zip(diag_pos, diag_g):  # per tensor: faster than foreach on a CPU
-                gdq[i] = metric * dq[i]
-            sel = t.index_tensor(diag_pos)
-            if all(x is not None for x in diag_inv):
-                inv[sel] = sums(diag_inv, t.device)
-            else:
-                inv[sel] = inverse_sums(diag_g, t.device)
+        if diag_pos:
+            inv[t.index_tensor(diag_pos)] = stacked(diag_inv, t.device)

@@ -5,15 +5,25 @@ the step is logged, whether each group's update is rebuilt from the optimizer's 
 snapshot), and whether the compiled program computes the statistics; after the step
 :meth:`Planner.statistics` runs the chosen backend and falls back to the eager one where the
 compiled one cannot run (warning once when it cannot even compile).
+
+With ``fused=None`` the program is compiled in a background thread (:class:`BackgroundCompile`)
+while the eager backend serves the logged steps, and the steps switch to it once it is ready: a
+cold compile (tens of seconds to minutes on a CPU for tens of tensors) never blocks a step. Both
+backends compute the same statistics (tests/test_fused.py), so the rows mean the same on either
+side of the switch. ``fused=True`` compiles on the first logged step, in the step, as asked.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
-from noether_dyn.capture.compiled import CompiledStats, CompileFailed
+from noether_dyn.capture.compiled import CompiledStats, CompileFailed, CompileNeeded
 from noether_dyn.capture.eager import EagerStats
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter
@@ -23,13 +33,93 @@ from noether_dyn.records import GroupHyper, StepPlan
 FUSED_MIN_NUMEL = 1_000_000
 """With ``fused=None`` the compiled statistics are used from this many parameter entries on."""
 
+FUSED_MAX_TENSORS = 128
+"""With ``fused=None`` no program is compiled for more tracked tensors than this: Inductor's cold
+compile grows with the tensors (2-6 minutes on a 2-core CPU for resnet18's 62, 9 minutes for a
+ViT-tiny with SGD and over 17 with AdamW, issue 18), which a run of a few hundred steps never
+earns back, and which a background compile takes from the training on a small machine."""
+
+PROGRESS_SECONDS = 5.0
+"""A background compile still running after this many seconds prints one line saying so (and
+one when it is ready)."""
+
+
+class BackgroundCompile:
+    """One compile run in a daemon thread: ``build()`` (which raises on a failed compile)
+    returns True when the program is ready, False when the steps cannot be compiled this way.
+
+    ``state``: "running", "ready", "unavailable" (build returned False) or "failed" (then
+    ``error`` holds the exception). ``seconds``: how long the compile took (once finished).
+    ``progress``: where the progress lines go (a callable taking one line; None: silent)."""
+
+    def __init__(
+        self,
+        build: Callable[[], bool],
+        what: str,
+        progress: Callable[[str], None] | None,
+        after: float = PROGRESS_SECONDS,
+    ) -> None:
+        self.state = "running"
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self._what, self._progress, self._after = what, progress, after
+        self._announced = False
+        self._start = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(build,), name="noether-dyn-compile", daemon=True
+        )
+        self._timer = threading.Timer(after, self._announce)
+        self._timer.daemon = True
+        self._timer.start()
+        self._thread.start()
+
+    def _run(self, build: Callable[[], bool]) -> None:
+        try:
+            with torch.no_grad():
+                ok = build()
+            self.state = "ready" if ok else "unavailable"
+        except BaseException as exc:  # reported to the training thread by the planner
+            self.error, self.state = exc, "failed"
+        self.seconds = time.monotonic() - self._start
+        self._timer.cancel()
+        self._done.set()
+        if self._announced and self.state == "ready" and self._progress is not None:
+            self._progress(
+                f"noether-dyn: the fused statistics of {self._what} compiled in "
+                f"{self.seconds:.0f} s; the logged steps use them from now on."
+            )
+
+    def _announce(self) -> None:
+        if self._done.is_set() or self._progress is None:
+            return
+        self._announced = True
+        self._progress(
+            f"noether-dyn: compiling the fused statistics of {self._what} in the background "
+            f"(more than {self._after:.0f} s so far); the eager statistics serve the logged steps "
+            "until it is ready (pass fused=False to skip compiling, fused=True to wait for it)."
+        )
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the compile to finish; whether it has."""
+        return self._done.wait(timeout)
+
+
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
 
 class Planner:
     """Plans steps and runs their statistics backend.
 
     Args:
         fused: True/False, or None for on from :data:`FUSED_MIN_NUMEL` parameter entries on a
-            CPU or CUDA device; always off with ``snapshot``.
+            CPU or CUDA device, up to :data:`FUSED_MAX_TENSORS` tensors, compiled in the
+            background (see the module's docstring); always off with ``snapshot``.
+
+    Attributes:
+        background: None, or the :class:`BackgroundCompile` under way or finished (fused=None).
+        progress: where a background compile's progress lines go (stderr by default).
     """
 
     def __init__(
@@ -48,10 +138,12 @@ class Planner:
         self.compiled = compiled
         self.every = every
         self.snapshot = snapshot
+        self.in_background = fused is None
         if fused is None:
             fused = (
                 tracked.device.type in ("cpu", "cuda")
                 and sum(p.numel() for p in tracked.params) >= FUSED_MIN_NUMEL
+                and len(tracked) <= FUSED_MAX_TENSORS
             )
         # per-unit slices are reduced by the eager path only: units make every step eager
         if fused is True and eager.matrix.sliced:
@@ -62,6 +154,8 @@ class Planner:
                 stacklevel=5,
             )
         self.fused = bool(fused) and not snapshot and not eager.matrix.sliced
+        self.background: BackgroundCompile | None = None
+        self.progress: Callable[[str], None] | None = _stderr_line
         self._hyper: tuple[list[GroupHyper], torch.Tensor] | None = None
 
     def hyper_matrix(self, hypers: list[GroupHyper]) -> torch.Tensor:
@@ -90,6 +184,7 @@ class Planner:
         ]
         fused = (
             self.fused
+            and self._program_ready()
             and logged
             and all(rebuild)
             and (closure or all(p.grad is not None for p in self.t.params))
@@ -103,6 +198,42 @@ class Planner:
                 self.eager.read_before(plan, closure)
         return plan
 
+    def _program_ready(self) -> bool:
+        """Whether a logged step may run the compiled program now: always when compiling in the
+        step; in the background, once the compile is ready (or could not run there, and the
+        program compiles in the step as before). A failed background compile turns ``fused``
+        off with the warning of a failed compile in the step."""
+        if not self.in_background:
+            return True
+        job = self.background
+        if job is None or job.state == "running":
+            return False
+        if job.state == "unavailable":  # compiled by running it, in the step, as fused=True
+            self.in_background = False
+            return True
+        if job.state == "failed":
+            self.background = None
+            first = str(job.error).splitlines()[0] if str(job.error) else ""
+            self._compile_failed(f"{type(job.error).__name__}: {first}")
+            return False
+        return True
+
+    def start_background(self, optimizer: torch.optim.Optimizer, inputs: tuple) -> None:
+        """Start compiling the program of this step's signature in a background thread."""
+        what = f"{len(self.t)} tensors"
+        self.background = BackgroundCompile(
+            lambda: self.compiled.build(optimizer, inputs), what, self.progress
+        )
+
+    def _compile_failed(self, reason: str) -> None:
+        self.fused = False
+        warnings.warn(
+            f"noether-dyn: the fused statistics could not be compiled ({reason}); the "
+            "monitor goes on with the eager path (pass fused=False to skip the attempt).",
+            RuntimeWarning,
+            stacklevel=7,
+        )
+
     def statistics(
         self, optimizer: torch.optim.Optimizer, plan: StepPlan, inputs: tuple
     ) -> tuple[torch.Tensor, tuple | None]:
@@ -110,16 +241,16 @@ class Planner:
         stored rows (None from the eager backend)."""
         if plan.fused:
             try:
-                out = self.compiled(optimizer, plan, inputs)
+                out = self.compiled(optimizer, plan, inputs, compile_missing=not self.in_background)
             except CompileFailed as exc:
-                self.fused = False
-                warnings.warn(
-                    f"noether-dyn: the fused statistics could not be compiled ({exc}); the "
-                    "monitor goes on with the eager path (pass fused=False to skip the attempt).",
-                    RuntimeWarning,
-                    stacklevel=6,
-                )
+                self._compile_failed(str(exc))
                 out = None
+            except CompileNeeded:  # a new signature (say, the prediction's inputs appeared)
+                self.background = out = None
             if out is not None:
                 return out
-        return self.eager(optimizer, plan, inputs)
+        out = self.eager(optimizer, plan, inputs)
+        if self.fused and self.in_background and self.background is None:
+            # after the eager statistics: the optimizer's state (the program's inputs) exists
+            self.start_background(optimizer, inputs)
+        return out

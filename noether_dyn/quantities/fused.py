@@ -197,6 +197,51 @@ class StatsProgram:
             self._variants.append(variant)
         return _unflatten(variant.out_spec, iter(variant.fn(*flat)))
 
+    def has_variant(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[tuple[torch.Tensor, ...]],
+        coef: torch.Tensor,
+        inputs: tuple = (),
+    ) -> bool:
+        """Whether a call with these inputs runs without compiling (always True where programs
+        are not compiled variant by variant)."""
+        if not self._compile or self._dynamo is not None:
+            return True
+        leaves: list[torch.Tensor] = []
+        spec = _flatten(inputs, leaves)
+        flat = [*params, *grads, *itertools.chain.from_iterable(states), coef, *leaves]
+        layout = (len(params), tuple(map(len, states)), spec)
+        return any(v.layout == layout and v.check(flat) for v in self._variants)
+
+    def build(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[tuple[torch.Tensor, ...]],
+        coef: torch.Tensor,
+        inputs: tuple = (),
+    ) -> bool:
+        """Compile the variant for these inputs' signature without running it (a no-op when it
+        exists); False where programs are only compiled by running them (``compile=False``, or
+        the ``torch.compile`` fallback). Reads only the inputs' dtypes, devices, shapes and
+        strides, and traces the program on them without writing to them: it may run in another
+        thread while the training goes on."""
+        if not self._compile or self._dynamo is not None:
+            return False
+        if self.has_variant(params, grads, states, coef, inputs):
+            return True
+        leaves: list[torch.Tensor] = []
+        spec = _flatten(inputs, leaves)
+        flat = [*params, *grads, *itertools.chain.from_iterable(states), coef, *leaves]
+        layout = (len(params), tuple(map(len, states)), spec)
+        if len(self._variants) >= MAX_VARIANTS:
+            return False
+        variant = self._build(flat, layout, (params, grads, states, coef, inputs))
+        self._variants.append(variant)
+        return True
+
     def _build(self, flat: list[torch.Tensor], layout: tuple, args: tuple) -> _Variant:
         """Trace and compile the program for the signature of ``flat`` (``args`` flattened)."""
         arg_spec = _flatten(args, [])

@@ -30,6 +30,11 @@ def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
 
 
+def stacked(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """0-d per-tensor reductions (each in its tensor's dtype) as one (n,) float64 vector."""
+    return _stack(values, device)
+
+
 def sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """|x_i|^2 for each tensor (one fused ``_foreach_norm`` pass in the tensors' dtype: asking
     for float64 accumulation would copy every float32 tensor to float64 first)."""
