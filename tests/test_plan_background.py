@@ -50,6 +50,7 @@ def fake_inductor(monkeypatch):
     fake = FakeInductor()
     monkeypatch.setattr(torch._inductor, "standalone_compile", fake.standalone_compile)
     monkeypatch.setattr(plan_module, "FUSED_MIN_NUMEL", 0)  # the tiny model picks the program
+    monkeypatch.setattr(plan_module, "COMPILE_AFTER_STEPS", 0)  # compile from the first step
     return fake
 
 

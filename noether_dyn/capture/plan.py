@@ -10,7 +10,9 @@ With ``fused=None`` the program is compiled in a background thread (:class:`Back
 while the eager backend serves the logged steps, and the steps switch to it once it is ready: a
 cold compile (tens of seconds to minutes on a CPU for tens of tensors) never blocks a step. Both
 backends compute the same statistics (tests/test_fused.py), so the rows mean the same on either
-side of the switch. ``fused=True`` compiles on the first logged step, in the step, as asked.
+side of the switch. The compile starts after :data:`COMPILE_AFTER_STEPS` optimizer steps, so a
+short run never compiles, and the interpreter waits for a compile still running at exit (with the
+progress line saying so). ``fused=True`` compiles on the first logged step, in the step, as asked.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ FUSED_MAX_TENSORS = 128
 compile grows with the tensors (2-6 minutes on a 2-core CPU for resnet18's 62, 9 minutes for a
 ViT-tiny with SGD and over 17 with AdamW, issue 18), which a run of a few hundred steps never
 earns back, and which a background compile takes from the training on a small machine."""
+
+COMPILE_AFTER_STEPS = 200
+"""With ``fused=None`` the background compile starts only once the monitor has seen this many
+optimizer steps: a short run (a test, a smoke run, a notebook cell) never pays for a compile it
+would not earn back, nor competes with one for the CPU (issue 18, target 2)."""
 
 PROGRESS_SECONDS = 5.0
 """A background compile still running after this many seconds prints one line saying so (and
@@ -67,8 +74,9 @@ class BackgroundCompile:
         self._start = time.monotonic()
         self._done = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(build,), name="noether-dyn-compile", daemon=True
-        )
+            target=self._run, args=(build,), name="noether-dyn-compile", daemon=False
+        )  # not a daemon: the interpreter waits for it at exit (killing Inductor mid-compile
+        # aborts the process: "terminate called without an active exception")
         self._timer = threading.Timer(after, self._announce)
         self._timer.daemon = True
         self._timer.start()
@@ -155,6 +163,9 @@ class Planner:
             )
         self.fused = bool(fused) and not snapshot and not eager.matrix.sliced
         self.background: BackgroundCompile | None = None
+        self.steps_seen = 0
+        """Optimizer steps planned so far (the background compile waits for
+        :data:`COMPILE_AFTER_STEPS` of them)."""
         self.progress: Callable[[str], None] | None = _stderr_line
         self._hyper: tuple[list[GroupHyper], torch.Tensor] | None = None
 
@@ -175,6 +186,7 @@ class Planner:
         """The plan of step ``step`` (``must_log``: the predictor waits for a first measurement;
         ``need_dq``: the prediction needs this step's update), with q_n read or copied as the
         plan needs, before the step."""
+        self.steps_seen += 1
         hypers = [self.adapter.hyper(optimizer, g) for g in optimizer.param_groups]
         logged = step % self.every == 0 or must_log
         # a 16-bit group's rebuilt update misses the rounding of q_{n+1}: measure it from a copy
@@ -250,7 +262,11 @@ class Planner:
             if out is not None:
                 return out
         out = self.eager(optimizer, plan, inputs)
-        if self.fused and self.in_background and self.background is None:
-            # after the eager statistics: the optimizer's state (the program's inputs) exists
+        if (
+            self.fused
+            and self.in_background
+            and self.background is None
+            and self.steps_seen >= COMPILE_AFTER_STEPS
+        ):  # after the eager statistics: the optimizer's state (the program's inputs) exists
             self.start_background(optimizer, inputs)
         return out
