@@ -171,7 +171,7 @@ def machine_stamp(
     parts = [
         f"Generated {now:%Y-%m-%d %H:%M} UTC",
         f"{_cpu_model()}, {os.cpu_count()} cores"
-        + (f" ({threads} threads used)" if threads is not None else ""),
+        + (f" ({threads} thread{'' if threads == 1 else 's'} used)" if threads is not None else ""),
         f"python {platform.python_version()}, {_torch_version()}",
     ]
     if device is not None:
