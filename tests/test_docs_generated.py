@@ -25,12 +25,20 @@ PAGES = ["docs/performance.md", "docs/studies.md", "README.md"]
 STAMP = "*Generated 2026-01-01 00:00 UTC; test machine.*"
 
 
-def _blocks() -> list[tuple[str, _docs.Block]]:
+def _blocks() -> list[tuple[str, str]]:
+    """(page, command) of every generated block, in page order."""
     return [
-        (page, block)
+        (page, block.command)
         for page in PAGES
         for block in _docs.find_blocks((ROOT / page).read_text(encoding="utf-8"))
     ]
+
+
+def _block(page: str, command: str) -> tuple[str, _docs.Block]:
+    """The page's text now and its block of ``command`` (read at test time, not collection)."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    (block,) = [b for b in _docs.find_blocks(text) if b.command == command]
+    return text, block
 
 
 def _table_lines_outside_code(text: str) -> list[str]:
@@ -61,7 +69,7 @@ class _Parsed(Exception):
 
 
 def test_the_pages_hold_generated_blocks():
-    commands = [block.command for _, block in _blocks()]
+    commands = [command for _, command in _blocks()]
     # the tables this round moved under markers: overhead, import time, the four charge studies
     assert len(commands) >= 6, commands
     assert len(set(commands)) == len(commands), "one block per command"
@@ -74,9 +82,10 @@ def test_no_table_outside_a_generated_block(page):
     assert not stray, f"{page}: tables outside a generated block: {stray[:3]}"
 
 
-@pytest.mark.parametrize(("page", "block"), _blocks(), ids=lambda v: getattr(v, "command", v))
-def test_each_block_is_stamped_and_holds_a_table(page, block):
-    body = (ROOT / page).read_text(encoding="utf-8")[block.body_start : block.body_end]
+@pytest.mark.parametrize(("page", "command"), _blocks())
+def test_each_block_is_stamped_and_holds_a_table(page, command):
+    text, block = _block(page, command)
+    body = text[block.body_start : block.body_end]
     first = body.splitlines()[0]
     assert first.startswith(("*Generated ", "*Not regenerated")), first
     if first.startswith("*Generated "):
@@ -84,12 +93,12 @@ def test_each_block_is_stamped_and_holds_a_table(page, block):
     assert _table_lines_outside_code(body), f"{block.command}: no table in its block"
 
 
-@pytest.mark.parametrize(("page", "block"), _blocks(), ids=lambda v: getattr(v, "command", v))
-def test_each_block_names_a_command_that_accepts_write_docs(page, block, monkeypatch):
-    words = shlex.split(block.command)
-    assert words[0] == "python" and len(words) >= 2, block.command
+@pytest.mark.parametrize(("page", "command"), _blocks())
+def test_each_block_names_a_command_that_accepts_write_docs(page, command, monkeypatch):
+    words = shlex.split(command)
+    assert words[0] == "python" and len(words) >= 2, command
     script = ROOT / words[1]
-    assert script.is_file(), f"{page}: {block.command!r} names a missing script"
+    assert script.is_file(), f"{page}: {command!r} names a missing script"
     # Run the script's own main() up to its argument parsing, and keep the parser it built.
     real_parse = argparse.ArgumentParser.parse_args
 
@@ -104,12 +113,12 @@ def test_each_block_names_a_command_that_accepts_write_docs(page, block, monkeyp
     args = parsed.value.parser.parse_args([*words[2:], "--write-docs"])
     assert args.write_docs is True
     # the command a run with these arguments writes to is this block's own
-    assert _docs.command_line(script, [*words[2:], "--write-docs"]) == block.command
+    assert _docs.command_line(script, [*words[2:], "--write-docs"]) == command
 
 
-@pytest.mark.parametrize(("page", "block"), _blocks(), ids=lambda v: getattr(v, "command", v))
-def test_rewriting_a_block_is_idempotent_and_keeps_the_rest_of_the_page(page, block, tmp_path):
-    original = (ROOT / page).read_text(encoding="utf-8")
+@pytest.mark.parametrize(("page", "command"), _blocks())
+def test_rewriting_a_block_is_idempotent_and_keeps_the_rest_of_the_page(page, command, tmp_path):
+    original, block = _block(page, command)
     copy = tmp_path / Path(page).name
     copy.write_text(original, encoding="utf-8")
     # its own body written back: the page does not change by a byte
