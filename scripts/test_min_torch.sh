@@ -12,12 +12,14 @@
 #                    default index (PyPI: the CUDA build, ~780 MB plus ~2 GB of nvidia packages,
 #                    which runs on a CPU-only machine too).
 #   TORCH_WHEEL      a wheel file to install instead of either.
-# torch 2.3 was built against numpy 1.x, so numpy is held below 2 here.
+#   NUMPY            the numpy requirement (default: "numpy<2" for torch 2.3, which was built
+#                    against numpy 1.x; "numpy>=2" otherwise, which pyarrow needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${TORCH_VERSION:-2.3.1}"
 TORCH_INDEX_URL="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
 VENV="${VENV:-$(mktemp -d)/venv-torch-${TORCH_VERSION}}"
+if [[ "$TORCH_VERSION" == 2.3.* ]]; then NUMPY="${NUMPY:-numpy<2}"; else NUMPY="${NUMPY:-numpy>=2}"; fi
 
 [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
 # shellcheck disable=SC1091
@@ -34,7 +36,7 @@ if [[ "$have" != "$TORCH_VERSION" ]]; then
     fi
 fi
 # torch pinned again so that no dependency's resolution replaces it
-python -m pip install -q "torch==${TORCH_VERSION}" "numpy<2" -e ".[dev]"
+python -m pip install -q "torch==${TORCH_VERSION}" "$NUMPY" -e ".[dev]"
 python -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)"
 noether-dyn demo --out "$(mktemp -d)/noether-demo" --steps 50
 python -m pytest -q "$@"
