@@ -59,16 +59,22 @@ def begin_marker(command: str) -> str:
 
 
 def find_blocks(text: str) -> list[Block]:
-    """Every generated block of ``text``, in page order; raises :class:`DocsError` on a begin
-    marker without its end marker, an end marker without a begin, or nested blocks."""
+    """Every generated block of ``text``, in page order (markers inside fenced code blocks are
+    left alone); raises :class:`DocsError` on a begin marker without its end marker, an end
+    marker without a begin, or nested blocks."""
     blocks: list[Block] = []
     open_command: str | None = None
     body_start = 0
     offset = 0
+    fenced = False  # markers inside a fenced code block are examples, not blocks
     for line in text.splitlines(keepends=True):
         stripped = line.rstrip("\r\n")
         match = _BEGIN_RE.match(stripped)
-        if match:
+        if stripped.lstrip().startswith("```"):
+            fenced = not fenced
+        elif fenced:
+            pass
+        elif match:
             if open_command is not None:
                 raise DocsError(f"block {open_command!r} is not closed before the next one")
             open_command, body_start = match["command"], offset + len(line)
