@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Test noether-dyn against the lowest torch it claims (pyproject: torch>=2.7), in a separate
+# Test noether-dyn against the lowest torch it claims (pyproject: torch>=2.13), in a separate
 # virtual environment, on CPU. Usage:
 #   scripts/test_min_torch.sh [pytest args...]     # default: the whole suite
 #   TORCH_VERSION=2.4.1 scripts/test_min_torch.sh tests/test_charges.py
 # Environment:
-#   TORCH_VERSION    the torch to test (default 2.7.1)
+#   TORCH_VERSION    the torch to test (default 2.13.0)
 #   VENV             the environment (default: a new one under a temporary directory). If it
 #                    already holds torch==$TORCH_VERSION, torch is not installed again.
 #   TORCH_INDEX_URL  where torch comes from (default: the CPU wheels, ~180 MB, of
@@ -17,7 +17,7 @@
 #                    pyarrow needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TORCH_VERSION="${TORCH_VERSION:-2.7.1}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 TORCH_INDEX_URL="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
 VENV="${VENV:-$(mktemp -d)/venv-torch-${TORCH_VERSION}}"
 if [[ "$TORCH_VERSION" == 2.3.* ]]; then NUMPY="${NUMPY:-numpy<2}"; else NUMPY="${NUMPY:-numpy>=2}"; fi
