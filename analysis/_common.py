@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,11 @@ from torch import nn  # noqa: E402
 
 import noether_dyn as nd  # noqa: E402
 from noether_dyn.depth.tables import markdown_table  # noqa: E402
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # the scripts run as ``python analysis/<study>.py``
+    sys.path.insert(0, str(_ROOT))
+from benchmarks import _docs  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -224,8 +230,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return loss, acc
 
 
-def parser(description: str, study: str) -> argparse.ArgumentParser:
-    """The options every study shares: ``--quick``, ``--out``, ``--runs``, ``--seed``."""
+def parser(description: str, study: str, docs_page: str | None = None) -> argparse.ArgumentParser:
+    """The options every study shares: ``--quick``, ``--out``, ``--runs``, ``--seed``; with
+    ``docs_page`` also ``--write-docs`` (see :func:`docs_command` and :func:`write_results`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="CI-sized run (a few seconds)")
     p.add_argument("--out", type=Path, default=Path("analysis/results") / study)
@@ -236,7 +243,21 @@ def parser(description: str, study: str) -> argparse.ArgumentParser:
         help="keep the noether-dyn run stores here (default: a temporary directory)",
     )
     p.add_argument("--seed", type=int, default=0)
+    if docs_page is not None:
+        _docs.add_write_docs_argument(p, docs_page)
+        p.set_defaults(docs_page=docs_page)
     return p
+
+
+def docs_command(
+    args: argparse.Namespace, script: str, argv: Sequence[str] | None
+) -> tuple[str, str] | None:
+    """``(page, command)`` of this run's generated block when ``--write-docs`` was given (checked
+    before training: the page must hold a block of exactly this command line), else None. Pass
+    it to :func:`write_results` as ``docs``."""
+    if not getattr(args, "write_docs", False):
+        return None
+    return args.docs_page, _docs.docs_command(args.docs_page, script, argv)
 
 
 class RunDirs:
@@ -264,16 +285,22 @@ def write_results(
     fig: plt.Figure,
     figure_name: str,
     notes: Sequence[str] = (),
+    docs: tuple[str, str] | None = None,
 ) -> str:
     """Write each table as ``<name>.csv``, all of them as ``table.md`` (under ``title``, with
-    ``notes``), and the figure as ``figure_name``; print and return the markdown."""
+    ``notes``), and the figure as ``figure_name``; print and return the markdown. ``docs``
+    (from :func:`docs_command`) also rewrites that block of the docs page with the same tables
+    and notes, stamped with the machine and date (``benchmarks/_docs.py``)."""
     out.mkdir(parents=True, exist_ok=True)
-    parts = [f"## {title}", ""]
+    parts = []
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
         parts += [f"**{name}**", "", markdown_table(table), ""]
     parts += list(notes)
-    text = "\n".join(parts).rstrip() + "\n"
+    body = "\n".join(parts).rstrip() + "\n"
+    if docs is not None:
+        _docs.write_docs(docs[0], docs[1], body, stamp=_docs.machine_stamp(threads=1))
+    text = f"## {title}\n\n{body}"
     (out / "table.md").write_text(text)
     fig.savefig(out / figure_name, dpi=120)
     plt.close(fig)

@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # run as a file: make ``analysis`` importable
 
 from analysis._common import (  # noqa: E402
     RunDirs,
+    docs_command,
     make_model,
     mixture,
     parser,
@@ -150,7 +151,7 @@ def plot(runs: dict[tuple, object]):
 
 
 def parse(argv: list[str] | None):
-    p = parser(__doc__.split("\n")[0], STUDY)
+    p = parser(__doc__.split("\n")[0], STUDY, docs_page="docs/studies.md")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args(argv)
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Run the study, write ``table.csv``, ``table.md`` and ``angular.png`` under ``--out``,
     print the markdown; returns the table (one row per optimizer, setting and layer)."""
     args = parse(argv)
+    docs = docs_command(args, __file__, argv)  # None without --write-docs
     start = time.perf_counter()
     dt = torch.float64
     x, y = mixture(4096, DIM, CLASSES, seed=args.seed, label_noise=0.3, dtype=dt)
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         fig,
         "angular.png",
         notes,
+        docs=docs,
     )
     return table
 

@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # run as a file: make ``analysis`` importable
 
 from analysis._common import (  # noqa: E402
     RunDirs,
+    docs_command,
     make_model,
     mixture,
     parser,
@@ -180,7 +181,7 @@ def plot(runs: dict[str, tuple], table: pd.DataFrame):
 
 
 def parse(argv: list[str] | None):
-    p = parser(__doc__.split("\n")[0], STUDY)
+    p = parser(__doc__.split("\n")[0], STUDY, docs_page="docs/studies.md")
     p.add_argument("--steps", type=int, default=None, help="steps of the sgd run")
     p.add_argument("--lr", type=float, default=0.1, help="rate of the sgd run")
     p.add_argument("--momentum-lr", type=float, default=0.02, help="higher momentum-run rate")
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Run the study, write ``table.csv``, ``scaling.csv``, ``table.md`` and ``charges.png`` under
     ``--out``, print the markdown; returns the main table (one row per run and symmetry)."""
     args = parse(argv)
+    docs = docs_command(args, __file__, argv)  # None without --write-docs
     start = time.perf_counter()
     x, y = mixture(4096, DIM, CLASSES, seed=args.seed, label_noise=0.1, dtype=torch.float64)
     lam, beta = args.weight_decay, args.momentum
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         fig,
         "charges.png",
         notes,
+        docs=docs,
     )
     return table
 

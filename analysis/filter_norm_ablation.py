@@ -59,6 +59,7 @@ if __package__ in (None, ""):  # run as a file: make ``analysis`` importable
 
 from analysis._common import (  # noqa: E402
     RunDirs,
+    docs_command,
     evaluate,
     make_model,
     mixture,
@@ -175,7 +176,7 @@ def plot(curves: dict[tuple, tuple]):
 
 
 def parse(argv: list[str] | None):
-    p = parser(__doc__.split("\n")[0], STUDY)
+    p = parser(__doc__.split("\n")[0], STUDY, docs_page="docs/studies.md")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lrs", type=float, nargs=2, default=(0.05, 1.0), help="low and high rate")
     p.add_argument("--batch", type=int, default=64)
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Run the study, write ``table.csv``, ``table.md`` and ``filter_norm.png`` under ``--out``,
     print the markdown; returns the table (one row per lr, variant and layer)."""
     args = parse(argv)
+    docs = docs_command(args, __file__, argv)  # None without --write-docs
     start = time.perf_counter()
     dt = torch.float64
     x, y = mixture(4096, DIM, CLASSES, seed=args.seed, label_noise=0.0, dtype=dt)
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         fig,
         "filter_norm.png",
         notes,
+        docs=docs,
     )
     return table
 

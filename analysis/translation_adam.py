@@ -49,6 +49,7 @@ if __package__ in (None, ""):  # run as a file: make ``analysis`` importable
 
 from analysis._common import (  # noqa: E402
     RunDirs,
+    docs_command,
     make_model,
     mixture,
     parser,
@@ -129,7 +130,7 @@ def plot(runs: dict[str, tuple], table: pd.DataFrame):
 
 
 def parse(argv: list[str] | None):
-    p = parser(__doc__.split("\n")[0], STUDY)
+    p = parser(__doc__.split("\n")[0], STUDY, docs_page="docs/studies.md")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sgd-lr", type=float, default=0.1)
     p.add_argument("--adam-lr", type=float, default=1e-3)
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Run the study, write ``table.csv``, ``table.md`` and ``translation.png`` under ``--out``,
     print the markdown; returns the table (one row per run)."""
     args = parse(argv)
+    docs = docs_command(args, __file__, argv)  # None without --write-docs
     start = time.perf_counter()
     configs = [
         ("sgd float32", "SGD", torch.float32, args.sgd_lr, 0.0),
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         fig,
         "translation.png",
         notes,
+        docs=docs,
     )
     return table
 

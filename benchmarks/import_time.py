@@ -6,7 +6,8 @@ a shared machine hits all of them alike; the table gives each case's median wall
 whole process, its difference from ``import torch``'s and their ratio. ``--profile CASE`` prints
 the slowest modules of one case as ``python -X importtime`` measures them (cumulative ms).
 
-Run: ``python benchmarks/import_time.py [--repeats 7] [--profile watch]``.
+Run: ``python benchmarks/import_time.py [--repeats 7] [--profile watch] [--write-docs]``;
+``--write-docs`` rewrites this command's table in docs/performance.md (``benchmarks/_docs.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._docs import add_write_docs_argument, docs_command, write_docs  # noqa: E402
+
+DOCS_PAGE = "docs/performance.md"
 CASES = {
     "python": "pass",
     "torch": "import torch",
@@ -58,28 +65,44 @@ def profile(statement: str, top: int = 15) -> list[tuple[int, str]]:
     return sorted(rows, reverse=True)[:top]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
+    """Time every case, print the table (and the profile), and return the printed markdown."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--profile", choices=sorted(CASES), help="print one case's slowest imports")
-    args = parser.parse_args()
+    add_write_docs_argument(parser, DOCS_PAGE)
+    args = parser.parse_args(argv)
+    command = docs_command(DOCS_PAGE, __file__, argv) if args.write_docs else None
     times: dict[str, list[float]] = {name: [] for name in CASES}
     for _ in range(args.repeats):
         for name, statement in CASES.items():
             times[name].append(wall_time(statement))
     torch_s = statistics.median(times["torch"])
-    print(f"python {sys.version.split()[0]}, {args.repeats} runs per case, cases interleaved")
-    print("| case | statement | median s | - import torch (s) | / import torch | within +0.5 s |")
-    print("|---|---|---|---|---|---|")
+    lines = [
+        f"python {sys.version.split()[0]}, {args.repeats} runs per case, cases interleaved",
+        "",
+        "| case | statement | median s | - import torch (s) | / import torch | within +0.5 s |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, statement in CASES.items():
         med = statistics.median(times[name])
         ok = "yes" if med - torch_s <= TARGET_S else "NO"
-        print(f"| {name} | `{statement}` | {med:.2f} | {med - torch_s:+.2f} | "
-              f"{med / torch_s:.2f} | {ok} |")  # fmt: skip
+        lines.append(f"| {name} | `{statement}` | {med:.2f} | {med - torch_s:+.2f} | "
+                     f"{med / torch_s:.2f} | {ok} |")  # fmt: skip
     if args.profile:
-        print(f"\nslowest imports of '{args.profile}' (cumulative ms, python -X importtime):")
-        for us, module in profile(CASES[args.profile]):
-            print(f"{us / 1000:9.1f}  {module}")
+        lines += [
+            "",
+            f"Slowest imports of `{args.profile}` (cumulative ms, `python -X importtime`):",
+            "",
+            "```",
+            *(f"{us / 1000:9.1f}  {module}" for us, module in profile(CASES[args.profile])),
+            "```",
+        ]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if command is not None:
+        write_docs(DOCS_PAGE, command, text)
+    return text
 
 
 if __name__ == "__main__":

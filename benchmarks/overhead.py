@@ -28,8 +28,9 @@ Targets (issue "Performance"), judged on every row: added <= max(2 x floor in st
 step); memory <= 1x parameter bytes, <= 0.1x for SGD, Adam, AdamW and RMSprop.
 
 Run: ``python benchmarks/overhead.py [--steps N | --seconds S] [--quick]
-[--only mlp|cnn|transformer] [--every 1|10] [--device cpu|cuda]``. On CUDA every timed region
-starts and ends with a device synchronize.
+[--only mlp|cnn|transformer] [--every 1|10] [--device cpu|cuda] [--write-docs]``. On CUDA every
+timed region starts and ends with a device synchronize. ``--write-docs`` rewrites the table of this
+exact command line in docs/performance.md (``benchmarks/_docs.py``).
 
 Sweep over model size (issue "Performance on every model"): ``--sweep`` times MLPs and CNNs of
 about 50k, 250k, 1M, 5M and 50M parameters (``--sizes`` picks some), each with its detected
@@ -54,6 +55,14 @@ from torch import nn
 
 import noether_dyn as nd
 from noether_dyn.symmetries.detect import find_symmetries
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._docs import add_write_docs_argument, docs_command, machine_stamp, write_docs  # noqa: E402
+
+DOCS_PAGE = "docs/performance.md"
 
 
 def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -360,9 +369,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sizes", choices=sorted(SWEEP_SIZES), action="append")
     parser.add_argument("--path", choices=("eager", "compiled", "both"), default="both")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), action="append")
+    add_write_docs_argument(parser, DOCS_PAGE)
     args = parser.parse_args(argv)
+    command = docs_command(DOCS_PAGE, __file__, argv) if args.write_docs else None
     if args.sweep:
-        return sweep(args)
+        return sweep(args, command)
     # the arms switch the monitor's hooks, which would also hide a monitor that stopped itself
     warnings.simplefilter("error", nd.MonitorFailure)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -382,8 +393,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(f"torch {torch.__version__}, {where}", file=sys.stderr)
-    print(header)
-    print("|" + "---|" * 17)
+    lines = [header, "|" + "---|" * 17]
+    print(*lines, sep="\n")
     with tempfile.TemporaryDirectory() as tmp:
         for workload in workloads:
             for opt_name in OPTIMIZERS:
@@ -392,7 +403,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         workload, opt_name, every, steps, Path(tmp), args.device, args.seconds
                     )
                     rows.append(row)
-                    print(
+                    lines.append(
                         f"| {row['workload']} | {row['optimizer']} | {row['every']} "
                         f"| {row['symmetries']} | {row['ratio']:.3f} | {row['added/floor']:.2f} "
                         f"| {row['added/floor in step']:.2f} | {row['added/state floor']:.2f} "
@@ -400,9 +411,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"| {row['hook/step']:.2%} | {row['mem/params']:.2f} "
                         f"| {row['peak+/params']:.2f} | {row['fused']} | {row['steps']} "
                         f"| {row['time ok']} "
-                        f"| {row['mem ok']} |",
-                        flush=True,
+                        f"| {row['mem ok']} |"
                     )
+                    print(lines[-1], flush=True)
+    if command is not None:
+        stamp = machine_stamp(threads=torch.get_num_threads(), device=where)
+        write_docs(DOCS_PAGE, command, "\n".join(lines), stamp=stamp)
     return rows
 
 
@@ -412,7 +426,7 @@ SWEEP_HEADER = (
 )
 
 
-def sweep(args: argparse.Namespace) -> list[dict]:
+def sweep(args: argparse.Namespace, command: str | None = None) -> list[dict]:
     """The model-size sweep: MLP and CNN x sizes x (detected symmetries, none) x paths."""
     warnings.simplefilter("error", nd.MonitorFailure)
     sizes = args.sizes or (["50k", "250k"] if args.quick else list(SWEEP_SIZES))
@@ -422,8 +436,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     everies = args.every or ([1] if args.quick else [1, 10])
     steps = 6 if args.quick else args.steps
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads", file=sys.stderr)
-    print(SWEEP_HEADER)
-    print("|" + "---|" * 16)
+    lines = [SWEEP_HEADER, "|" + "---|" * 16]
+    print(*lines, sep="\n")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in ("mlp", "cnn"):
@@ -437,7 +451,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                                     args.device, args.seconds, fused, track,
                                 )  # fmt: skip
                                 rows.append(row)
-                                print(
+                                lines.append(
                                     f"| {row['workload']} | {row['params']} | {row['path']} "
                                     f"| {row['optimizer']} | {row['every']} "
                                     f"| {row['symmetries']} | {row['ratio']:.3f} "
@@ -445,9 +459,12 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                                     f"| {row['added/state floor']:.2f} "
                                     f"| {row['added/step']:.2%} | {row['+-']:.2%} "
                                     f"| {row['hook/step']:.2%} | {row['mem/params']:.2f} "
-                                    f"| {row['fused']} | {row['steps']} | {row['time ok']} |",
-                                    flush=True,
+                                    f"| {row['fused']} | {row['steps']} | {row['time ok']} |"
                                 )
+                                print(lines[-1], flush=True)
+    if command is not None:
+        stamp = machine_stamp(threads=torch.get_num_threads())
+        write_docs(DOCS_PAGE, command, "\n".join(lines), stamp=stamp)
     return rows
 
 

@@ -194,6 +194,85 @@ def test_wandb_without_an_active_run_says_to_init(monkeypatch):
         WandbSink()
 
 
+class LogSpy:
+    """Wraps a run's bound ``log``: keeps each call, then forwards it unchanged."""
+
+    def __init__(self, log) -> None:
+        self.forward, self.calls = log, []
+
+    def __call__(self, data, step=None, **kw):
+        self.calls.append((dict(data), step))
+        return self.forward(data, step=step, **kw)
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """The real wandb (skipped where it is not installed: CI does not install it), offline, its
+    files under a temporary WANDB_DIR; yields the module with no run active."""
+    wandb = pytest.importorskip(
+        "wandb",
+        reason="wandb is not installed (CI does not install it; pip install 'noether-dyn[wandb]' "
+        "runs WandbSink against the real library)",
+    )
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wandb"),
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_CONSOLE": "off",
+    }.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "wandb").mkdir()
+    yield wandb
+    if wandb.run is not None:
+        wandb.run.finish()
+
+
+def test_wandb_sink_against_the_real_library_offline(offline_wandb, tmp_path, monkeypatch):
+    """The default WandbSink() logs to the real active run; every call reaches the real
+    ``Run.log`` (a spy forwards it) with the store's float64 values, and the run's own summary
+    (its public record of the latest value of every key) holds the store's last values."""
+    wandb = offline_wandb
+    run = wandb.init(project="noether-dyn-test", dir=str(tmp_path / "wandb"), mode="offline")
+    spy = LogSpy(run.log)
+    monkeypatch.setattr(run, "log", spy)  # on this run object only; forwards to the real log
+    sink = WandbSink()
+    assert sink.run is run and sink.run is wandb.run
+    _train(tmp_path / "run", [sink])
+    stored = nd.load_run(tmp_path / "run")
+    want = _expected(stored)
+    assert [step for _, step in spy.calls] == list(range(STEPS))
+    for data, step in spy.calls:
+        assert data == {tag: v for tag, pts in want.items() for s, v in pts if s == step}
+    # W&B commits a step's row when a later step arrives: one more step commits the last one.
+    run.log({"test/end": 1.0}, step=STEPS)
+    summary = {key: run.summary[key] for key in run.summary.keys()}
+    for tag, points in want.items():
+        assert summary[tag] == points[-1][1], tag  # exact: float64 in, float64 recorded
+    assert summary["_step"] == STEPS - 1  # the sink's last row is committed; test/end is not
+    assert "test/end" not in summary
+    run.finish()
+    assert list((tmp_path / "wandb").rglob("run-*.wandb")), "no offline run file was written"
+
+
+def test_wandb_step_metric_with_the_real_library(offline_wandb, tmp_path, monkeypatch):
+    """``step_metric=`` uses the real ``define_metric`` and logs without ``step=``."""
+    wandb = offline_wandb
+    run = wandb.init(project="noether-dyn-test", dir=str(tmp_path / "wandb"), mode="offline")
+    spy = LogSpy(run.log)
+    monkeypatch.setattr(run, "log", spy)
+    sink = WandbSink(step_metric="noether/step", charge_columns="charge")
+    sink.write(4, {"noether/loss": 0.25})
+    sink.write(5, {"noether/loss": 0.125})
+    assert spy.calls == [
+        ({"noether/step": 4, "noether/loss": 0.25}, None),
+        ({"noether/step": 5, "noether/loss": 0.125}, None),
+    ]
+    run.log({"test/end": 1.0})  # commits the last row (no step=: W&B's own counter)
+    assert run.summary["noether/loss"] == 0.125 and run.summary["noether/step"] == 5
+    run.finish()
+
+
 class Failing(Recorder):
     def __init__(self, fail_at_flush: int) -> None:
         super().__init__()
