@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+if TYPE_CHECKING:  # annotations only: `import noether_dyn` (and the CLI's --help) loads no torch
+    import torch
 
 VERSION = "0.1.0"
 """The package version (``noether_dyn.__version__``), recorded in every run's metadata."""

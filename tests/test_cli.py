@@ -388,7 +388,7 @@ def test_cli_and_package_import_no_plotting_pandas_or_compiler():
         "import noether_dyn\n"
         "from noether_dyn.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "heavy = ('pandas', 'matplotlib', 'seaborn', 'torch._inductor', 'torch._dynamo')\n"
+        "heavy = ('pandas', 'matplotlib', 'seaborn', 'torch', 'torch._inductor', 'torch._dynamo')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     proc = subprocess.run(
