@@ -17,12 +17,13 @@ import torch
 
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter
-from noether_dyn.optimizers.base import FusedStep
+from noether_dyn.optimizers.base import EagerRows, FusedStep
 from noether_dyn.quantities.charges import ChargeMatrix, slice_statistics, slices_before
 from noether_dyn.quantities.reductions import (
     dots,
     inverse_sums,
     local,
+    sq_norm_lists,
     sq_norms,
     stacked,
     sums,
@@ -51,7 +52,7 @@ def run_rule(
     """The adapter's elementwise rule run eagerly on each tensor: ``(dq, G, 1/G or None)`` per
     parameter, on the local shards of DTensors (FSDP2) as the compiled program runs it."""
     states = [tuple(local(list(st))) for st in step.states]
-    rows = step.coef.unbind(0)
+    rows = EagerRows(step.coef).rows
     return [
         step.rule(q, g, st, c) for q, g, st, c in zip(local(params), local(grads), states, rows)
     ]
@@ -68,6 +69,8 @@ class EagerStats:
         self.snap: dict[int, torch.Tensor] | None = None
         self.zeros = torch.zeros(len(tracked), dtype=torch.float64, device=tracked.device)
         """(n_tensors,) zeros, shared by the columns no symmetry needs: never written to."""
+        self._coef: dict[int, EagerRows] = {}
+        """Per param group: its last coefficients, converted (reused while the tensor is)."""
 
     @property
     def snapshot_bytes(self) -> int:
@@ -130,9 +133,10 @@ class EagerStats:
         cols["QQ"] = plan.qq
         cols["QS"] = plan.qs
         cols["NUMEL"] = t.numel
-        cols["GG"] = t.subset(sq_norms, active, grads)
-        cols["DD"] = t.subset(sq_norms, active, dq)
-        cols["GDD"] = t.subset(dots, diag, gdq, dq) + iso * cols["DD"]
+        cols["GG"], cols["DD"] = self._sq_norms(active, grads, dq)
+        cols["GDD"] = iso * cols["DD"]
+        if diag:
+            cols["GDD"] = t.subset(dots, diag, gdq, dq) + cols["GDD"]
         if sym:
             dq_q1 = t.subset(dots, sym, dq, params)
             cols["DQ"] = dq_q1 - t.restrict(cols["DD"], sym)
@@ -153,6 +157,21 @@ class EagerStats:
             extra = slice_statistics(self.matrix, plan.slices, params, grads, dq, gdq, iso)
             stats = torch.cat([stats, extra])
         return stats, None
+
+    def _sq_norms(self, idx: list[int], *lists: list) -> list[torch.Tensor]:
+        """|x|^2 at positions ``idx`` of each list ((n_tensors,) float64 each, zeros elsewhere),
+        all in one foreach reduction (:func:`sq_norm_lists`)."""
+        t = self.t
+        if len(idx) == len(t):
+            return sq_norm_lists(list(lists), t.device)
+        picked = sq_norm_lists([[lst[i] for i in idx] for lst in lists], t.device)
+        out = []
+        for values in picked:
+            col = torch.zeros(len(t), dtype=torch.float64, device=t.device)
+            if idx:
+                col[t.index_tensor(idx)] = values
+            out.append(col)
+        return out
 
     def update_sq(
         self, optimizer: torch.optim.Optimizer, rebuild: list[bool], idx: list[int]
@@ -220,10 +239,12 @@ class EagerStats:
         # held temporaries is one tensor's, not the group's (big freed blocks go back to the OS
         # and fault back in on the next step otherwise)
         states = [tuple(local(list(st))) for st in step.states]
-        rows = step.coef.unbind(0)
+        rows = self._coef.get(pos[0])
+        if rows is None or rows.coef is not step.coef:
+            rows = self._coef[pos[0]] = EagerRows(step.coef)
         grads = [p.grad for p in params]
         iso_pos, iso_c, diag_pos, diag_inv = [], [], [], []
-        for i, q, g, st, c in zip(pos, local(params), local(grads), states, rows):
+        for i, q, g, st, c in zip(pos, local(params), local(grads), states, rows.rows):
             u, metric, inverse = step.rule(q, g, st, c)
             dq[i] = u
             if metric.dim() == 0:
