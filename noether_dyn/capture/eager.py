@@ -145,12 +145,16 @@ class EagerStats:
             else:  # a closure made the gradients inside the step: <g, q_n> = <g, q_{n+1} - dq>
                 g_q1 = t.subset(dots, sym, grads, params)
                 cols["GQ"] = g_q1 - t.subset(dots, sym, grads, dq)
-            gdq_q1 = t.subset(dots, sym_diag, gdq, params)
-            cols["GDQ"] = gdq_q1 - t.restrict(cols["GDD"], sym_diag) + iso * cols["DQ"]
+            cols["GDQ"] = iso * cols["DQ"]  # an isotropic G's share; a diagonal G's below
+            if sym_diag:
+                gdq_q1 = t.subset(dots, sym_diag, gdq, params)
+                cols["GDQ"] = gdq_q1 - t.restrict(cols["GDD"], sym_diag) + cols["GDQ"]
         if trans:
             cols["GS"] = t.subset(sums, trans, grads)
             cols["DS"] = t.subset(sums, trans, dq)
-            cols["GDS"] = t.subset(sums, trans_diag, gdq) + iso * cols["DS"]
+            cols["GDS"] = iso * cols["DS"]
+            if trans_diag:
+                cols["GDS"] = t.subset(sums, trans_diag, gdq) + cols["GDS"]
         cols["IG"] = upd.inv
         stats = torch.stack([cols[k] for k in STATS], dim=1)
         if self.matrix.sliced:  # per-unit symmetries: the slices' rows after the tensors'

@@ -194,7 +194,7 @@ class ChargeMatrix:
             eta, lam, beta: (n_tensors,) or (n_slots,) rate, weight decay and momentum of each
                 tensor's group.
         """
-        x = {name: stats[:, i] for name, i in S_.items()}
+        x = dict(zip(STATS, stats.unbind(1)))  # one unbind, not a select per column
         eta, lam, beta = self.expand(eta), self.expand(lam), self.expand(beta)
         half_m = (1.0 + beta) / 2.0  # m / eta
         out = torch.zeros(len(self), len(CHARGE_COLUMNS), dtype=torch.float64, device=stats.device)
