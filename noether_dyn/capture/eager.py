@@ -70,6 +70,7 @@ class EagerStats:
         self.zeros = torch.zeros(len(tracked), dtype=torch.float64, device=tracked.device)
         """(n_tensors,) zeros, shared by the columns no symmetry needs: never written to."""
         self._coef: dict[int, EagerRows] = {}
+        self._iso_last: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
         """Per param group: its last coefficients, converted (reused while the tensor is)."""
 
     @property
@@ -161,6 +162,18 @@ class EagerStats:
             extra = slice_statistics(self.matrix, plan.slices, params, grads, dq, gdq, iso)
             stats = torch.cat([stats, extra])
         return stats, None
+
+    def _iso_vector(self, key: int, metrics: list[torch.Tensor]) -> torch.Tensor:
+        """The 0-d metrics c of G = c I as one float64 vector; reused while the rule returns the
+        same 0-d tensors (coefficients of a cached :class:`EagerRows`: constant hyperparameters).
+        ``key``: the param group's first position."""
+        last = self._iso_last.get(key)
+        if last is not None and len(last[0]) == len(metrics):
+            if all(a is b for a, b in zip(last[0], metrics)):
+                return last[1]
+        c = torch.stack(metrics).to(device=self.t.device, dtype=torch.float64)
+        self._iso_last[key] = (metrics, c)
+        return c
 
     def _sq_norms(self, idx: list[int], *lists: list) -> list[torch.Tensor]:
         """|x|^2 at positions ``idx`` of each list ((n_tensors,) float64 each, zeros elsewhere),
@@ -260,10 +273,15 @@ class EagerStats:
                 # sum(1/G_ii) in G's dtype, as inverse_sums forms it
                 diag_inv.append((metric.reciprocal() if inverse is None else inverse).sum())
         if iso_pos:
-            c = torch.stack(iso_c).to(device=t.device, dtype=torch.float64)
-            sel = t.index_tensor(iso_pos)
-            iso[sel] = c
-            if inv is not None:
-                inv[sel] = inv[sel] / c
+            c = self._iso_vector(pos[0], iso_c)
+            if len(iso_pos) == len(t):  # every tensor: no index (numel / c as below)
+                iso.copy_(c)
+                if inv is not None:
+                    inv.div_(c)
+            else:
+                sel = t.index_tensor(iso_pos)
+                iso[sel] = c
+                if inv is not None:
+                    inv[sel] = inv[sel] / c
         if diag_pos:
             inv[t.index_tensor(diag_pos)] = stacked(diag_inv, t.device)
