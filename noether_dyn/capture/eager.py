@@ -70,8 +70,10 @@ class EagerStats:
         self.zeros = torch.zeros(len(tracked), dtype=torch.float64, device=tracked.device)
         """(n_tensors,) zeros, shared by the columns no symmetry needs: never written to."""
         self._coef: dict[int, EagerRows] = {}
+        """Per param group (its first position): its last coefficients, converted (reused while
+        ``fused_step`` returns the same coefficient tensor)."""
         self._iso_last: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
-        """Per param group: its last coefficients, converted (reused while the tensor is)."""
+        """Per param group: the 0-d metrics of G = c I last seen, and their float64 vector."""
 
     @property
     def snapshot_bytes(self) -> int:
