@@ -14,7 +14,7 @@ import torch
 
 from noether_dyn.capture.eager import run_rule
 from noether_dyn.optimizers import ADAPTERS, adapter_for
-from noether_dyn.optimizers.base import OptimizerAdapter
+from noether_dyn.optimizers.base import EagerRows, OptimizerAdapter
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
@@ -73,3 +73,31 @@ def test_rule_run_eagerly_rebuilds_the_real_update(case, eager):
             assert metric.shape == p.shape
         if inverse is not None:
             torch.testing.assert_close(inverse, metric.reciprocal(), rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("case", sorted(OPTIMIZERS))
+def test_converted_coefficients_give_the_same_bits(case):
+    """The eager backend's rows (``EagerRows``: each group's coefficients converted once to the
+    parameters' dtype) give every rule bit for bit what the float64 row converted per call
+    (``c[i].to(dtype)``, as the compiled program reads it) gives: float32 parameters, where
+    the conversion rounds. An isotropic G stays the float64 coefficient, not its float32
+    rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    params = list(model.parameters())
+    opt = OPTIMIZERS[case](params)
+    x = torch.randn(16, 5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    step = adapter_for(opt).fused_step(opt, opt.param_groups[0], params, x.device, eager=True)
+    assert step is not None
+    eager_rows = EagerRows(step.coef).rows
+    for i, p in enumerate(params):
+        ref = step.rule(p.detach(), p.grad, step.states[i], step.coef[i])
+        got = step.rule(p.detach(), p.grad, step.states[i], eager_rows[i])
+        for a, b in zip(ref, got):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == b.dtype and torch.equal(a, b), case

@@ -17,12 +17,13 @@ import torch
 
 from noether_dyn.capture.tracked import Tracked
 from noether_dyn.optimizers import OptimizerAdapter
-from noether_dyn.optimizers.base import FusedStep
+from noether_dyn.optimizers.base import EagerRows, FusedStep
 from noether_dyn.quantities.charges import ChargeMatrix, slice_statistics, slices_before
 from noether_dyn.quantities.reductions import (
     dots,
     inverse_sums,
     local,
+    sq_norm_lists,
     sq_norms,
     stacked,
     sums,
@@ -51,7 +52,7 @@ def run_rule(
     """The adapter's elementwise rule run eagerly on each tensor: ``(dq, G, 1/G or None)`` per
     parameter, on the local shards of DTensors (FSDP2) as the compiled program runs it."""
     states = [tuple(local(list(st))) for st in step.states]
-    rows = step.coef.unbind(0)
+    rows = EagerRows(step.coef).rows
     return [
         step.rule(q, g, st, c) for q, g, st, c in zip(local(params), local(grads), states, rows)
     ]
@@ -68,6 +69,11 @@ class EagerStats:
         self.snap: dict[int, torch.Tensor] | None = None
         self.zeros = torch.zeros(len(tracked), dtype=torch.float64, device=tracked.device)
         """(n_tensors,) zeros, shared by the columns no symmetry needs: never written to."""
+        self._coef: dict[int, EagerRows] = {}
+        """Per param group (its first position): its last coefficients, converted (reused while
+        ``fused_step`` returns the same coefficient tensor)."""
+        self._iso_last: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        """Per param group: the 0-d metrics of G = c I last seen, and their float64 vector."""
 
     @property
     def snapshot_bytes(self) -> int:
@@ -130,9 +136,10 @@ class EagerStats:
         cols["QQ"] = plan.qq
         cols["QS"] = plan.qs
         cols["NUMEL"] = t.numel
-        cols["GG"] = t.subset(sq_norms, active, grads)
-        cols["DD"] = t.subset(sq_norms, active, dq)
-        cols["GDD"] = t.subset(dots, diag, gdq, dq) + iso * cols["DD"]
+        cols["GG"], cols["DD"] = self._sq_norms(active, grads, dq)
+        cols["GDD"] = iso * cols["DD"]
+        if diag:
+            cols["GDD"] = t.subset(dots, diag, gdq, dq) + cols["GDD"]
         if sym:
             dq_q1 = t.subset(dots, sym, dq, params)
             cols["DQ"] = dq_q1 - t.restrict(cols["DD"], sym)
@@ -141,18 +148,49 @@ class EagerStats:
             else:  # a closure made the gradients inside the step: <g, q_n> = <g, q_{n+1} - dq>
                 g_q1 = t.subset(dots, sym, grads, params)
                 cols["GQ"] = g_q1 - t.subset(dots, sym, grads, dq)
-            gdq_q1 = t.subset(dots, sym_diag, gdq, params)
-            cols["GDQ"] = gdq_q1 - t.restrict(cols["GDD"], sym_diag) + iso * cols["DQ"]
+            cols["GDQ"] = iso * cols["DQ"]  # an isotropic G's share; a diagonal G's below
+            if sym_diag:
+                gdq_q1 = t.subset(dots, sym_diag, gdq, params)
+                cols["GDQ"] = gdq_q1 - t.restrict(cols["GDD"], sym_diag) + cols["GDQ"]
         if trans:
             cols["GS"] = t.subset(sums, trans, grads)
             cols["DS"] = t.subset(sums, trans, dq)
-            cols["GDS"] = t.subset(sums, trans_diag, gdq) + iso * cols["DS"]
+            cols["GDS"] = iso * cols["DS"]
+            if trans_diag:
+                cols["GDS"] = t.subset(sums, trans_diag, gdq) + cols["GDS"]
         cols["IG"] = upd.inv
         stats = torch.stack([cols[k] for k in STATS], dim=1)
         if self.matrix.sliced:  # per-unit symmetries: the slices' rows after the tensors'
             extra = slice_statistics(self.matrix, plan.slices, params, grads, dq, gdq, iso)
             stats = torch.cat([stats, extra])
         return stats, None
+
+    def _iso_vector(self, key: int, metrics: list[torch.Tensor]) -> torch.Tensor:
+        """The 0-d metrics c of G = c I as one float64 vector; reused while the rule returns the
+        same 0-d tensors (coefficients of a cached :class:`EagerRows`: constant hyperparameters).
+        ``key``: the param group's first position."""
+        last = self._iso_last.get(key)
+        if last is not None and len(last[0]) == len(metrics):
+            if all(a is b for a, b in zip(last[0], metrics)):
+                return last[1]
+        c = torch.stack(metrics).to(device=self.t.device, dtype=torch.float64)
+        self._iso_last[key] = (metrics, c)
+        return c
+
+    def _sq_norms(self, idx: list[int], *lists: list) -> list[torch.Tensor]:
+        """|x|^2 at positions ``idx`` of each list ((n_tensors,) float64 each, zeros elsewhere),
+        all in one foreach reduction (:func:`sq_norm_lists`)."""
+        t = self.t
+        if len(idx) == len(t):
+            return sq_norm_lists(list(lists), t.device)
+        picked = sq_norm_lists([[lst[i] for i in idx] for lst in lists], t.device)
+        out = []
+        for values in picked:
+            col = torch.zeros(len(t), dtype=torch.float64, device=t.device)
+            if idx:
+                col[t.index_tensor(idx)] = values
+            out.append(col)
+        return out
 
     def update_sq(
         self, optimizer: torch.optim.Optimizer, rebuild: list[bool], idx: list[int]
@@ -220,10 +258,12 @@ class EagerStats:
         # held temporaries is one tensor's, not the group's (big freed blocks go back to the OS
         # and fault back in on the next step otherwise)
         states = [tuple(local(list(st))) for st in step.states]
-        rows = step.coef.unbind(0)
+        rows = self._coef.get(pos[0])
+        if rows is None or rows.coef is not step.coef:
+            rows = self._coef[pos[0]] = EagerRows(step.coef)
         grads = [p.grad for p in params]
         iso_pos, iso_c, diag_pos, diag_inv = [], [], [], []
-        for i, q, g, st, c in zip(pos, local(params), local(grads), states, rows):
+        for i, q, g, st, c in zip(pos, local(params), local(grads), states, rows.rows):
             u, metric, inverse = step.rule(q, g, st, c)
             dq[i] = u
             if metric.dim() == 0:
@@ -235,10 +275,15 @@ class EagerStats:
                 # sum(1/G_ii) in G's dtype, as inverse_sums forms it
                 diag_inv.append((metric.reciprocal() if inverse is None else inverse).sum())
         if iso_pos:
-            c = torch.stack(iso_c).to(device=t.device, dtype=torch.float64)
-            sel = t.index_tensor(iso_pos)
-            iso[sel] = c
-            if inv is not None:
-                inv[sel] = inv[sel] / c
+            c = self._iso_vector(pos[0], iso_c)
+            if len(iso_pos) == len(t):  # every tensor: no index (numel / c as below)
+                iso.copy_(c)
+                if inv is not None:
+                    inv.div_(c)
+            else:
+                sel = t.index_tensor(iso_pos)
+                iso[sel] = c
+                if inv is not None:
+                    inv[sel] = inv[sel] / c
         if diag_pos:
             inv[t.index_tensor(diag_pos)] = stacked(diag_inv, t.device)

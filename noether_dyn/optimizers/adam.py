@@ -19,6 +19,7 @@ from noether_dyn.optimizers.base import (
     Metric,
     OptimizerAdapter,
     coef_rows,
+    coefficient,
     scalar,
     step_count,
 )
@@ -32,10 +33,10 @@ def adam_rule(q1, g, state, c):
     m, v = state
     dt = q1.dtype
     # in place on the rule's own temporaries: the same roundings, fewer buffers when run eagerly
-    precond = v.sqrt().mul_(c[1].to(dt)).add_(c[3].to(dt))
+    precond = v.sqrt().mul_(coefficient(c, 1, dt)).add_(coefficient(c, 3, dt))
     inverse = precond.reciprocal()
-    dq = (m * inverse).mul_(c[0].to(dt)).add_(q1 * c[2].to(dt))
-    keep = c[4].to(dt)
+    dq = (m * inverse).mul_(coefficient(c, 0, dt)).add_(q1 * coefficient(c, 2, dt))
+    keep = coefficient(c, 4, dt)
     return dq, precond.div_(keep), inverse.mul_(keep)
 
 

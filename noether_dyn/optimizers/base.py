@@ -10,6 +10,7 @@ beta, the weight decay lambda (coupled into V, or decoupled as a friction), and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
@@ -69,6 +70,62 @@ def _coef_tensor(rows: tuple[tuple[float, ...], ...], device: torch.device) -> t
         .reshape(-1, COEF_WIDTH)
         .to(device, non_blocking=True)
     )
+
+
+def coefficient(c: Sequence[torch.Tensor], i: int, dtype: torch.dtype) -> torch.Tensor:
+    """Coefficient ``i`` of a rule's row ``c`` as a 0-d tensor of ``dtype``: ``c[i].to(dtype)`` of
+    the float64 row the compiled program passes, or the conversion an :class:`EagerRow` made once
+    for all the tensors (and steps) that share the row. The rules read their coefficients
+    through this one function, so that both backends run the same statement."""
+    if isinstance(c, EagerRow):
+        return c.cast(i, dtype)
+    return c[i].to(dtype)
+
+
+class EagerRow:
+    """One parameter's coefficient row for the eager backend: ``row[i]`` is the float64 0-d
+    coefficient (what a rule returns as an isotropic G), :meth:`cast` the same coefficient in a
+    parameter's dtype. The whole (n, COEF_WIDTH) coefficient tensor is converted once per dtype
+    and each row unbound once into 0-d tensors (:class:`EagerRows`), so that a rule run tensor by
+    tensor makes no select and no conversion per coefficient.
+    """
+
+    __slots__ = ("rows", "index")
+
+    def __init__(self, rows: EagerRows, index: int) -> None:
+        self.rows = rows
+        self.index = index
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.rows.values(self.index, torch.float64)[i]
+
+    def cast(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.rows.values(self.index, dtype)[i]
+
+
+class EagerRows:
+    """A param group's (n, COEF_WIDTH) float64 coefficients (:attr:`FusedStep.coef`) as one
+    :class:`EagerRow` per parameter, converted lazily: one ``to`` and one ``unbind`` per dtype
+    for the whole group, one ``unbind`` per row read. Reused while the coefficient tensor is the
+    same (:func:`coef_rows` returns the same tensor for the same host rows: constant
+    hyperparameters convert once per run)."""
+
+    def __init__(self, coef: torch.Tensor) -> None:
+        self.coef = coef
+        self._rows: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+        self._values: dict[tuple[int, torch.dtype], tuple[torch.Tensor, ...]] = {}
+        self.rows = [EagerRow(self, r) for r in range(coef.shape[0])]
+
+    def values(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Row ``index`` in ``dtype`` as 0-d tensors (converted from float64, as ``c[i].to``)."""
+        key = (index, dtype)
+        out = self._values.get(key)
+        if out is None:
+            rows = self._rows.get(dtype)
+            if rows is None:
+                rows = self._rows[dtype] = self.coef.to(dtype).unbind(0)
+            out = self._values[key] = rows[index].unbind(0)
+        return out
 
 
 class OptimizerAdapter:

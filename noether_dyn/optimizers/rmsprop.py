@@ -15,6 +15,7 @@ from noether_dyn.optimizers.base import (
     Metric,
     OptimizerAdapter,
     coef_rows,
+    coefficient,
     scalar,
 )
 
@@ -23,12 +24,12 @@ def _rms_metric(state, c):
     v = state[0]
     if len(state) == 2:  # centered: v - gbar^2
         v = v - state[1] * state[1]
-    return v.sqrt().add_(c[3].to(v.dtype))
+    return v.sqrt().add_(coefficient(c, 3, v.dtype))
 
 
 def rms_momentum_rule(q1, g, state, c):
     """dq = c0 b (c0 = -lr); G = sqrt(v [- gbar^2]) + c3; state (b, v[, gbar])."""
-    return state[0] * c[0].to(q1.dtype), _rms_metric(state[1:], c), None
+    return state[0] * coefficient(c, 0, q1.dtype), _rms_metric(state[1:], c), None
 
 
 def preconditioned_rule(q1, g, state, c):
@@ -36,8 +37,8 @@ def preconditioned_rule(q1, g, state, c):
     c2 = lambda, c4 = lr lambda; G = sqrt(v [- gbar^2]) + c3; state (v[, gbar])."""
     dt = q1.dtype
     metric = _rms_metric(state, c)
-    num = (g * c[1].to(dt)).add_(q1 * c[2].to(dt))
-    return num.div_(metric - c[4].to(dt)).mul_(c[0].to(dt)), metric, None
+    num = (g * coefficient(c, 1, dt)).add_(q1 * coefficient(c, 2, dt))
+    return num.div_(metric - coefficient(c, 4, dt)).mul_(coefficient(c, 0, dt)), metric, None
 
 
 def undecayed_rule(q1, g, state, c):

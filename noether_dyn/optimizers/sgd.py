@@ -16,6 +16,7 @@ from noether_dyn.optimizers.base import (
     Metric,
     OptimizerAdapter,
     coef_rows,
+    coefficient,
     scalar,
 )
 
@@ -23,16 +24,16 @@ from noether_dyn.optimizers.base import (
 def heavy_ball_rule(q1, g, state, c):
     """dq = c0 b (c0 = -lr, b the momentum buffer after the step); G = c1 I."""
     (buf,) = state
-    return buf * c[0].to(buf.dtype), c[1], None
+    return buf * coefficient(c, 0, buf.dtype), c[1], None
 
 
 def direct_rule(q1, g, state, c):
     """Plain SGD or Nesterov with the decay solved for: dq = c0 g [+ c1 b] + c2 q1; G = c3 I."""
     dt = q1.dtype
-    step = g * c[0].to(dt)
+    step = g * coefficient(c, 0, dt)
     if state:
-        step.add_(state[0] * c[1].to(dt))
-    return step.add_(q1 * c[2].to(dt)), c[3], None
+        step.add_(state[0] * coefficient(c, 1, dt))
+    return step.add_(q1 * coefficient(c, 2, dt)), c[3], None
 
 
 class SGDAdapter(OptimizerAdapter):

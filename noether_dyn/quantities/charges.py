@@ -134,11 +134,13 @@ class ChargeMatrix:
 
         self.tensors = tensors_of(set(range(len(self.symmetries))))
         self.sum_tensors = tensors_of({i for i, k in enumerate(self.kinds) if k.stats & _SUMS})
-        self._blocks = []  # per kind: (kind, its rows, its rows of the sign matrix, its leads)
+        self._blocks = []  # per kind: (kind, its rows, its rows of the sign matrix, its leads,
+        # their absolute values: formed once here, not per logged step)
         for kind in dict.fromkeys(self.kinds):
             rows = [i for i, k in enumerate(self.kinds) if k is kind]
             at = torch.tensor(rows, dtype=torch.long).to(device)
-            self._blocks.append((kind, at, self.signs[at], self.lead_index[at]))
+            signs = self.signs[at]
+            self._blocks.append((kind, at, signs, self.lead_index[at], signs.abs()))
 
     def __len__(self) -> int:
         return len(self.symmetries)
@@ -174,7 +176,7 @@ class ChargeMatrix:
         """Q per symmetry from per-tensor |q|^2 and sum(q), each (n_tensors,)."""
         x = {"QQ": qq, "QS": qs}
         out = torch.zeros(len(self), dtype=torch.float64, device=self.signs.device)
-        for kind, at, signs, _ in self._blocks:
+        for kind, at, signs, _, _ in self._blocks:
             out = out.index_copy(0, at, kind.charge(signs, x))
         return out
 
@@ -194,19 +196,19 @@ class ChargeMatrix:
             eta, lam, beta: (n_tensors,) or (n_slots,) rate, weight decay and momentum of each
                 tensor's group.
         """
-        x = {name: stats[:, i] for name, i in S_.items()}
+        x = dict(zip(STATS, stats.unbind(1)))  # one unbind, not a select per column
         eta, lam, beta = self.expand(eta), self.expand(lam), self.expand(beta)
         half_m = (1.0 + beta) / 2.0  # m / eta
         out = torch.zeros(len(self), len(CHARGE_COLUMNS), dtype=torch.float64, device=stats.device)
-        for kind, at, signs, lead in self._blocks:
+        for kind, at, signs, lead, abs_signs in self._blocks:
             cols = kind.columns(signs, x, eta, lam, half_m, (eta[lead], beta[lead]))
             g_xi, xi_sq = cols.pop("g_xi"), cols.pop("xi_sq")
-            cols["defect"] = g_xi.abs() / torch.sqrt((signs.abs() @ x["GG"]) * xi_sq)
+            cols["defect"] = g_xi.abs() / torch.sqrt((abs_signs @ x["GG"]) * xi_sq)
             cols["grad_sq"] = signs @ x["GG"]
             # docs/theory.md §4 by family: the direction's rate from r^2 = |q_A|^2
             if kind.normalized:
                 cols["effective_lr"] = effective_rate(
-                    self.family, eta[lead], signs.abs() @ x["QQ"], beta[lead]
+                    self.family, eta[lead], abs_signs @ x["QQ"], beta[lead]
                 )
             zero = torch.zeros_like(g_xi)
             nan = torch.full_like(g_xi, float("nan"))

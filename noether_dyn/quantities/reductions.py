@@ -24,10 +24,10 @@ def local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not values:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    first = values[0]
-    if all(v.dtype == first.dtype and v.device == first.device for v in values):
+    try:  # mixed float dtypes promote to a wider one exactly, then widen to float64 exactly
         return torch.stack(values).to(device=device, dtype=torch.float64)
-    return torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
+    except RuntimeError:  # values on different devices
+        return torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
 
 
 def stacked(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -41,6 +41,17 @@ def sq_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not tensors:
         return torch.zeros(0, dtype=torch.float64, device=device)
     return _stack(list(torch._foreach_norm(local(tensors))), device).square()
+
+
+def sq_norm_lists(lists: list[list[torch.Tensor]], device: torch.device) -> list[torch.Tensor]:
+    """:func:`sq_norms` of several lists in one ``_foreach_norm``, one stack, one widening and
+    one square (each entry the same as :func:`sq_norms` of its list gives: per tensor the same
+    norm kernel, widened and squared in float64); one (len(list),) vector per list."""
+    flat = [x for lst in lists for x in lst]
+    if not flat:
+        return [torch.zeros(0, dtype=torch.float64, device=device) for _ in lists]
+    values = _stack(list(torch._foreach_norm(local(flat))), device).square()
+    return list(values.split([len(lst) for lst in lists]))
 
 
 def dots(a: list[torch.Tensor], b: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from noether_dyn.quantities.charges import ChargeMatrix
 from noether_dyn.quantities.lagrangian import kinetic_coefficients, l2_coefficients
 from noether_dyn.quantities.theory import advance_charge
-from noether_dyn.records import COL, S_, GroupHyper
+from noether_dyn.records import COL, S_, STATS, GroupHyper
 
 HYPER_COLUMNS = ("kinetic", "l2", "lr", "decay_weight", "beta")
 """Per group: T / (dq^T G dq), V_L2 / |q|^2, eta, lambda (``GroupHyper.decay_weight``: a
@@ -79,7 +79,7 @@ class StepRows:
         tuple[torch.Tensor, torch.Tensor] | None,
     ]:
         n_t = self.group_index.shape[0]  # per-unit slots follow the tensors' rows
-        col = {k: stats[:n_t, i] for k, i in S_.items()}
+        col = dict(zip(STATS, stats[:n_t].unbind(1)))  # one unbind, not a select per column
         per_tensor = hyper[self.group_index]
         zeros = torch.zeros(self.n_groups, dtype=torch.float64, device=stats.device)
         kinetic = zeros.index_add(0, self.group_index, per_tensor[:, 0] * col["GDD"])
