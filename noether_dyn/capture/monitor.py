@@ -230,7 +230,11 @@ class Monitor:
                 self._gl.before(self._plan)
             return wrap_closure(args, kwargs, lambda v: setattr(self._state, "closure_loss", v))
         except Exception as exc:  # never let the monitor stop the training
-            self._fail("pre-step", exc)
+            # the pending rows are of whole earlier steps (this step has changed no state): keep
+            # them, so a change such as add_param_group loses no step logged before it
+            self.flush()
+            if not self._failed:  # a failed flush has already stopped and warned
+                self._fail("pre-step", exc)
             return None
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
