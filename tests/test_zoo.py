@@ -126,9 +126,7 @@ def test_zoo_refused_combination_names_argument_and_fix(name: str, mode: str, tm
     opt = Z.OPTIMIZERS[opt_name](case.params())
     with pytest.raises(ValueError, match="exact_decay") as err:
         nd.watch(case.model, opt, tmp_path, **kw)
-    assert "16-bit" in str(err.value) or "bfloat16" in str(err.value) or "float16" in str(
-        err.value
-    )
+    assert "16-bit" in str(err.value) or "bfloat16" in str(err.value) or "float16" in str(err.value)
     assert not (tmp_path / "run.sqlite").exists()
 
 
