@@ -105,13 +105,15 @@ def test_zoo_model_under_monitor(name: str, mode: str, tmp_path) -> None:
     assert set(defects) == {s.name for s in mon.symmetries}
     bad = {k: v for k, v in defects.items() if not v <= DIRECTIONAL_BOUND}
     assert not bad, bad
-    if mode == "unit":  # a parent's charge is the sum of its units'
+    if mode == "unit":  # a parent's charge is the sum of its units' (slices reduced in the
+        # tensors' own dtype: float32 rounding, 2 u32 measured, on float32 models)
+        rtol = 4 * U32 if _dtype(case) == torch.float32 else 1e-12
         parents = {s.parent for s in mon.symmetries if s.parent}
         for parent in parents:
             units = c[c["symmetry"].isin([s.name for s in mon.symmetries if s.parent == parent])]
             summed = units.groupby("step")["charge"].sum().to_numpy()
             own = c[c["symmetry"] == parent].sort_values("step")["charge"].to_numpy()
-            np.testing.assert_allclose(summed, own, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(summed, own, rtol=rtol, atol=0)
     if mode == "matrix":
         m = run.matrix_charges
         assert len(m) > 0, "matrix_charges=True on a model with attention found no GL record"
@@ -274,3 +276,29 @@ def test_keyboard_interrupt_then_resume(tmp_path) -> None:
     assert run.steps["step"].tolist() == list(range(7))
     for sym, residual in Z.split_residuals(run):
         assert residual <= 1e-10, (sym, residual)
+
+
+def test_convnext_default_layer_scale_needs_a_tighter_tol() -> None:
+    """Known limitation, with its workaround. HF ConvNeXt's default layer scale (1e-6) makes
+    every path through a block carry ~1e-6 of the gradient at initialization, so a symmetry
+    broken only inside a block (the downsampling conv's translation: the block's padded
+    depthwise conv turns its per-position shift into a per-channel one) has a float64 defect of
+    ~5e-11 there, within the default tolerance 1e-8, and is reported exact; after training it
+    moves the float64 loss by 5e-5 relative under a shift of 0.5. ``tol=1e-11`` (5e4 x the
+    float64 rounding of 2e-16 measured on exact symmetries) drops exactly those and keeps every
+    other record."""
+    from noether_dyn.symmetries.engine import clear_cache
+
+    case = Z.convnext(layer_scale=1e-6)
+    clear_cache()
+    default = {s.name for s in nd.find_symmetries(case.model, case.batch)}
+    clear_cache()
+    tight = nd.find_symmetries(case.model, case.batch, tol=1e-11)
+    broken = "translation:convnext.encoder.stages.1.downsampling_layer.1"
+    assert broken in default and broken not in {s.name for s in tight}
+    assert {s.name for s in tight} < default
+    for s in tight:
+        assert s.exactness != "exact" or s.defect <= 1e-15, (s.name, s.defect)
+    trained = Z.convnext(layer_scale=1e-2)  # a block's gain after some training
+    defects = Z.directional_defects(trained, [s for s in tight])
+    assert max(defects.values()) <= DIRECTIONAL_BOUND, defects
