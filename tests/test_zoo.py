@@ -105,15 +105,17 @@ def test_zoo_model_under_monitor(name: str, mode: str, tmp_path) -> None:
     assert set(defects) == {s.name for s in mon.symmetries}
     bad = {k: v for k, v in defects.items() if not v <= DIRECTIONAL_BOUND}
     assert not bad, bad
-    if mode == "unit":  # a parent's charge is the sum of its units' (slices reduced in the
-        # tensors' own dtype: float32 rounding, 2 u32 measured, on float32 models)
-        rtol = 4 * U32 if _dtype(case) == torch.float32 else 1e-12
+    if mode == "unit":  # a parent's charge is the sum of its units'; the slices are reduced in
+        # the tensors' own dtype, each sum of squares off by ~u |q_slice|^2, so the bound is
+        # relative to |q|^2 (a rescale charge cancels: -0.008 out of terms ~8 on Qwen2)
+        unit_u = 4 * U32 if _dtype(case) == torch.float32 else 1e-12
+        q_sq = run.steps.sort_values("step")["param_norm"].to_numpy() ** 2
         parents = {s.parent for s in mon.symmetries if s.parent}
         for parent in parents:
             units = c[c["symmetry"].isin([s.name for s in mon.symmetries if s.parent == parent])]
             summed = units.groupby("step")["charge"].sum().to_numpy()
             own = c[c["symmetry"] == parent].sort_values("step")["charge"].to_numpy()
-            np.testing.assert_allclose(summed, own, rtol=rtol, atol=0)
+            assert np.all(np.abs(summed - own) <= unit_u * q_sq), (parent, summed - own)
     if mode == "matrix":
         m = run.matrix_charges
         assert len(m) > 0, "matrix_charges=True on a model with attention found no GL record"
