@@ -134,6 +134,24 @@ def test_zoo_refused_combination_names_argument_and_fix(name: str, mode: str, tm
     assert not (tmp_path / "run.sqlite").exists()
 
 
+BAD_ARGUMENTS = [
+    ({"matrix_charges": "yes"}, TypeError, r"matrix_charges must be True .* got 'yes'"),
+    ({"matrix_charges": True}, ValueError, r"matrix_charges=True .* pass inputs="),
+    ({"granularity": "units"}, ValueError, r"granularity: must be one of \('layer', 'unit'\)"),
+    ({"exact_decay": True, "snapshot": True}, ValueError, r"snapshot=True.*exact_decay=False"),
+    ({"every": 0}, ValueError, r"every must be a positive int"),
+]
+
+
+@pytest.mark.parametrize(("kw", "error", "message"), BAD_ARGUMENTS, ids=lambda v: str(v)[:30])
+def test_zoo_bad_argument_names_itself_and_writes_nothing(kw, error, message, tmp_path) -> None:
+    case = Z.frozen()
+    opt = Z.OPTIMIZERS["sgdm-wd"](case.params())
+    with pytest.raises(error, match=message):
+        nd.watch(case.model, opt, tmp_path / "run", **kw)
+    assert not (tmp_path / "run").exists()
+
+
 def test_zoo_unit_with_exact_decay_is_refused(tmp_path) -> None:
     case = Z.frozen()
     opt = Z.OPTIMIZERS["sgdm-wd"](case.params())
