@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import signal
+import threading
 import time
 import warnings
 import weakref
@@ -230,12 +232,20 @@ class Monitor:
                 self._gl.before(self._plan)
             return wrap_closure(args, kwargs, lambda v: setattr(self._state, "closure_loss", v))
         except Exception as exc:  # never let the monitor stop the training
-            self._fail("pre-step", exc)
+            # the pending rows are of whole earlier steps (this step has changed no state): keep
+            # them, so a change such as add_param_group loses no step logged before it
+            self.flush()
+            if not self._failed:  # a failed flush has already stopped and warned
+                self._fail("pre-step", exc)
             return None
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if not self._active:
             return
+        with _ctrl_c_after():  # the update is done: its rows complete before a Ctrl-C lands
+            self._post_step(optimizer)
+
+    def _post_step(self, optimizer: torch.optim.Optimizer) -> None:
         try:
             self._depth -= 1
             if self._depth > 0 or self._plan is None:
@@ -313,3 +323,27 @@ class Monitor:
         self._state.wall_time = time.monotonic() - self._t0
         names = [s.name for s in self.tracked.symmetries]
         return mstate.checkpoint(self._state, self._prediction.predictor, names)
+
+
+@contextlib.contextmanager
+def _ctrl_c_after():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise its KeyboardInterrupt when
+    the block ends. The optimizer's update is already applied when the post-step hook runs: an
+    interrupt in the middle of its statistics would leave that update uncounted (step numbers one
+    behind the optimizer, and a stored charge change no split accounts for). Only in the main
+    thread and only when Python's default handler is installed (a framework's own handler is
+    left alone); costs two ``signal.signal`` calls per step."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held:
+            raise KeyboardInterrupt

@@ -66,6 +66,9 @@ class Tracked:
             for g in range(self.n_groups)
         ]
         self._idx_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        # a model-wide cast (model.float(), .half(), .to(dtype)) changes every tensor: the first
+        # one stands for all (one comparison per step)
+        self._first_dtype = self.params[0].dtype if self.params else None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -77,6 +80,13 @@ class Tracked:
             raise RuntimeError(
                 "noether-dyn: the optimizer's parameters changed after watch() (add_param_group?). "
                 "Call watch() after the optimizer has all its param groups."
+            )
+        if self._first_dtype is not None and (p := self.params[0]).dtype != self._first_dtype:
+            raise RuntimeError(
+                f"noether-dyn: the model's parameters changed dtype after watch() "
+                f"({self._first_dtype} -> {p.dtype}): the statistics were planned for the old "
+                "dtype (16-bit parameters need a float64 copy of each step). Close this monitor "
+                "and call watch(..., resume=True) after the cast."
             )
 
     def with_grad(self, idx: Sequence[int] | None = None) -> list[int]:

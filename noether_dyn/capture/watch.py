@@ -124,6 +124,7 @@ def watch(
     run_dir = checks.run_dir_path(run_dir)  # checked before detection spends any time
     checks.check_symmetry_list(symmetries)
     checks.check_detection(inputs, targets, loss_fn)
+    _check_matrix_charges(matrix_charges)
     note, detect_first = "", False
     if symmetries is None:
         if inputs is None:
@@ -209,3 +210,21 @@ def _units_of(
         return split_units(model, symmetries, inputs, targets, loss_fn)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     return choose_units(symmetries, shapes, [])
+
+
+def _check_matrix_charges(matrix_charges: Any) -> None:
+    """Raise unless ``matrix_charges`` is a bool or a list/tuple of ``MatrixSymmetry`` records
+    (checked before detection spends any time; a string would otherwise be read as records)."""
+    from noether_dyn.symmetries.matrix import MatrixSymmetry
+
+    if isinstance(matrix_charges, bool):
+        return
+    if isinstance(matrix_charges, (list, tuple)) and all(
+        isinstance(r, MatrixSymmetry) for r in matrix_charges
+    ):
+        return
+    raise TypeError(
+        "watch: matrix_charges must be True (find them on inputs=), False, or a list of "
+        "noether_dyn.symmetries.matrix.MatrixSymmetry records (find_matrix_symmetries), got "
+        f"{matrix_charges!r:.80}."
+    )
