@@ -139,7 +139,16 @@ def test_sigkill_during_creation_leaves_no_store_or_a_complete_one(tmp_path):
 
     t0 = time.perf_counter()
     RunWriter(tmp_path / "timed", "new", meta=META, symmetries=SYMS).close()
-    cycle = time.perf_counter() - t0  # kills land anywhere in the first 2-3 creations
+    cycle = time.perf_counter() - t0
+    # a forked child can be much slower than its parent (copy-on-write faults of a large test
+    # process's heap as Python touches its objects): time one creation the way the children run
+    # it, fork included, so that the kills land anywhere in a child's first 2-3 creations
+    t0 = time.perf_counter()
+    pid = fork(
+        lambda: RunWriter(tmp_path / "timed-child", "new", meta=META, symmetries=SYMS).close()
+    )
+    os.waitpid(pid, 0)
+    cycle = max(cycle, time.perf_counter() - t0)
     interrupted = complete = 0
     for k in range(40):
         base = tmp_path / f"child{k}"
