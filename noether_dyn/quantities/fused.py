@@ -185,11 +185,8 @@ class StatsProgram:
         if self._dynamo is not None:
             with _quiet_tf32():
                 return self._dynamo(params, grads, states, coef, inputs)
-        leaves: list[torch.Tensor] = []
-        spec = _flatten(inputs, leaves)
-        flat = [*params, *grads, *itertools.chain.from_iterable(states), coef, *leaves]
-        layout = (len(params), tuple(map(len, states)), spec)
-        variant = next((v for v in self._variants if v.layout == layout and v.check(flat)), None)
+        flat, layout = _call_layout(params, grads, states, coef, inputs)
+        variant = self._find(flat, layout)
         if variant is None:
             if len(self._variants) >= MAX_VARIANTS:
                 return self._entry(params, grads, states, coef, inputs)
@@ -209,11 +206,8 @@ class StatsProgram:
         are not compiled variant by variant)."""
         if not self._compile or self._dynamo is not None:
             return True
-        leaves: list[torch.Tensor] = []
-        spec = _flatten(inputs, leaves)
-        flat = [*params, *grads, *itertools.chain.from_iterable(states), coef, *leaves]
-        layout = (len(params), tuple(map(len, states)), spec)
-        return any(v.layout == layout and v.check(flat) for v in self._variants)
+        flat, layout = _call_layout(params, grads, states, coef, inputs)
+        return self._find(flat, layout) is not None
 
     def build(
         self,
@@ -230,17 +224,18 @@ class StatsProgram:
         thread while the training goes on."""
         if not self._compile or self._dynamo is not None:
             return False
-        if self.has_variant(params, grads, states, coef, inputs):
+        flat, layout = _call_layout(params, grads, states, coef, inputs)
+        if self._find(flat, layout) is not None:
             return True
-        leaves: list[torch.Tensor] = []
-        spec = _flatten(inputs, leaves)
-        flat = [*params, *grads, *itertools.chain.from_iterable(states), coef, *leaves]
-        layout = (len(params), tuple(map(len, states)), spec)
         if len(self._variants) >= MAX_VARIANTS:
             return False
         variant = self._build(flat, layout, (params, grads, states, coef, inputs))
         self._variants.append(variant)
         return True
+
+    def _find(self, flat: list[torch.Tensor], layout: tuple) -> _Variant | None:
+        """The compiled variant for this signature, None when there is none yet."""
+        return next((v for v in self._variants if v.layout == layout and v.check(flat)), None)
 
     def _build(self, flat: list[torch.Tensor], layout: tuple, args: tuple) -> _Variant:
         """Trace and compile the program for the signature of ``flat`` (``args`` flattened)."""
@@ -267,6 +262,21 @@ class StatsProgram:
 
 
 _OPTIONS = {"cpp_wrapper": True}
+
+
+def _call_layout(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[tuple[torch.Tensor, ...]],
+    coef: torch.Tensor,
+    inputs: tuple,
+) -> tuple[list[torch.Tensor], tuple]:
+    """A call's inputs flattened in the program's argument order, and its layout (tensor count,
+    state count per slot, the spec of ``inputs``): what picks a compiled variant."""
+    leaves: list[torch.Tensor] = []
+    spec = _flatten(inputs, leaves)
+    flat = [*params, *grads, *itertools.chain.from_iterable(states), coef, *leaves]
+    return flat, (len(params), tuple(map(len, states)), spec)
 
 
 def _inductor():
