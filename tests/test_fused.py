@@ -142,14 +142,17 @@ def test_fused_compiles_once_while_rates_and_bias_corrections_change(tmp_path):
     assert len(nd.load_run(tmp_path / "run").steps) == 7
 
 
-def test_fused_is_off_by_default_for_small_models_and_on_for_large(tmp_path):
+def test_fused_default_compiles_small_models_only_after_their_eager_rent(tmp_path):
+    from noether_dyn.capture import plan as plan_module
+
     small = bn_mlp()
     mon = nd.watch(small, torch.optim.SGD(small.parameters(), lr=0.1), tmp_path / "a")
-    assert mon.fused is False
+    assert mon.fused is True, "the compiled path is chosen; when it starts is the planner's"
+    assert mon._planner.rent_seconds == plan_module.COMPILE_RENT_SECONDS > 0
     mon.close()
     big = torch.nn.Linear(1000, 1000)
     mon = nd.watch(big, torch.optim.SGD(big.parameters(), lr=0.1), tmp_path / "b")
-    assert mon.fused is True
+    assert mon.fused is True and mon._planner.rent_seconds == 0.0
     mon.close()
     mon = nd.watch(big, torch.optim.SGD(big.parameters(), lr=0.1), tmp_path / "c", snapshot=True)
     assert mon.fused is False, "snapshots take the eager path"

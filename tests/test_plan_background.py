@@ -107,6 +107,38 @@ def test_eager_steps_until_the_background_compile_is_ready_then_the_program(
     _compare((nd.load_run(mon.run_dir), mon), _eager_reference(tmp_path, name, 9))
 
 
+def test_a_small_model_compiles_once_its_eager_statistics_have_cost_the_rent(tmp_path, monkeypatch):
+    """Below FUSED_MIN_NUMEL the background compile waits until the eager statistics' time
+    reaches the rent (ski rental): not a step before, and at the first logged step after."""
+    fake = FakeInductor()
+    fake.release.set()
+    monkeypatch.setattr(torch._inductor, "standalone_compile", fake.standalone_compile)
+    monkeypatch.setattr(plan_module, "COMPILE_AFTER_STEPS", 0)
+    model, opt, mon = _watched(tmp_path, "sgd-momentum-wd", None)
+    planner = mon._planner
+    assert planner.rent_seconds == plan_module.COMPILE_RENT_SECONDS
+    x, y = batch(1, dtype=torch.float64)
+    _step(model, opt, mon, x, y)
+    spent = planner.eager_seconds
+    assert spent > 0, "the eager statistics' time is counted"
+    planner.rent_seconds = spent * 3.5  # a rent the next steps reach, but not the next one
+    seen = []
+    for _ in range(12):
+        _step(model, opt, mon, x, y)
+        seen.append((planner.eager_seconds, planner.background is not None))
+        if planner.background is not None:
+            break
+    assert seen[-1][1], f"no compile once the rent was spent: {seen}"
+    assert seen[-1][0] >= planner.rent_seconds, "the compile started at the rent, not before"
+    assert all(s < planner.rent_seconds and not started for s, started in seen[:-1]), seen
+    assert planner.background.wait(WAIT) and planner.background.state == "ready"
+    for _ in range(4):  # the prediction's signature compiles in the background too
+        assert planner.background is None or planner.background.wait(WAIT)
+        _step(model, opt, mon, x, y)
+    assert mon.compiled.compiled_ok, "the steps switched to the program"
+    mon.close()
+
+
 def test_failed_background_compile_warns_once_and_stays_eager(tmp_path, fake_inductor):
     fake_inductor.error = RuntimeError("no C++ compiler found")
     fake_inductor.release.set()

@@ -13,6 +13,14 @@ backends compute the same statistics (tests/test_fused.py), so the rows mean the
 side of the switch. The compile starts after :data:`COMPILE_AFTER_STEPS` optimizer steps, so a
 short run never compiles, and the interpreter waits for a compile still running at exit (with the
 progress line saying so). ``fused=True`` compiles on the first logged step, in the step, as asked.
+
+When the compile starts is a rent-or-buy choice (the ski-rental rule): below
+:data:`FUSED_MIN_NUMEL` parameter entries the eager statistics cost little per step, so the
+compile, which costs about :data:`COMPILE_RENT_SECONDS` of CPU on a small machine, starts only
+once the eager statistics have taken that much time. Whatever the run's length, it then pays at
+most about twice what the better of "never compile" and "compile at once" would have cost it. From
+:data:`FUSED_MIN_NUMEL` entries on the eager statistics cost enough per step that the compile starts
+at :data:`COMPILE_AFTER_STEPS`.
 """
 
 from __future__ import annotations
@@ -33,7 +41,16 @@ from noether_dyn.quantities.step_rows import hyper_matrix
 from noether_dyn.records import GroupHyper, StepPlan
 
 FUSED_MIN_NUMEL = 1_000_000
-"""With ``fused=None`` the compiled statistics are used from this many parameter entries on."""
+"""With ``fused=None`` the background compile starts after :data:`COMPILE_AFTER_STEPS` steps from
+this many parameter entries on; below, once the eager statistics have cost
+:data:`COMPILE_RENT_SECONDS`."""
+
+COMPILE_RENT_SECONDS = 30.0
+"""With ``fused=None`` below :data:`FUSED_MIN_NUMEL` entries, the eager statistics' accumulated
+time (seconds of the hooks' work, measured per logged step) after which the background compile
+starts: about what a cold compile of a small program costs on a 2-core CPU (30-80 s measured,
+issue 18), so that a run pays at most about twice the better choice in hindsight. The compiled
+statistics of a 0.06-0.27M-parameter MLP cost 0.36-0.65x the eager ones (docs/performance.md)."""
 
 FUSED_MAX_TENSORS = 128
 """With ``fused=None`` no program is compiled for more tracked tensors than this: Inductor's cold
@@ -52,7 +69,7 @@ one when it is ready)."""
 
 
 class BackgroundCompile:
-    """One compile run in a daemon thread: ``build()`` (which raises on a failed compile)
+    """One compile run in a background thread: ``build()`` (which raises on a failed compile)
     returns True when the program is ready, False when the steps cannot be compiled this way.
 
     ``state``: "running", "ready", "unavailable" (build returned False) or "failed" (then
@@ -121,9 +138,9 @@ class Planner:
     """Plans steps and runs their statistics backend.
 
     Args:
-        fused: True/False, or None for on from :data:`FUSED_MIN_NUMEL` parameter entries on a
-            CPU or CUDA device, up to :data:`FUSED_MAX_TENSORS` tensors, compiled in the
-            background (see the module's docstring); always off with ``snapshot``.
+        fused: True/False, or None for compiled in the background on a CPU or CUDA device,
+            up to :data:`FUSED_MAX_TENSORS` tensors, once the run has gone long enough to earn
+            the compile back (see the module's docstring); always off with ``snapshot``.
 
     Attributes:
         background: None, or the :class:`BackgroundCompile` under way or finished (fused=None).
@@ -147,12 +164,12 @@ class Planner:
         self.every = every
         self.snapshot = snapshot
         self.in_background = fused is None
+        self.rent_seconds = 0.0
+        """Eager statistics time after which the background compile starts (fused=None)."""
         if fused is None:
-            fused = (
-                tracked.device.type in ("cpu", "cuda")
-                and sum(p.numel() for p in tracked.params) >= FUSED_MIN_NUMEL
-                and len(tracked) <= FUSED_MAX_TENSORS
-            )
+            fused = tracked.device.type in ("cpu", "cuda") and len(tracked) <= FUSED_MAX_TENSORS
+            if sum(p.numel() for p in tracked.params) < FUSED_MIN_NUMEL:
+                self.rent_seconds = COMPILE_RENT_SECONDS
         # per-unit slices are reduced by the eager path only: units make every step eager
         if fused is True and eager.matrix.sliced:
             warnings.warn(
@@ -166,6 +183,9 @@ class Planner:
         self.steps_seen = 0
         """Optimizer steps planned so far (the background compile waits for
         :data:`COMPILE_AFTER_STEPS` of them)."""
+        self.eager_seconds = 0.0
+        """Time the eager statistics have taken so far (before and after the steps), while a
+        background compile may still be started; compared with :attr:`rent_seconds`."""
         self.progress: Callable[[str], None] | None = _stderr_line
         self._hyper: tuple[list[GroupHyper], torch.Tensor] | None = None
 
@@ -207,7 +227,9 @@ class Planner:
             if (logged or need_dq) and not all(rebuild):
                 self.eager.take_snapshot(rebuild)
             if logged and not fused:
+                start = time.perf_counter()
                 self.eager.read_before(plan, closure)
+                self.eager_seconds += time.perf_counter() - start
         return plan
 
     def _program_ready(self) -> bool:
@@ -261,12 +283,15 @@ class Planner:
                 self.background = out = None
             if out is not None:
                 return out
+        start = time.perf_counter()
         out = self.eager(optimizer, plan, inputs)
+        self.eager_seconds += time.perf_counter() - start
         if (
             self.fused
             and self.in_background
             and self.background is None
             and self.steps_seen >= COMPILE_AFTER_STEPS
+            and self.eager_seconds >= self.rent_seconds
         ):  # after the eager statistics: the optimizer's state (the program's inputs) exists
             self.start_background(optimizer, inputs)
         return out
