@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from analysis._common import mixture
+from benchmarks import _docs
 from noether_dyn.depth.tables import markdown_table
 from noether_dyn.symmetries.symmetry import Symmetry
 
 Tensors = dict[str, torch.Tensor]
+DOCS_PAGE = "docs/physics.md"
 
 
 def signed_dot(
@@ -100,17 +102,45 @@ def run(
             on_step(Step(n, q, q1, g, optimizer))
 
 
-def write_table(df: pd.DataFrame, out: Path, title: str, command: str) -> None:
-    """``table.csv`` and ``table.md`` (a titled markdown table with the command that made it)."""
+class DocsBlock:
+    """A study's tables for its generated block in docs/physics.md (``benchmarks/_docs.py``).
+
+    Made right after parsing: with ``--write-docs`` the page must hold exactly one block of this
+    command line (else :class:`benchmarks._docs.DocsError`, before anything is measured); without
+    it :meth:`write` does nothing. :func:`write_table` adds each table under its title."""
+
+    def __init__(self, args: argparse.Namespace, script: str, argv: list[str] | None) -> None:
+        write = getattr(args, "write_docs", False)
+        self.command = _docs.docs_command(DOCS_PAGE, script, argv) if write else None
+        self.tables: list[tuple[str, pd.DataFrame]] = []
+
+    def write(self) -> None:
+        """Rewrite the block: each table under its title in bold, stamped with the machine."""
+        if self.command is None:
+            return
+        body = "\n\n".join(f"**{title}**\n\n{markdown_table(df)}" for title, df in self.tables)
+        stamp = _docs.machine_stamp(threads=torch.get_num_threads(), load_note=None)
+        _docs.write_docs(DOCS_PAGE, self.command, body, stamp=stamp)
+
+
+def write_table(
+    df: pd.DataFrame, out: Path, title: str, command: str, docs: DocsBlock | None = None
+) -> None:
+    """``table.csv`` and ``table.md`` (a titled markdown table with the command that made it);
+    ``docs`` also keeps the table for the study's docs block (:class:`DocsBlock`)."""
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "table.csv", index=False)
+    if docs is not None:
+        docs.tables.append((title, df))
     text = f"## {title}\n\nRegenerate: `{command}`\n\n{markdown_table(df)}\n"
     (out / "table.md").write_text(text)
 
 
 def parser(description: str, default_out: str) -> argparse.ArgumentParser:
-    """The studies' shared command line: ``--quick`` (CI size) and ``--out``."""
+    """The studies' shared command line: ``--quick`` (CI size), ``--out`` and ``--write-docs``
+    (see :class:`DocsBlock`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="CI-sized run (seconds)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / default_out))
+    _docs.add_write_docs_argument(p, DOCS_PAGE)
     return p

@@ -31,7 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis._common import make_model, mixture  # noqa: E402
-from analysis._physics import Step, charge, parser, run, signed_dot, write_table  # noqa: E402
+from analysis._physics import DocsBlock, Step, charge, parser, run, signed_dot, write_table  # noqa: E402
 from noether_dyn.quantities.momentum import MomentumPredictor  # noqa: E402
 
 EPS = (1e-5, 1e-9, 1e-13, 1e-30)
@@ -75,6 +75,7 @@ def one_run(eps: float, beta: float, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser(__doc__.splitlines()[0], "bn_eps_residual").parse_args(argv)
+    docs = DocsBlock(args, __file__, argv)  # checks the docs block before measuring
     t0 = time.perf_counter()
     steps = 60 if args.quick else 300
     rows = [one_run(eps, beta, steps) for beta in (0.0, 0.9) for eps in EPS]
@@ -87,7 +88,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         Path(args.out),
         "Scale residual vs BatchNorm eps (exact SGD / SGD+momentum predictions)",
         "python analysis/bn_eps_residual.py",
+        docs=docs,
     )
+    docs.write()
     print(df.to_string(), f"{time.perf_counter() - t0:.1f} s", sep="\n")
     return df
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +58,13 @@ from noether_dyn.depth import (  # noqa: E402
     stability_profile,
 )
 from noether_dyn.depth.tables import markdown_table  # noqa: E402
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # run as ``python analysis/depth_deep_classifier.py``
+    sys.path.insert(0, str(_ROOT))
+from benchmarks import _docs  # noqa: E402
+
+DOCS_PAGE = "docs/depth.md"
 
 MODELS = ("tanh_mlp", "euler_resnet", "symplectic")
 PASS_ACC = 0.9
@@ -252,6 +260,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--n", type=int, default=500, help="training points")
     parser.add_argument("--seed", type=int, default=0)
+    _docs.add_write_docs_argument(parser, DOCS_PAGE)
     args = parser.parse_args(argv)
     if args.quick:
         defaults = {"depths": [32], "hs": [0.1, 1.0], "steps": 40}
@@ -268,6 +277,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Run the sweep, write figure + CSVs + markdown under --out; returns the final-step table."""
     args = parse(argv)
+    # with --write-docs: the page must hold this command's block, checked before training
+    docs = _docs.docs_command(DOCS_PAGE, __file__, argv) if args.write_docs else None
     # Tiny per-layer ops: one thread is fastest and avoids oversubscribing shared cores.
     torch.set_num_threads(1)
     # A vanishing tanh MLP drives activations into subnormal floats, ~100x slower on CPUs;
@@ -310,9 +321,24 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         ]
     )
     (args.out / "table.md").write_text(text + "\n")
+    if docs is not None:
+        _docs.write_docs(DOCS_PAGE, docs, docs_body(text), stamp=_docs.machine_stamp(threads=1))
     print(text)
     print(f"\nwrote {args.out} in {time.perf_counter() - start:.1f} s")
     return final
+
+
+def docs_body(text: str) -> str:
+    """``table.md``'s markdown for a docs block: its ``## `` title as a plain line and its
+    ``### `` table headings in bold (the page's own headings stay the page's)."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("### "):
+            line = f"**{line[4:]}**"
+        elif line.startswith("## "):
+            line = line[3:]
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

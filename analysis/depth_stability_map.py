@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,13 @@ import torch  # noqa: E402
 from noether_dyn.depth.integrators import euler_step, symplectic_step  # noqa: E402
 from noether_dyn.depth.potentials import LogCoshPotential  # noqa: E402
 from noether_dyn.depth.tables import markdown_table  # noqa: E402
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # run as ``python analysis/depth_stability_map.py``
+    sys.path.insert(0, str(_ROOT))
+from benchmarks import _docs  # noqa: E402
+
+DOCS_PAGE = "docs/depth.md"
 
 DT = torch.float64
 Step = Callable[[torch.Tensor, torch.Tensor, Callable, Callable, torch.Tensor], tuple]
@@ -641,6 +649,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--refit", action="store_true", help="redo tables and figure from --out/*.csv"
     )
+    _docs.add_write_docs_argument(parser, DOCS_PAGE)
     args = parser.parse_args(argv)
     if args.quick:
         defaults = {
@@ -675,6 +684,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Run the study, write figure + CSVs + markdown under --out; returns the fit table."""
     args = parse(argv)
+    # with --write-docs: the page must hold this command's block, checked before measuring
+    docs = _docs.docs_command(DOCS_PAGE, __file__, argv) if args.write_docs else None
     # Elementwise ops on small batches and one eigvalsh per matrix: one thread is fastest per
     # core and does not oversubscribe shared machines.
     torch.set_num_threads(1)
@@ -733,9 +744,24 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         ]
     )
     (args.out / "table.md").write_text(text + "\n")
+    if docs is not None:
+        _docs.write_docs(DOCS_PAGE, docs, docs_body(text), stamp=_docs.machine_stamp(threads=1))
     print(text)
     print(f"\nwrote {args.out} in {seconds:.1f} s")
     return fits
+
+
+def docs_body(text: str) -> str:
+    """``table.md``'s markdown for a docs block: its ``## `` title as a plain line and its
+    ``### `` table headings in bold (the page's own headings stay the page's)."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("### "):
+            line = f"**{line[4:]}**"
+        elif line.startswith("## "):
+            line = line[3:]
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

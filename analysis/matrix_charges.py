@@ -43,7 +43,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import noether_dyn as nd  # noqa: E402
-from analysis._physics import parser, write_table  # noqa: E402
+from analysis._physics import DocsBlock, parser, write_table  # noqa: E402
 from noether_dyn.quantities.matrix_charges import gd_prediction  # noqa: E402
 from noether_dyn.store import load_run  # noqa: E402
 from noether_dyn.symmetries.matrix import MatrixSymmetry, find_matrix_symmetries  # noqa: E402
@@ -164,15 +164,21 @@ def breaking(steps: int) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     args = parser(__doc__.splitlines()[0], "matrix_charges").parse_args(argv)
+    docs = DocsBlock(args, __file__, argv)  # checks the docs block before measuring
     t0 = time.perf_counter()
     steps = 30 if args.quick else 100
     scale_df, break_df = scaling(steps), breaking(steps)
     out = Path(args.out)
     command = "python analysis/matrix_charges.py"
     write_table(
-        scale_df, out / "scaling", "GL charge of a 2-layer linear net under small-step GD", command
+        scale_df,
+        out / "scaling",
+        "GL charge of a 2-layer linear net under small-step GD",
+        command,
+        docs=docs,
     )
-    write_table(break_df, out / "breaking", "What breaks the GL charge", command)
+    write_table(break_df, out / "breaking", "What breaks the GL charge", command, docs=docs)
+    docs.write()
     print(scale_df.to_string(), break_df.to_string(), f"{time.perf_counter() - t0:.1f} s", sep="\n")
     return scale_df, break_df
 

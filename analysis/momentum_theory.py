@@ -31,7 +31,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis._common import make_model  # noqa: E402
-from analysis._physics import Step, charge, parser, run, signed_dot, signed_sum, write_table  # noqa: E402
+from analysis._physics import (  # noqa: E402
+    DocsBlock,
+    Step,
+    charge,
+    parser,
+    run,
+    signed_dot,
+    signed_sum,
+    write_table,
+)
 from noether_dyn.quantities.momentum import DecayShare, MomentumPredictor  # noqa: E402
 from noether_dyn.quantities.theory import ChargePredictor  # noqa: E402
 
@@ -146,6 +155,7 @@ def prediction(eta: float, total_time: float) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     args = parser(__doc__.splitlines()[0], "momentum_theory").parse_args(argv)
+    docs = DocsBlock(args, __file__, argv)  # checks the docs block before measuring
     t0 = time.perf_counter()
     steps = 100 if args.quick else 600
     cases = [
@@ -170,10 +180,21 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     pred_df = pd.DataFrame([r for eta in (0.05, 0.025) for r in prediction(eta, total)])
     out = Path(args.out)
     command = "python analysis/momentum_theory.py"
-    write_table(share_df, out / "shares", "Weight decay's true share vs the naive column", command)
     write_table(
-        pred_df, out / "prediction", "Exact discrete vs continuous momentum prediction", command
+        share_df,
+        out / "shares",
+        "Weight decay's true share vs the naive column",
+        command,
+        docs=docs,
     )
+    write_table(
+        pred_df,
+        out / "prediction",
+        "Exact discrete vs continuous momentum prediction",
+        command,
+        docs=docs,
+    )
+    docs.write()
     print(share_df.to_string(), pred_df.to_string(), f"{time.perf_counter() - t0:.1f} s", sep="\n")
     return share_df, pred_df
 

@@ -52,7 +52,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis._common import make_model  # noqa: E402
-from analysis._physics import Step, charge, parser, run, signed_dot, signed_sum, write_table  # noqa: E402
+from analysis._physics import (  # noqa: E402
+    DocsBlock,
+    Step,
+    charge,
+    parser,
+    run,
+    signed_dot,
+    signed_sum,
+    write_table,
+)
 
 LAMBDA = 5e-3
 
@@ -125,6 +134,7 @@ def one_run(eta: float, beta: float, time_total: float) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser(__doc__.splitlines()[0], "nld_equation_of_motion").parse_args(argv)
+    docs = DocsBlock(args, __file__, argv)  # checks the docs block before measuring
     t0 = time.perf_counter()
     total = 3.0 if args.quick else 15.0
     cases = [(0.05, 0.9), (0.025, 0.9), (0.0125, 0.9), (0.05, 0.5)]
@@ -136,7 +146,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         Path(args.out),
         "NLD equation of motion vs the exact discrete law (SGD + momentum, lambda 5e-3)",
         "python analysis/nld_equation_of_motion.py",
+        docs=docs,
     )
+    docs.write()
     print(df.to_string(), f"{time.perf_counter() - t0:.1f} s", sep="\n")
     return df
 

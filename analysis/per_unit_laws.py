@@ -44,7 +44,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis._common import mixture  # noqa: E402
-from analysis._physics import parser, write_table  # noqa: E402
+from analysis._physics import DocsBlock, parser, write_table  # noqa: E402
 from noether_dyn import find_symmetries  # noqa: E402
 from noether_dyn.symmetries.symmetry import Symmetry  # noqa: E402
 
@@ -208,6 +208,7 @@ def breaking(seed: int, steps: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     args = parser(__doc__.splitlines()[0], "per_unit_laws").parse_args(argv)
+    docs = DocsBlock(args, __file__, argv)  # checks the docs block before measuring
     t0 = time.perf_counter()
     seeds = (0, 1) if args.quick else (0, 1, 2, 3)
     laws = pd.DataFrame([r for seed in seeds for r in count_laws(seed, n=2000)])
@@ -218,13 +219,16 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
         out / "laws",
         "Independent conservation laws of a 6-8-8-4 ReLU MLP (MGP count)",
         "python analysis/per_unit_laws.py",
+        docs=docs,
     )
     write_table(
         breaks,
         out / "breaking",
         "Per-unit breaking vs the layer sum under SGD (lr 0.1, batch 32)",
         "python analysis/per_unit_laws.py",
+        docs=docs,
     )
+    docs.write()
     print(laws.to_string(), breaks.to_string(), f"{time.perf_counter() - t0:.1f} s", sep="\n")
     return laws, breaks
 

@@ -24,10 +24,11 @@ Run: ``python examples/free_fall.py`` (a few seconds on one CPU core).
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
-from learned_maps import MLPMap, fit, max_rel, rollout
+from learned_maps import MLPMap, Printed, fit, max_rel, parse_args, rollout
 
 from noether_dyn.depth import SymplecticNet
 from noether_dyn.depth.potentials import LogCoshPotential, PolynomialPotential
@@ -57,8 +58,11 @@ def models() -> dict[str, torch.nn.Module]:
     }
 
 
-def main() -> dict[str, dict[str, float]]:
-    """Fit, roll out, print the table; returns the measured numbers per model."""
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Fit, roll out, print the table; returns the measured numbers per model. ``argv``:
+    ``--write-docs`` also writes the table into its block of docs/depth.md."""
+    _, docs = parse_args(__doc__.split("\n")[0], __file__, argv)
+    say = Printed()
     torch.set_default_dtype(torch.float64)  # set here, not at import: importing must not change it
     torch.set_num_threads(1)  # tiny ops: one thread is fastest and safe on shared cores
     start = time.perf_counter()
@@ -69,19 +73,19 @@ def main() -> dict[str, dict[str, float]]:
     test = torch.tensor([1.0, 10.0])
     truth = exact(test, torch.arange(ROLLOUT + 1) * DT)
     scale = 0.5 * float(test[1]) ** 2
-    print(
+    say(
         f"free fall H = p^2/2 + g q: {SAMPLES} steps of {DT} s x 8 throws, heights in "
         f"[{float(x[:, 0].min()):.1f}, {float(x[:, 0].max()):.1f}] m"
     )
-    print(
+    say(
         f"test throw q0 = 1 m, p0 = 10 m/s, rolled out {ROLLOUT} steps to "
         f"q = {float(truth[-1, 0]):.0f} m; energy errors relative to p0^2/2 = {scale:g} J/kg\n"
     )
-    print(
+    say(
         "| model | one-step RMSE | energy error t <= 2 s | energy error t <= 10 s "
         "| final height error (m) |"
     )
-    print("|---|---|---|---|---|")
+    say("|---|---|---|---|---|")
     results = {}
     for name, model in models().items():
         rmse = fit(model, x, y)
@@ -94,13 +98,14 @@ def main() -> dict[str, dict[str, float]]:
             "height_error": float((roll[-1, 0] - truth[-1, 0]).abs()),
         }
         results[name] = row
-        print(
+        say(
             f"| {name} | {rmse:.1e} | {row['energy_in_range']:.1e} | "
             f"{row['energy_rollout']:.1e} | {row['height_error']:.1e} |"
         )
+    say.write_docs(docs)
     print(f"\n({time.perf_counter() - start:.1f} s)")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -25,10 +25,11 @@ Run: ``python examples/kepler_orbit.py`` (about 20 s on one CPU core).
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
-from learned_maps import MLPMap, fit, max_rel, rk4_samples, rollout
+from learned_maps import MLPMap, Printed, fit, max_rel, parse_args, rk4_samples, rollout
 from torch import nn
 
 from noether_dyn.depth import SymplecticNet
@@ -84,8 +85,11 @@ def models() -> dict[str, nn.Module]:
     }
 
 
-def main() -> dict[str, dict[str, float]]:
-    """Fit, roll out, print the table; returns the measured numbers per model."""
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Fit, roll out, print the table; returns the measured numbers per model. ``argv``:
+    ``--write-docs`` also writes the table into its block of docs/depth.md."""
+    _, docs = parse_args(__doc__.split("\n")[0], __file__, argv)
+    say = Printed()
     torch.set_default_dtype(torch.float64)  # set here, not at import: importing must not change it
     torch.set_num_threads(1)  # tiny ops: one thread is fastest and safe on shared cores
     start = time.perf_counter()
@@ -94,15 +98,15 @@ def main() -> dict[str, dict[str, float]]:
     x, y = orbit[:-1], orbit[1:]
     h0, l0 = float(energy(y0)), float(angular_momentum(y0))
     steps = PERIODS * PERIOD_STEPS
-    print(
+    say(
         f"Kepler orbit e = {ECC}, H0 = {h0:g}: train on one period ({PERIOD_STEPS} steps of "
         f"dt = {DT}), roll out {PERIODS} periods ({steps} steps)\n"
     )
-    print(
+    say(
         "| model | one-step RMSE | energy error, 1 period | energy error, 100 periods "
         "| angular momentum error |"
     )
-    print("|---|---|---|---|---|")
+    say("|---|---|---|---|---|")
     results = {}
     for name, model in models().items():
         rmse = fit(model, x, y)
@@ -115,13 +119,14 @@ def main() -> dict[str, dict[str, float]]:
             "angular_momentum": max_rel((angular_momentum(roll) - l0).abs() / abs(l0)),
         }
         results[name] = row
-        print(
+        say(
             f"| {name} | {rmse:.1e} | {row['energy_1']:.1e} | {row['energy_100']:.1e} "
             f"| {row['angular_momentum']:.1e} |"
         )
+    say.write_docs(docs)
     print(f"\n({time.perf_counter() - start:.1f} s)")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

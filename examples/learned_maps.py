@@ -4,7 +4,10 @@ to this file (``python examples/<name>.py`` puts examples/ on the import path)."
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -86,3 +89,50 @@ def rollout(model: nn.Module, y0: torch.Tensor, steps: int) -> torch.Tensor:
 def max_rel(err: torch.Tensor) -> float:
     """Largest entry, inf if any is nan (a rollout that blew up)."""
     return float("inf") if bool(torch.isnan(err).any()) else float(err.max())
+
+
+DOCS_PAGE = "docs/depth.md"
+
+
+def _docs_module():
+    """``benchmarks/_docs.py`` of this checkout (imported only when a command line is parsed)."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import _docs  # noqa: PLC0415 (the repo's docs helper, not a dependency)
+
+    return _docs
+
+
+def parse_args(
+    description: str, script: str, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, str | None]:
+    """An example's command line (``--write-docs`` only) and, with ``--write-docs``, the command
+    of its generated block in docs/depth.md (checked before fitting: the page must hold exactly
+    one block of this command line). ``argv`` None means no arguments (the tests call
+    ``main()``); the scripts pass ``sys.argv[1:]``."""
+    _docs = _docs_module()
+    parser = argparse.ArgumentParser(description=description)
+    _docs.add_write_docs_argument(parser, DOCS_PAGE)
+    argv = [] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    return args, _docs.docs_command(DOCS_PAGE, script, argv) if args.write_docs else None
+
+
+class Printed:
+    """Prints each line it is given and keeps it: what an example writes into its docs block."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, text: str) -> None:
+        print(text)
+        self.lines.append(text)
+
+    def write_docs(self, command: str | None) -> None:
+        """Write the kept lines into the block of ``command`` (None: do nothing), stamped with
+        the machine, one thread."""
+        if command is not None:
+            _docs = _docs_module()
+            stamp = _docs.machine_stamp(threads=1, load_note=None)
+            _docs.write_docs(DOCS_PAGE, command, "\n".join(self.lines), stamp=stamp)

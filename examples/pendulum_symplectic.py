@@ -21,10 +21,11 @@ Run: ``python examples/pendulum_symplectic.py`` (about 20 s on one CPU core).
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
-from learned_maps import MLPMap, fit, max_rel, rk4_samples, rollout
+from learned_maps import MLPMap, Printed, fit, max_rel, parse_args, rk4_samples, rollout
 
 from noether_dyn.depth import SymplecticNet
 from noether_dyn.depth.potentials import FourierPotential, LogCoshPotential
@@ -55,8 +56,11 @@ def models() -> dict[str, torch.nn.Module]:
     }
 
 
-def main() -> dict[str, dict[str, float]]:
-    """Fit, roll out, print the table; returns the measured numbers per model."""
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Fit, roll out, print the table; returns the measured numbers per model. ``argv``:
+    ``--write-docs`` also writes the table into its block of docs/depth.md."""
+    _, docs = parse_args(__doc__.split("\n")[0], __file__, argv)
+    say = Printed()
     torch.set_default_dtype(torch.float64)  # set here, not at import: importing must not change it
     torch.set_num_threads(1)  # tiny ops: one thread is fastest and safe on shared cores
     start = time.perf_counter()
@@ -64,12 +68,12 @@ def main() -> dict[str, dict[str, float]]:
     orbit = rk4_samples(field, y0, DT, SAMPLES)
     x, y = orbit[:-1], orbit[1:]
     starts = {"train_orbit": y0, "unseen_q0_2.5": torch.tensor([2.5, 0.0])}
-    print(
+    say(
         f"pendulum H = p^2/2 - cos q: train on {SAMPLES} steps of dt = {DT} (q0 = 1.5), "
         f"roll out {ROLLOUT} steps; energy error relative to H(y_0) + 1\n"
     )
-    print("| model | one-step RMSE | energy error, training orbit | energy error, q0 = 2.5 |")
-    print("|---|---|---|---|")
+    say("| model | one-step RMSE | energy error, training orbit | energy error, q0 = 2.5 |")
+    say("|---|---|---|---|")
     results = {}
     for name, model in models().items():
         rmse = fit(model, x, y)
@@ -79,10 +83,11 @@ def main() -> dict[str, dict[str, float]]:
             h0 = energy(start_state)
             row[label] = max_rel((energy(roll) - h0).abs() / (h0 + 1))
         results[name] = row
-        print(f"| {name} | {rmse:.1e} | {row['train_orbit']:.1e} | {row['unseen_q0_2.5']:.1e} |")
+        say(f"| {name} | {rmse:.1e} | {row['train_orbit']:.1e} | {row['unseen_q0_2.5']:.1e} |")
+    say.write_docs(docs)
     print(f"\n({time.perf_counter() - start:.1f} s)")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
