@@ -71,3 +71,24 @@ def test_overhead_sweep_rows_cover_both_families_and_the_zero_symmetry_case(caps
     assert all(40_000 <= r["params"] <= 80_000 for r in rows), "the 50k size"
     assert all(r["optimizer"] == "sgd-momentum" and r["every"] == 1 for r in rows)
     assert capsys.readouterr().out.count("| mlp-50k |") == 2
+
+
+def test_small_models_rows_judge_each_monitor_against_the_allowance(capsys):
+    """``benchmarks/small_models.py``: the plain step, the allowance and each monitor's added
+    time (the wiring only: 3 rounds; the compiled arms skipped, so no compile)."""
+    spec = importlib.util.spec_from_file_location(
+        "small_models", ROOT / "benchmarks" / "small_models.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (row,) = bench.main(
+        ["--rounds", "3", "--sizes", "50k", "--optimizers", "adamw", "--no-compiled"]
+    )
+    assert row["model"] == "mlp-50k" and row["optimizer"] == "adamw"
+    assert 40_000 <= row["params"] <= 80_000
+    assert row["step ms"] > 0 and row["allowance ms"] >= 0.02 * row["step ms"]
+    for kind in ("minimal", "eager", "eager+sym"):
+        assert math.isfinite(row[kind]), kind
+    assert math.isnan(row["compiled"]) and math.isnan(row["compiled+sym"])
+    out = capsys.readouterr().out
+    assert "| mlp-50k | 0.06M | adamw |" in out and out.rstrip().endswith("| - | - |")
