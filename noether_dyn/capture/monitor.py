@@ -299,8 +299,10 @@ class Monitor:
             stats = mstate.sync_stats(stats, t.numel.unsqueeze(1), True)
             if plan.loss_logged:
                 loss = mstate.sync(loss, checks.reduction("loss"), True)
-        if rows is None:
+        if rows is None:  # the eager path: its rows count toward the compile's rent (plan.py)
+            start = time.perf_counter()
             rows = self._step_rows(stats, hyper, loss, prediction)
+            self._planner.eager_seconds += time.perf_counter() - start
         self._prediction.logged(plan, stats, rows[2], rows[4])
         s = self._state
         self._buffer.append(

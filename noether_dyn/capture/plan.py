@@ -46,8 +46,8 @@ this many parameter entries on; below, once the eager statistics have cost
 :data:`COMPILE_RENT_SECONDS`."""
 
 COMPILE_RENT_SECONDS = 30.0
-"""With ``fused=None`` below :data:`FUSED_MIN_NUMEL` entries, the eager statistics' accumulated
-time (seconds of the hooks' work, measured per logged step) after which the background compile
+"""With ``fused=None`` below :data:`FUSED_MIN_NUMEL` entries, the eager path's accumulated time
+(its reads, statistics and rows, measured per logged step) after which the background compile
 starts: about what a cold compile of a small program costs on a 2-core CPU (30-80 s measured,
 issue 18), so that a run pays at most about twice the better choice in hindsight. The compiled
 statistics of a 0.06-0.27M-parameter MLP cost 0.36-0.65x the eager ones (docs/performance.md)."""
@@ -184,8 +184,8 @@ class Planner:
         """Optimizer steps planned so far (the background compile waits for
         :data:`COMPILE_AFTER_STEPS` of them)."""
         self.eager_seconds = 0.0
-        """Time the eager statistics have taken so far (before and after the steps), while a
-        background compile may still be started; compared with :attr:`rent_seconds`."""
+        """Time the eager path has taken so far (its reads before the steps, its statistics and
+        the monitor's rows from them); compared with :attr:`rent_seconds`."""
         self.progress: Callable[[str], None] | None = _stderr_line
         self._hyper: tuple[list[GroupHyper], torch.Tensor] | None = None
 

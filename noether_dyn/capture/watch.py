@@ -75,10 +75,13 @@ def watch(
             q_{n+1}; other optimizers always use snapshots.
         fused: compute a logged step's statistics in one compiled program (Inductor:
             one pass over q, g and the optimizer's state instead of 10-25) for SGD, RMSprop,
-            Adam, AdamW and Adagrad when dq is rebuilt. The first logged step compiles it (seconds
-            to a minute, cached on disk by Inductor). None (default) turns it on for models of
-            at least 1M parameters on CPU or CUDA. If compiling fails the monitor warns once and
-            goes on with the eager path.
+            Adam, AdamW and Adagrad when dq is rebuilt. True: the first logged step compiles it,
+            in the step (seconds to minutes, cached on disk by Inductor). None (default): on a
+            CPU or CUDA device with at most 128 tracked tensors it is compiled in a background
+            thread while the eager statistics serve the steps, once the run has gone long enough
+            to earn the compile back (after 200 steps from 1M parameter entries on; below, once
+            the eager statistics have taken 30 s: capture/plan.py). If compiling fails the
+            monitor warns once and goes on with the eager path.
         sinks: where else to stream the step scalars and per-symmetry charges, at each flush
             (from the same host rows as the store): ``noether_dyn.sinks.TensorBoardSink(dir)``,
             ``WandbSink()``, a ``SummaryWriter``, a wandb run, or any object with
