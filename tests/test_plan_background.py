@@ -146,6 +146,34 @@ def test_a_small_model_compiles_once_its_eager_statistics_have_cost_the_rent(tmp
     mon.close()
 
 
+def test_the_trace_runs_in_the_training_thread_and_only_the_compile_in_the_background(
+    tmp_path, fake_inductor, monkeypatch
+):
+    """FX tracing patches process-wide state (nn.Module.__call__, __getattr__) and reads the
+    optimizer's state: a trace in the compile thread raced with the training (Adam's program
+    failed inside its rule while another monitor stepped). The trace runs in the step."""
+    from noether_dyn.quantities.fused import StatsProgram
+
+    traced_in: list[str] = []
+    trace = StatsProgram._trace
+
+    def recording(self, flat, args):
+        traced_in.append(threading.current_thread().name)
+        return trace(self, flat, args)
+
+    monkeypatch.setattr(StatsProgram, "_trace", recording)
+    fake_inductor.release.set()
+    model, opt, mon = _watched(tmp_path, "adamw-two-groups", None)
+    x, y = batch(1, dtype=torch.float64)
+    for _ in range(6):
+        assert mon._planner.background is None or mon._planner.background.wait(WAIT)
+        _step(model, opt, mon, x, y)
+    assert mon.compiled.compiled_ok
+    assert traced_in and set(traced_in) == {threading.main_thread().name}, traced_in
+    assert set(fake_inductor.threads) == {"noether-dyn-compile"}
+    mon.close()
+
+
 def test_failed_background_compile_warns_once_and_stays_eager(tmp_path, fake_inductor):
     fake_inductor.error = RuntimeError("no C++ compiler found")
     fake_inductor.release.set()

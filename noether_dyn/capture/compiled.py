@@ -3,6 +3,8 @@ that reads q, g and the optimizer's state once, with the stored rows compiled in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from noether_dyn.capture.tracked import Tracked
@@ -83,16 +85,17 @@ class CompiledStats:
             self.programs[key] = program
         return program, (params, grads, states, coef)
 
-    def build(self, optimizer: torch.optim.Optimizer, inputs: tuple) -> bool:
-        """Compile the program of this step's signature without running it (see
-        :meth:`StatsProgram.build`; safe in another thread while training goes on); False when
-        the step has no elementwise form or the program can only be compiled by running it.
-        Raises what the compiler raises."""
+    def prepare(self, optimizer: torch.optim.Optimizer, inputs: tuple) -> Callable[[], bool]:
+        """Read this step's program inputs and trace its program now, in the training thread
+        (:meth:`StatsProgram.prepare`); returns the compile, which is safe in another thread
+        while training goes on and returns False when the step has no elementwise form or the
+        program can only be compiled by running it. Both raise what the tracer or the compiler
+        raises."""
         found = self._program(optimizer)
         if found is None:
-            return False
+            return lambda: False
         program, arrays = found
-        return program.build(*arrays, inputs)
+        return program.prepare(*arrays, inputs)
 
     def __call__(
         self,

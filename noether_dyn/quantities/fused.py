@@ -219,19 +219,44 @@ class StatsProgram:
     ) -> bool:
         """Compile the variant for these inputs' signature without running it (a no-op when it
         exists); False where programs are only compiled by running them (``compile=False``, or
-        the ``torch.compile`` fallback). Reads only the inputs' dtypes, devices, shapes and
-        strides, and traces the program on them without writing to them: it may run in another
-        thread while the training goes on."""
+        the ``torch.compile`` fallback). :meth:`prepare` and its compile, in one thread."""
+        compile_ = self.prepare(params, grads, states, coef, inputs)
+        return compile_()
+
+    def prepare(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[tuple[torch.Tensor, ...]],
+        coef: torch.Tensor,
+        inputs: tuple = (),
+    ) -> Callable[[], bool]:
+        """Trace the variant for these inputs' signature now, and return the compile of the
+        traced graph, which may run in another thread while the training goes on: it reads only
+        the inputs' dtypes, devices, shapes and strides and writes to none of them. The compile
+        returns True once the variant exists (at once when it already does), False where
+        programs are only compiled by running them (``compile=False``, or the ``torch.compile``
+        fallback) or when ``MAX_VARIANTS`` are built.
+
+        The trace must run in the training thread: FX tracing patches process-wide state (among
+        others ``nn.Module.__call__`` and ``__getattr__``) while it runs, so a trace in another
+        thread races with the training's own module calls (measured: a background trace of
+        Adam's program failed inside the rule in 4 of 11 runs while another monitor stepped)."""
         if not self._compile or self._dynamo is not None:
-            return False
+            return lambda: False
         flat, layout = _call_layout(params, grads, states, coef, inputs)
         if self._find(flat, layout) is not None:
-            return True
+            return lambda: True
         if len(self._variants) >= MAX_VARIANTS:
-            return False
-        variant = self._build(flat, layout, (params, grads, states, coef, inputs))
-        self._variants.append(variant)
-        return True
+            return lambda: False
+        graph, out_spec = self._trace(flat, (params, grads, states, coef, inputs))
+        check = _input_check(flat)
+
+        def compile_() -> bool:
+            self._variants.append(_Variant(layout, check, _compile(graph, flat), out_spec))
+            return True
+
+        return compile_
 
     def _find(self, flat: list[torch.Tensor], layout: tuple) -> _Variant | None:
         """The compiled variant for this signature, None when there is none yet."""
@@ -239,6 +264,12 @@ class StatsProgram:
 
     def _build(self, flat: list[torch.Tensor], layout: tuple, args: tuple) -> _Variant:
         """Trace and compile the program for the signature of ``flat`` (``args`` flattened)."""
+        graph, out_spec = self._trace(flat, args)
+        return _Variant(layout, _input_check(flat), _compile(graph, flat), out_spec)
+
+    def _trace(self, flat: list[torch.Tensor], args: tuple) -> tuple[Any, object]:
+        """The program traced on ``flat`` (``make_fx``: an FX graph of aten calls) and the spec
+        of its outputs."""
         arg_spec = _flatten(args, [])
         out_spec = None
 
@@ -252,16 +283,21 @@ class StatsProgram:
             from torch.fx.experimental.proxy_tensor import make_fx
 
             graph = make_fx(flat_entry)(*flat)
-            fn = _inductor().standalone_compile(
-                graph,
-                list(flat),
-                dynamic_shapes="from_example_inputs",
-                options={"config_patches": _OPTIONS},
-            )
-        return _Variant(layout, _input_check(flat), fn, out_spec)
+        return graph, out_spec
 
 
 _OPTIONS = {"cpp_wrapper": True}
+
+
+def _compile(graph: Any, flat: list[torch.Tensor]) -> Callable[..., Any]:
+    """Inductor's standalone compile of a traced program for the signature of ``flat``."""
+    with torch.no_grad(), _quiet_tf32():
+        return _inductor().standalone_compile(
+            graph,
+            list(flat),
+            dynamic_shapes="from_example_inputs",
+            options={"config_patches": _OPTIONS},
+        )
 
 
 def _call_layout(
