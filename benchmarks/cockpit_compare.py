@@ -27,10 +27,12 @@ one step per arm per round:
 
 The noether-dyn monitors share the optimizer the way ``benchmarks/small_models.py``'s do: their
 hooks are attached for their own arm only. The default arm's background compile is waited for
-before any other arm steps: with AdamW on the 1.86M MLP, a background compile traced while the
-``fused=False`` monitor of the same optimizer took its steps failed ("'NoneType' object has no
-attribute 'to'" in ``adam_count_rule``; the monitor then goes on eagerly), in 4 of 4 runs of
-that order (plain, default, eager steps), while it succeeded with only plain steps beside it.
+before any other arm steps, so that the timed path does not depend on what ran beside the
+compile: with AdamW on the 1.86M MLP, a background compile traced while the ``fused=False``
+monitor of the same optimizer took its steps failed in 4 runs in a row ("'NoneType' object has
+no attribute 'to'" in ``adam_count_rule``; the monitor warned and went on eagerly), and
+succeeded in 7 later runs of the same order, with warm and with cold Inductor caches: an
+intermittent failure, not understood yet.
 
 Cockpit's step costs seconds on the larger model (BackPACK's per-sample gradients, 128 x 1.86M
 floats, and the statistics over them), so it takes part in every ``--cockpit-every``-th round
