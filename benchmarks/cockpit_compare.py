@@ -28,11 +28,11 @@ one step per arm per round:
 The noether-dyn monitors share the optimizer the way ``benchmarks/small_models.py``'s do: their
 hooks are attached for their own arm only. The default arm's background compile is waited for
 before any other arm steps, so that the timed path does not depend on what ran beside the
-compile: with AdamW on the 1.86M MLP, a background compile traced while the ``fused=False``
-monitor of the same optimizer took its steps failed in 4 runs in a row ("'NoneType' object has
-no attribute 'to'" in ``adam_count_rule``; the monitor warned and went on eagerly), and
-succeeded in 7 later runs of the same order, with warm and with cold Inductor caches: an
-intermittent failure, not understood yet.
+compile. (This script found a race: with AdamW on the 1.86M MLP, a background compile whose
+trace ran while the ``fused=False`` monitor of the same optimizer took its steps failed in 4 of
+11 runs, "'NoneType' object has no attribute 'to'" in ``adam_count_rule``. FX tracing patches
+process-wide state; the trace now runs in the training thread and only the compile in the
+background, docs/performance.md.)
 
 Cockpit's step costs seconds on the larger model (BackPACK's per-sample gradients, 128 x 1.86M
 floats, and the statistics over them), so it takes part in every ``--cockpit-every``-th round
